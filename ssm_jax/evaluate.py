@@ -1,0 +1,157 @@
+"""Scoring whole image sets on the device mesh, metrics, threshold calibration.
+
+The per-image scoring (all k, all masks, all refinement passes) is vmapped over a batch
+and the batch is sharded over the ``data`` mesh axis (``jax.shard_map``). The last batch
+is padded; padded rows are dropped before metrics. Image keys come from the image's index
+in the set, so scores do not depend on the device count or batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ssm_jax import checkpoints, config_utils, parallel, scoring, train_step
+from ssm_jax.errors import CheckpointError
+
+log = logging.getLogger("ssm_jax")
+
+
+def scoring_config(cfg: ml_collections.ConfigDict) -> scoring.ScoringConfig:
+    e = cfg.eval
+    sc = scoring.ScoringConfig(
+        ks=tuple(int(k) for k in e.ks), num_masks=int(cfg.mask.num_masks),
+        refine_passes=int(e.refine_passes), refine_rule=e.refine_rule,
+        refine_quantile=float(e.refine_quantile), refine_threshold=float(e.refine_threshold),
+        refine_cell=int(e.refine_cell), refine_mask_head_weight=float(e.refine_mask_head_weight),
+        mask_head_weight=float(e.mask_head_weight), sigma_at_128=float(e.sigma_at_128),
+        image_score=e.image_score)
+    sc.validate(cfg.data.image_size)
+    return sc
+
+
+def make_score_fn(cfg: ml_collections.ConfigDict, mesh, sc: scoring.ScoringConfig):
+    """Returns jit(score(variables, key, images, indices) -> dict of per-image outputs)."""
+    model = train_step.make_model(cfg)
+
+    def per_device(variables, key, images, indices):
+        def restore(masked, m):
+            return model.apply(variables, masked, m, train=False)
+
+        out = scoring.score_batch(restore, key, images, indices, sc)
+        return {"map": out["map"], "score": out["score"], "restored": out["restored"]}
+
+    spec = P(parallel.DATA_AXIS)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec),
+                            out_specs=spec, check_vma=False)
+    return jax.jit(sharded)
+
+
+def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
+                 progress: str | None = None) -> dict[str, np.ndarray]:
+    """Scores every image of [N, S, S, C]; returns numpy maps [N,S,S], scores [N], restored."""
+    from tqdm import tqdm
+
+    from ssm_jax.data.pipeline import eval_batches
+
+    n_dev = jax.device_count()
+    batch_size = max(batch_size // n_dev, 1) * n_dev
+    key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
+    outs: dict[str, list[np.ndarray]] = {"map": [], "score": [], "restored": []}
+    offset = 0
+    total = -(-len(images) // batch_size)
+    it = eval_batches(images, batch_size)
+    if progress and jax.process_index() == 0:
+        it = tqdm(it, total=total, desc=progress, unit="batch")
+    for batch, real in it:
+        idx = np.arange(offset, offset + len(batch), dtype=np.int32)
+        out = parallel.to_host(score_fn(variables, key, parallel.global_batch(mesh, batch),
+                                        parallel.global_batch(mesh, idx)))
+        for k in outs:
+            outs[k].append(np.asarray(out[k])[:real])
+        offset += real
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
+    """Restores the best checkpoint (else the latest) as replicated model variables."""
+    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
+    for name in ("best", "checkpoints"):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            mngr = checkpoints.manager(workdir, name, 1, create=False)
+            if mngr.latest_step() is not None:
+                state, _ = checkpoints.restore(mngr, abstract)
+                mngr.close()
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                return parallel.replicate(mesh, variables), int(state.step)
+    raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")
+
+
+def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
+    from ssm_jax.train import CONFIG_FILE
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
+                              f"directory, or training has not started)")
+    with open(path) as f:
+        cfg = config_utils.from_json(f.read())
+    cfg = config_utils.apply_overrides(cfg, overrides)
+    config_utils.validate(cfg)
+    return cfg
+
+
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images."""
+    from ssm_jax import metrics as metrics_lib
+    from ssm_jax import report
+    from ssm_jax.data import load_dataset
+
+    mesh = parallel.data_mesh()
+    sc = scoring_config(cfg)
+    variables, step = load_variables(cfg, workdir, mesh)
+    data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
+                        cfg.data.val_fraction, cfg.seed,
+                        synthetic_num_train=cfg.data.synthetic_num_train)
+    score_fn = make_score_fn(cfg, mesh, sc)
+    t0 = time.time()
+    val = data["val"]
+    threshold = None
+    if len(val):
+        val_out = score_images(score_fn, variables, mesh, val.images, cfg.eval.batch_size,
+                               cfg.eval.seed, progress="scoring validation")
+        threshold = metrics_lib.threshold_from_normal_scores(val_out["score"],
+                                                             cfg.eval.threshold_quantile)
+    test = data["test"]
+    t1 = time.time()
+    out = score_images(score_fn, variables, mesh, test.images, cfg.eval.batch_size,
+                       cfg.eval.seed, progress="scoring test")
+    test_seconds = time.time() - t1
+    result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"])
+    result.update({
+        "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
+        "images_per_second": len(test) / max(test_seconds, 1e-9), "checkpoint_step": step,
+        "refine_passes": sc.refine_passes, "threshold": threshold,
+        "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
+    if threshold is not None:
+        result.update({f"test_{k}": v for k, v in
+                       metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
+    if jax.process_index() == 0:
+        eval_dir = os.path.join(workdir, "eval")
+        os.makedirs(eval_dir, exist_ok=True)
+        with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        if threshold is not None:
+            with open(os.path.join(workdir, "threshold.json"), "w") as f:
+                json.dump({"threshold": threshold, "quantile": cfg.eval.threshold_quantile,
+                           "num_val_images": len(val), "checkpoint_step": step}, f, indent=2)
+        report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
+    return result

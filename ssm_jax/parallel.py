@@ -1,0 +1,50 @@
+"""Device mesh helpers: one 1-D ``data`` axis over all devices of all hosts."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """Assembles per-host rows into one global array sharded over ``data``."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+def replicate(mesh: Mesh, tree):
+    """Places a host pytree (identical on every host) replicated over the mesh."""
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+def to_host(tree):
+    """Fetches a replicated or sharded pytree to numpy on every host."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_copy(tree):
+    """A replicated global pytree as arrays on this host's first device."""
+    return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a,
+                        tree)

@@ -1,0 +1,226 @@
+"""The training loop: data -> data-parallel step -> clu reporting -> orbax checkpoints.
+
+Resuming is automatic: the latest complete checkpoint holds the parameters, optimizer
+state, PRNG key and step, and the input pipeline is random-access by step, so a resumed
+run sees exactly the batches the uninterrupted run would have seen. SIGTERM (e.g. a
+pre-emption notice) makes the loop write a final checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from ssm_jax import checkpoints, config_utils, parallel, train_step
+from ssm_jax.errors import ConfigError, TrainingDiverged
+
+log = logging.getLogger("ssm_jax")
+
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run_info.json"
+# Keys that may change when resuming (length of training, reporting), not the model.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                  "train.eval_every", "train.keep_checkpoints")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in ("ssm_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                 "clu", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
+                    overwrite: bool = False) -> None:
+    """Refuses to mix a different config into a workdir unless told to."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path) and jax.process_index() == 0:
+        with open(path) as f:
+            old = config_utils.from_json(f.read())
+        diff = {k: (v, _flat(cfg.to_dict()).get(k)) for k, v in _flat(old.to_dict()).items()
+                if _flat(cfg.to_dict()).get(k) != v and not
+                (isinstance(v, list) and tuple(v) == _flat(cfg.to_dict()).get(k))}
+        if diff and overwrite:
+            for sub in ("checkpoints", "best", "eval"):
+                shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+        elif diff and not (resume and set(diff) <= set(RESUMABLE_KEYS)):
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+            hint = ("only train.steps and reporting keys may change on --resume"
+                    if resume else "pass --resume to continue or --overwrite to start over")
+            raise ConfigError(f"workdir {workdir} holds a run with a different config "
+                              f"({keys}); {hint}")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(config_utils.to_json(cfg))
+        os.replace(path + ".tmp", path)
+        with open(os.path.join(workdir, RUN_INFO_FILE), "w") as f:
+            json.dump({"seed": cfg.seed, "versions": _package_versions(),
+                       "devices": [str(d) for d in jax.devices()],
+                       "process_count": jax.process_count()}, f, indent=2)
+
+
+class _SigtermFlag:
+    """Records SIGTERM so the loop can checkpoint and stop at a step boundary."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_finite(metrics: dict, step: int, latest: int | None, workdir: str) -> None:
+    loss = float(np.asarray(metrics["loss"]))
+    if not math.isfinite(loss):
+        where = (f"last good checkpoint: step {latest} in {workdir}/checkpoints"
+                 if latest is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"loss became {loss} at step {step}; stopped ({where})")
+
+
+def validation_loss(val_fn, state, mesh, images: np.ndarray, batch_size: int) -> float:
+    """Mean per-example validation loss over held-out normal images."""
+    from ssm_jax.data.pipeline import eval_batches
+
+    total, count, offset = 0.0, 0, 0
+    for batch, real in eval_batches(images, batch_size):
+        idx = np.arange(offset, offset + len(batch), dtype=np.int32)
+        out = parallel.to_host(val_fn(state, parallel.global_batch(mesh, batch),
+                                      parallel.global_batch(mesh, idx)))
+        total += float(np.sum(out[:real]))
+        count += real
+        offset += len(batch)
+    return total / max(count, 1)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Trains (or resumes) and returns the final training metrics."""
+    from clu import metric_writers, parameter_overview, periodic_actions
+
+    from ssm_jax.data import load_dataset
+    from ssm_jax.data.pipeline import train_batches
+
+    config_utils.validate(cfg)
+    prepare_workdir(cfg, workdir, resume=resume, overwrite=overwrite)
+    n_dev = jax.device_count()
+    if cfg.train.batch_size % n_dev:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                          f"number of devices ({n_dev})")
+    mesh = parallel.data_mesh()
+    data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
+                        cfg.data.val_fraction, cfg.seed,
+                        synthetic_num_train=cfg.data.synthetic_num_train)
+    train_set, val_set = data["train"], data["val"]
+    if len(train_set) < 1:
+        raise ConfigError("no training images left after holding out the validation split")
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    latest_mngr = checkpoints.manager(workdir, "checkpoints", cfg.train.keep_checkpoints)
+    best_mngr = checkpoints.manager(workdir, "best", 1)
+
+    state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state.params)
+    start = 0
+    best_val = math.inf
+    if latest_mngr.latest_step() is not None:
+        state, extra = checkpoints.restore(latest_mngr, state)
+        start = int(state.step)
+        best_val = float(extra.get("best_val", math.inf))
+        log.info("resumed from %s/checkpoints at step %d", workdir, start)
+    state = parallel.replicate(mesh, state)
+
+    step_fn = train_step.make_train_step(cfg, mesh)
+    val_fn = train_step.make_val_step(cfg, mesh)
+    per_host = cfg.train.batch_size // jax.process_count()
+    batches = train_batches(train_set.images, cfg.train.batch_size, seed=cfg.seed,
+                            start_step=start, shard_index=jax.process_index(),
+                            shard_count=jax.process_count())
+    report = periodic_actions.ReportProgress(num_train_steps=cfg.train.steps, writer=writer,
+                                             every_steps=cfg.train.log_every)
+    log.info("training %d -> %d steps, global batch %d on %d device(s), %d train / %d val "
+             "images", start, cfg.train.steps, cfg.train.batch_size, n_dev, len(train_set),
+             len(val_set))
+
+    def save(step: int, st, metrics) -> None:
+        _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
+        checkpoints.save(latest_mngr, step, st, {"best_val": best_val})
+
+    metrics = None
+    t0 = time.time()
+    step = start
+    with _SigtermFlag() as sigterm:
+        for step in range(start + 1, cfg.train.steps + 1):
+            local = next(batches)
+            assert local.shape[0] == per_host
+            prev = metrics
+            state, metrics = step_fn(state, parallel.global_batch(mesh, local))
+            if prev is not None:  # one step behind: keeps the device busy
+                _check_finite(prev, step - 1, latest_mngr.latest_step(), workdir)
+            report(step)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                host = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+                writer.write_scalars(step, host)
+            if len(val_set) and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
+                val = validation_loss(val_fn, state, mesh, val_set.images,
+                                      max(cfg.eval.batch_size // n_dev, 1) * n_dev)
+                writer.write_scalars(step, {"val_loss": val})
+                if val < best_val:
+                    best_val = val
+                    checkpoints.save(best_mngr, step, state, {"val_loss": val})
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                save(step, state, metrics)
+            preempted = sigterm.raised or latest_mngr.reached_preemption(step)
+            if preempted:
+                save(step, state, metrics)
+                log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
+                break
+    if not len(val_set) and best_mngr.latest_step() is None and metrics is not None:
+        checkpoints.save(best_mngr, step, state, {"val_loss": None})
+    writer.flush()
+    latest_mngr.close()
+    best_mngr.close()
+    out = {k: float(v) for k, v in parallel.to_host(metrics).items()} if metrics else {}
+    out["seconds"] = time.time() - t0
+    out["step"] = step
+    return out
