@@ -1,0 +1,128 @@
+"""The ``ssm-jax`` command: train, evaluate, predict.
+
+    ssm-jax train --config configs/quickstart.py --workdir runs/q [--config.KEY=VALUE ...]
+    ssm-jax evaluate --workdir runs/q [--config.KEY=VALUE ...]
+    ssm-jax predict --workdir runs/q --input IMAGE_OR_FOLDER --output OUT
+
+User errors (bad data, bad config, missing checkpoint, divergence) print one line and
+exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) from other arguments."""
+    rest, overrides = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    from ssm_jax.errors import ConfigError
+                    raise ConfigError(f"config override {a} has no value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssm-jax", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model on normal images")
+    t.add_argument("--config", required=True, help="ml_collections config file (configs/*.py)")
+    t.add_argument("--workdir", required=True, help="run directory (checkpoints, logs)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a run in workdir even if train.steps changed")
+    t.add_argument("--overwrite", action="store_true",
+                   help="discard checkpoints in workdir if its config differs")
+    t.add_argument("--evaluate", action="store_true", help="evaluate after training")
+
+    e = sub.add_parser("evaluate", help="score the test split with the best checkpoint")
+    e.add_argument("--workdir", required=True)
+
+    r = sub.add_parser("predict", help="score new images; write scores and overlays")
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--input", required=True, help="an image file or a folder of images")
+    r.add_argument("--output", required=True, help="output folder")
+
+    for sp in (t, e, r):
+        sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        sp.epilog = "Config values: --config.KEY=VALUE, e.g. --config.train.steps=100"
+    return p
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(argv: Sequence[str]) -> int:
+    from ssm_jax import config_utils
+    from ssm_jax.errors import SSMError
+
+    debug = "--debug" in argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        _setup_logging()
+        from ssm_jax import distributed
+        distributed.maybe_initialize()
+        if args.command == "train":
+            from ssm_jax import evaluate, train
+            cfg = config_utils.complete(config_utils.load_config_file(args.config))
+            cfg = config_utils.apply_overrides(cfg, overrides)
+            out = train.train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite)
+            logging.getLogger("ssm_jax").info("training done: %s", json.dumps(out))
+            if args.evaluate:
+                res = evaluate.evaluate(cfg, args.workdir)
+                print(json.dumps(res, indent=2))
+        elif args.command == "evaluate":
+            from ssm_jax import evaluate
+            cfg = evaluate.load_workdir_config(args.workdir, overrides)
+            res = evaluate.evaluate(cfg, args.workdir)
+            print(json.dumps(res, indent=2))
+        elif args.command == "predict":
+            from ssm_jax import evaluate, predict
+            cfg = evaluate.load_workdir_config(args.workdir, overrides)
+            rows = predict.predict(cfg, args.workdir, args.input, args.output)
+            n_bad = sum(r["anomalous"] for r in rows)
+            print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
+        return 0
+    except SSMError as e:
+        if debug:
+            raise
+        print(f"ssm-jax: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ssm-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
