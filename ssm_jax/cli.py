@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 EXIT_USER_ERROR = 2
 
+# TensorFlow is only clu's and tfds' back end here: keep its start-up chatter quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separates ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) from other arguments."""
@@ -71,7 +75,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
