@@ -109,10 +109,13 @@ class _SigtermFlag:
 
 def _check_finite(metrics: dict, step: int, latest: int | None, workdir: str) -> None:
     loss = float(np.asarray(metrics["loss"]))
+    if math.isfinite(loss) and float(np.asarray(metrics["params_finite"])) < 1.0:
+        loss = math.nan
     if not math.isfinite(loss):
         where = (f"last good checkpoint: step {latest} in {workdir}/checkpoints"
                  if latest is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"loss became {loss} at step {step}; stopped ({where})")
+        raise TrainingDiverged(f"loss became {loss} (or parameters overflowed) at step {step}; "
+                               f"stopped ({where})")
 
 
 def validation_loss(val_fn, state, mesh, images: np.ndarray, batch_size: int) -> float:

@@ -140,6 +140,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         parts["learning_rate"] = lr_schedule(cfg)(state.step)
+        # Updated parameters can overflow while the loss (computed before the update) is
+        # still finite; checkpoints must never hold them.
+        parts["params_finite"] = jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), parts
 
