@@ -72,8 +72,9 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
         it = tqdm(it, total=total, desc=progress, unit="batch")
     for batch, real in it:
         idx = np.arange(offset, offset + len(batch), dtype=np.int32)
-        out = parallel.to_host(score_fn(variables, key, parallel.global_batch(mesh, batch),
-                                        parallel.global_batch(mesh, idx)))
+        images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
+        idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
+        out = parallel.to_host(score_fn(variables, key, images_g, idx_g))
         for k in outs:
             outs[k].append(np.asarray(out[k])[:real])
         offset += real

@@ -24,6 +24,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def host_rows(batch: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch every host holds in full."""
+    per = len(batch) // jax.process_count()
+    return batch[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
     """Assembles per-host rows into one global array sharded over ``data``."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

@@ -125,8 +125,9 @@ def validation_loss(val_fn, state, mesh, images: np.ndarray, batch_size: int) ->
     total, count, offset = 0.0, 0, 0
     for batch, real in eval_batches(images, batch_size):
         idx = np.arange(offset, offset + len(batch), dtype=np.int32)
-        out = parallel.to_host(val_fn(state, parallel.global_batch(mesh, batch),
-                                      parallel.global_batch(mesh, idx)))
+        images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
+        idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
+        out = parallel.to_host(val_fn(state, images_g, idx_g))
         total += float(np.sum(out[:real]))
         count += real
         offset += len(batch)

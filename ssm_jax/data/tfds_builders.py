@@ -53,7 +53,8 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         root = os.path.join(dl_manager.manual_dir, self.builder_config.name)
         if not os.path.isdir(os.path.join(root, "train", "good")):
             raise DataError(f"not an MVTec-layout folder (no train/good): {root}")
-        return {"train": self._generate_examples(root, "train"), "test": self._generate_examples(root, "test")}
+        return {"train": self._generate_examples(root, "train"),
+                "test": self._generate_examples(root, "test")}
 
     def _generate_examples(self, root: str, split: str):
         from PIL import Image
