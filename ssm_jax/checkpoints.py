@@ -29,13 +29,18 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None 
     mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.sharding.Sharding,
             step: int | None = None) -> tuple[Any, dict]:
-    """Restores the given (default latest) step into the structure of ``abstract_state``."""
+    """Restores a step (default latest) into the structure of ``abstract_state``.
+
+    Arrays are placed with ``sharding`` (replicated over the current mesh), so a checkpoint
+    written by N processes restores in one process and vice versa.
+    """
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {mngr.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
     try:
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))

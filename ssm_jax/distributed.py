@@ -36,7 +36,7 @@ def maybe_initialize() -> bool:
         if os.environ.get("SSM_LOCAL_DEVICE_IDS"):
             kwargs["local_device_ids"] = [
                 int(i) for i in os.environ["SSM_LOCAL_DEVICE_IDS"].split(",")]
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
         # CPU collectives across processes (tests, local launcher).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)

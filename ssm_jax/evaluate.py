@@ -89,10 +89,10 @@ def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
         if os.path.isdir(path):
             mngr = checkpoints.manager(workdir, name, 1, create=False)
             if mngr.latest_step() is not None:
-                state, _ = checkpoints.restore(mngr, abstract)
+                state, _ = checkpoints.restore(mngr, abstract, parallel.replicated(mesh))
                 mngr.close()
                 variables = {"params": state.params, "batch_stats": state.batch_stats}
-                return parallel.replicate(mesh, variables), int(state.step)
+                return variables, int(parallel.to_host(state.step))
     raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")
 
 

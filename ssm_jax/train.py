@@ -167,11 +167,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
     start = 0
     best_val = math.inf
     if latest_mngr.latest_step() is not None:
-        state, extra = checkpoints.restore(latest_mngr, state)
-        start = int(state.step)
+        state, extra = checkpoints.restore(latest_mngr, state, parallel.replicated(mesh))
+        start = int(parallel.to_host(state.step))
         best_val = float(extra.get("best_val", math.inf))
         log.info("resumed from %s/checkpoints at step %d", workdir, start)
-    state = parallel.replicate(mesh, state)
+    else:
+        state = parallel.replicate(mesh, state)
 
     step_fn = train_step.make_train_step(cfg, mesh)
     val_fn = train_step.make_val_step(cfg, mesh)

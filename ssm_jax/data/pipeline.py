@@ -1,36 +1,48 @@
 """grain input pipelines over in-memory image arrays.
 
-Training batches are a pure function of (seed, step): ``grain.MapDataset`` gives random
-access, so batch ``s`` is the ``s``-th element of a shuffled, repeated, batched dataset,
-and resuming at step ``s`` needs nothing but ``s``. Each host reads a disjoint slice of
-every global batch (rows ``shard_index::shard_count``).
+Training batches are a pure function of (seed, step). The examples form a stream of
+epochs, each a fresh permutation of all images (seeded by (seed, epoch)); global batch
+``s`` is positions ``s*B .. s*B+B-1`` of that stream, so no image is dropped at epoch
+ends and resuming at step ``s`` needs nothing but ``s``. ``grain.MapDataset`` gives that
+random access (element ``s`` = batch ``s``), and its iterator prefetches batches in
+threads, in order.
+
+Each host takes a contiguous block of every global batch (rows
+``shard_index*b .. (shard_index+1)*b``, b = B / shard_count), the same rows
+``parallel.host_rows`` gives it: the hosts' blocks, concatenated in process order, are the
+one-host global batch, so an N-host run sees the same rows in the same places as a one-host
+run.
+
+grain is imported only inside ``train_batches``: ``eval_batches`` works without it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 
 from ssm_jax.errors import DataError
 
 
+@functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False  # shared through the cache
+    return order
 
 
 class _GlobalBatches:
-    """Random-access source: element ``s`` is the global batch of step ``s`` (indices)."""
+    """Random-access source: element ``s`` is the index array of global batch ``s``."""
 
     def __init__(self, n: int, batch: int, seed: int) -> None:
         self.n, self.batch, self.seed = n, batch, seed
 
     def __len__(self) -> int:
-        return 2**62  # effectively infinite
+        return 2**62  # effectively infinite; MapDataset needs a length
 
     def __getitem__(self, step: int) -> np.ndarray:
-        # Global example positions step*B .. step*B+B-1 in a stream of shuffled epochs.
         pos = np.arange(step * self.batch, (step + 1) * self.batch)
         epochs, offsets = np.divmod(pos, self.n)
         out = np.empty(self.batch, np.int64)
@@ -40,18 +52,34 @@ class _GlobalBatches:
         return out
 
 
+def global_batch_indices(n: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Image indices of global batch ``step`` (all hosts together), for checks and tools."""
+    return _GlobalBatches(n, global_batch_size, seed)[step]
+
+
 def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_step: int = 0,
                   shard_index: int = 0, shard_count: int = 1,
                   prefetch_threads: int = 2) -> Iterator[np.ndarray]:
-    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32."""
+    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32.
+
+    The k-th batch yielded is this host's block of global batch ``start_step + k``.
+    """
+    import grain
+
     if len(images) == 0:
         raise DataError("no training images")
-    if global_batch_size % shard_count:
-        raise DataError(f"global batch {global_batch_size} not divisible by {shard_count} hosts")
+    if global_batch_size < 1 or global_batch_size % shard_count:
+        raise DataError(f"global batch {global_batch_size} not a positive multiple of "
+                        f"{shard_count} hosts")
+    if not 0 <= shard_index < shard_count or start_step < 0:
+        raise DataError(f"bad shard {shard_index} of {shard_count} or start step {start_step}")
+    images = np.asarray(images, np.float32)
+    per_host = global_batch_size // shard_count
+    rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     source = _GlobalBatches(len(images), global_batch_size, seed)
     ds = (grain.MapDataset.source(source)
           .slice(slice(start_step, None))
-          .map(lambda idx: images[idx[shard_index::shard_count]]))
+          .map(lambda idx: images[idx[rows]]))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_threads,
                                               prefetch_buffer_size=4))
     return iter(it)
@@ -60,8 +88,10 @@ def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_s
 def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     """Fixed-size batches in order; the last is padded by repeating its last image.
 
-    Yields (batch, number of real rows).
+    Yields (batch, number of real rows), so every batch has one shape (one compilation).
     """
+    if batch_size < 1:
+        raise DataError(f"batch size must be positive, got {batch_size}")
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         real = len(batch)

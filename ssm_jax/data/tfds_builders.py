@@ -1,15 +1,18 @@
 """tensorflow-datasets builders for MVTec AD and Retinal-OCT (OCT2017), manual download.
 
 Import this module only where it is used: it needs tensorflow and tensorflow-datasets,
-which the model, the training step and the scoring do not.
+which the model, the training step and the scoring do not (``ssm_jax.data`` itself does
+not import it).
 
-    builder = MVTecAD(config="bottle", data_dir=..., )
+    builder = MVTecAD(config="bottle", data_dir=...)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir="/data/mvtec_ad"))   # holds bottle/, cable/, ... in the MVTec layout
 
-RetinalOCT expects ``manual_dir/{train,test}/{NORMAL,CNV,DME,DRUSEN}/*.jpeg``; its train
-split holds NORMAL images only, its test split NORMAL (label 0) vs the three diseases
-(label 1), without masks.
+MVTecAD reads ``manual_dir/<category>`` with the same layout checks as the folder reader
+(``folder.mvtec_test_entries``); images are stored as RGB, masks as 0/255 single-channel
+images (all zero for normal images). RetinalOCT expects
+``manual_dir/{train,test}/{NORMAL,CNV,DME,DRUSEN}/*.jpeg``; its train split holds NORMAL
+images only, its test split NORMAL (label 0) vs the three diseases (label 1), no masks.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
     """MVTec AD, one builder config per category."""
 
     VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c, description=f"MVTec AD {c}")
                        for c in MVTEC_CATEGORIES]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download MVTec AD (mvtec_anomaly_detection.tar.xz) from the MVTec web site, "
-        "extract it and pass the folder holding bottle/, cable/, ... as manual_dir.")
+        "Download MVTec AD (mvtec_anomaly_detection.tar.xz) from "
+        "https://www.mvtec.com/company/research/datasets/mvtec-ad, extract it and pass the "
+        "folder holding bottle/, cable/, ... (each with train/, test/, ground_truth/) as "
+        "manual_dir.")
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -47,46 +53,41 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
                 "defect_type": tfds.features.Text(),
                 "filename": tfds.features.Text(),
             }),
-            supervised_keys=("image", "label"))
+            supervised_keys=("image", "label"),
+            homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad")
 
     def _split_generators(self, dl_manager):
-        root = os.path.join(dl_manager.manual_dir, self.builder_config.name)
-        if not os.path.isdir(os.path.join(root, "train", "good")):
-            raise DataError(f"not an MVTec-layout folder (no train/good): {root}")
-        return {"train": self._generate_examples(root, "train"),
-                "test": self._generate_examples(root, "test")}
+        root = os.path.join(os.fspath(dl_manager.manual_dir), self.builder_config.name)
+        train = [(p, "good", None) for p in _nonempty(os.path.join(root, "train", "good"))]
+        test, _ = folder.mvtec_test_entries(root)  # checks the layout and mask pairing
+        return {"train": self._generate_examples(root, train),
+                "test": self._generate_examples(root, test)}
 
-    def _generate_examples(self, root: str, split: str):
-        from PIL import Image
-
-        split_dir = os.path.join(root, split)
-        for kind in sorted(os.listdir(split_dir)):
-            for path in folder.list_images(os.path.join(split_dir, kind)):
-                stem = os.path.splitext(os.path.basename(path))[0]
-                img = np.asarray(folder._open(path, "RGB"))
-                if kind == "good":
-                    mask = np.zeros(img.shape[:2] + (1,), np.uint8)
-                else:
-                    mp = os.path.join(root, "ground_truth", kind, f"{stem}_mask.png")
-                    if not os.path.isfile(mp):
-                        raise DataError(f"no ground-truth mask for anomalous image: {path}")
-                    with Image.open(mp) as m:
-                        mask = (np.asarray(m.convert("L")) > 127).astype(np.uint8)[..., None]
-                    if mask.shape[:2] != img.shape[:2]:
-                        raise DataError(f"mask size differs from its image: {mp}")
-                    mask = mask * 255
-                yield f"{split}/{kind}/{stem}", {
-                    "image": img, "mask": mask, "label": int(kind != "good"),
-                    "defect_type": kind, "filename": os.path.relpath(path, root)}
+    def _generate_examples(self, root: str, entries):
+        for path, kind, mask_path in entries:
+            im = folder.open_image(path, "RGB")
+            if mask_path is None:
+                mask = np.zeros((im.size[1], im.size[0], 1), np.uint8)
+            else:
+                m = folder.open_image(mask_path, "L")
+                if m.size != im.size:
+                    raise DataError(f"mask size {m.size} differs from its image size "
+                                    f"{im.size}: {mask_path} vs {path}")
+                mask = (folder.mask_to_array(m)[..., None] * 255).astype(np.uint8)
+            rel = os.path.relpath(path, root)
+            yield rel, {"image": np.asarray(im), "mask": mask, "label": int(kind != "good"),
+                        "defect_type": kind, "filename": rel}
 
 
 class RetinalOCT(tfds.core.GeneratorBasedBuilder):
     """OCT2017 retinal OCT scans: train on NORMAL, test NORMAL vs CNV/DME/DRUSEN."""
 
     VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download OCT2017 (Kermany et al., 'Labeled Optical Coherence Tomography and Chest "
-        "X-Ray Images') and pass the folder holding train/ and test/ as manual_dir.")
+        "X-Ray Images', Mendeley Data, doi:10.17632/rscbjbr9sj) and pass the folder holding "
+        "train/ and test/ (each with NORMAL/, CNV/, DME/, DRUSEN/) as manual_dir.")
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -99,53 +100,81 @@ class RetinalOCT(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
-        root = dl_manager.manual_dir
-        for s in ("train", "test"):
-            if not os.path.isdir(os.path.join(root, s, "NORMAL")):
-                raise DataError(f"not an OCT2017 folder (no {s}/NORMAL): {root}")
-        return {"train": self._generate_examples(root, "train", ("NORMAL",)),
-                "test": self._generate_examples(root, "test", OCT_CLASSES)}
+        root = os.fspath(dl_manager.manual_dir)
+        train = [(p, "NORMAL") for p in _nonempty(os.path.join(root, "train", "NORMAL"))]
+        test = []
+        for cls in OCT_CLASSES:
+            d = os.path.join(root, "test", cls)
+            if cls == "NORMAL" or os.path.isdir(d):
+                test += [(p, cls) for p in _nonempty(d)]
+        if all(c == "NORMAL" for _, c in test):
+            raise DataError(f"no CNV/DME/DRUSEN images in {os.path.join(root, 'test')}")
+        return {"train": self._generate_examples(root, train),
+                "test": self._generate_examples(root, test)}
 
-    def _generate_examples(self, root: str, split: str, classes: tuple[str, ...]):
-        for cls in classes:
-            d = os.path.join(root, split, cls)
-            if not os.path.isdir(d):
-                continue
-            for path in folder.list_images(d):
-                img = np.asarray(folder._open(path, "L"))[..., None]
-                yield f"{split}/{cls}/{os.path.basename(path)}", {
-                    "image": img, "label": int(cls != "NORMAL"), "defect_type": cls,
-                    "filename": os.path.relpath(path, root)}
+    def _generate_examples(self, root: str, entries):
+        for path, cls in entries:
+            rel = os.path.relpath(path, root)
+            yield rel, {"image": np.asarray(folder.open_image(path, "L"))[..., None],
+                        "label": int(cls != "NORMAL"), "defect_type": cls, "filename": rel}
 
 
-def load_tfds_split(name: str, split: str, data_dir: str, manual_dir: str, image_size: int,
+def _nonempty(d: str) -> list[str]:
+    paths = folder.list_images(d)  # DataError "folder does not exist: <d>" if missing
+    if not paths:
+        raise DataError(f"no images in {d}")
+    return paths
+
+
+def make_builder(name: str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
+    """``mvtec_ad/<category>`` or ``retinal_oct`` as a builder writing under ``data_dir``."""
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    if name.startswith("mvtec_ad/"):
+        category = name.split("/", 1)[1]
+        if category not in MVTEC_CATEGORIES:
+            raise DataError(f"unknown MVTec AD category {category!r} in {name!r} "
+                            f"(one of {', '.join(MVTEC_CATEGORIES)})")
+        return MVTecAD(config=category, data_dir=data_dir)
+    if name == "retinal_oct":
+        return RetinalOCT(data_dir=data_dir)
+    raise DataError(f"unknown tfds data set {name!r} (mvtec_ad/<category> or retinal_oct)")
+
+
+def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None,
+                    manual_dir: str | os.PathLike, image_size: int,
                     grayscale: bool) -> folder.ImageSet:
-    """Prepares (once) and reads a split as an ImageSet: ``name`` is ``mvtec_ad/<category>``
-    or ``retinal_oct``."""
+    """Prepares (once, cached in ``data_dir``) and reads a split as an ImageSet.
+
+    ``name`` is ``mvtec_ad/<category>`` or ``retinal_oct``; images are resized with the
+    folder reader's function, rows are sorted by file name (relative to the category).
+    """
     from PIL import Image
 
-    if name.startswith("mvtec_ad/"):
-        builder = MVTecAD(config=name.split("/", 1)[1], data_dir=data_dir)
-    elif name == "retinal_oct":
-        builder = RetinalOCT(data_dir=data_dir)
-    else:
-        raise DataError(f"unknown tfds data set {name!r} (mvtec_ad/<category> or retinal_oct)")
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r} (train or test) for {name}")
+    builder = make_builder(name, data_dir)
+    manual_dir = os.fspath(manual_dir)
+    if not builder.is_prepared() and not os.path.isdir(manual_dir):
+        raise DataError(f"data path does not exist: {manual_dir}")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     images, labels, masks, paths, kinds = [], [], [], [], []
     for ex in tfds.as_numpy(builder.as_dataset(split=split)):
-        im = Image.fromarray(ex["image"][..., 0] if ex["image"].shape[-1] == 1 else ex["image"])
+        a = ex["image"]
+        im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
         im = im.convert("L" if grayscale else "RGB")
-        a = np.asarray(folder._resize(im, image_size), np.float32) / 255.0
-        images.append(a[..., None] if a.ndim == 2 else a)
+        images.append(folder.to_array(folder.resize(im, image_size)))
         labels.append(int(ex["label"]))
         if "mask" in ex:
             m = Image.fromarray(ex["mask"][..., 0])
-            masks.append((np.asarray(folder._resize(m, image_size, nearest=True)) > 127)
-                         .astype(np.float32))
+            masks.append(folder.mask_to_array(folder.resize(m, image_size, nearest=True)))
         paths.append(ex["filename"].decode())
         kinds.append(ex["defect_type"].decode())
-    order = np.argsort(paths)
+    if not images:
+        raise DataError(f"no images in split {split!r} of {name} (prepared in {data_dir})")
+    order = np.argsort(paths, kind="stable")
+    # Train has no ground truth, by the ImageSet convention, even though MVTecAD stores
+    # zero masks there.
     has_masks = bool(masks) and split == "test"
     return folder.ImageSet(
         images=np.stack(images)[order], labels=np.asarray(labels, np.int32)[order],
