@@ -23,7 +23,13 @@ def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.Chec
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
-    """Saves state (+ JSON metadata) at ``step``, overwriting nothing that exists."""
+    """Saves state (+ JSON metadata) at ``step``.
+
+    A step that already exists (written just before a crash that lost the step's other
+    checkpoint) is replaced: the resumed run recomputes it bit for bit.
+    """
+    if step in mngr.all_steps():
+        mngr.delete(step)
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             extra=ocp.args.JsonSave(extra or {})), force=True)
     mngr.wait_until_finished()

@@ -14,8 +14,9 @@ def test_output_shapes_and_ranges(channels, width):
     k = jax.random.PRNGKey(0)
     x = jax.random.uniform(k, (2, 32, 32, channels))
     m = (jax.random.uniform(k, (2, 32, 32)) > 0.3).astype(jnp.float32)
-    variables = net.init(k, x, m, train=False)
-    (rest, pred), upd = net.apply(variables, x, m, train=True, mutable=["batch_stats"])
+    variables = jax.jit(lambda k: net.init(k, x, m, train=False))(k)
+    (rest, pred), upd = jax.jit(lambda v: net.apply(v, x, m, train=True,
+                                                    mutable=["batch_stats"]))(variables)
     assert rest.shape == (2, 32, 32, channels) and pred.shape == (2, 32, 32)
     for a in (rest, pred):
         assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
@@ -25,7 +26,7 @@ def test_output_shapes_and_ranges(channels, width):
     assert (3, 3, 8 * width, 8 * width) in kernels
     assert max(s[-1] for s in kernels) == 8 * width
     # Eval mode uses running statistics and differs from train mode.
-    rest_eval, _ = net.apply(variables, x, m, train=False)
+    rest_eval, _ = jax.jit(lambda v: net.apply(v, x, m, train=False))(variables)
     assert not np.allclose(rest_eval, rest)
 
 
@@ -35,9 +36,10 @@ def test_mask_changes_output():
     x = jax.random.uniform(k, (1, 32, 32, 1))
     m1 = jnp.ones((1, 32, 32))
     m2 = m1.at[:, 8:16, 8:16].set(0.0)
-    v = net.init(k, x, m1)
-    a, _ = net.apply(v, x, m1)
-    b, _ = net.apply(v, x, m2)
+    v = jax.jit(lambda k: net.init(k, x, m1))(k)
+    apply = jax.jit(lambda v, m: net.apply(v, x, m))
+    a, _ = apply(v, m1)
+    b, _ = apply(v, m2)
     assert not np.allclose(a, b)
 
 
@@ -45,9 +47,9 @@ def test_bfloat16_compute_keeps_float32_params():
     net = SSMUNet(channels=3, width=4, dtype=jnp.bfloat16)
     k = jax.random.PRNGKey(2)
     x = jax.random.uniform(k, (1, 16, 16, 3))
-    v = net.init(k, x, jnp.ones((1, 16, 16)))
+    v = jax.jit(lambda k: net.init(k, x, jnp.ones((1, 16, 16))))(k)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v["params"]))
-    rest, pred = net.apply(v, x, jnp.ones((1, 16, 16)))
+    rest, pred = jax.jit(lambda v: net.apply(v, x, jnp.ones((1, 16, 16))))(v)
     assert rest.dtype == jnp.float32 and rest.shape == (1, 16, 16, 3)
 
 
