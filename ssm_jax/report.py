@@ -1,171 +1,367 @@
-"""Visual evaluation report: overlays, a sample grid, ROC/PRO curves, an index page.
+"""Visual evaluation report: overlays, a sample grid, ROC/PRO curves, a score histogram and an
+index page (``index.md`` + ``index.html``) linking them, all with relative paths.
 
-matplotlib (Agg back end) is imported inside the functions so that importing this module
-stays cheap and works without a display.
+Only numpy, scipy, PIL and matplotlib (Agg back end) are used; matplotlib is imported inside
+the functions so that importing this module stays cheap and works without a display. The
+curves here are for plots only (subsampled to a few hundred points); the reported numbers come
+from :mod:`ssm_jax.metrics`.
+
+Sample choice (overlays and grid rows): half anomalous, half normal where possible (the other
+class fills any shortfall). Within each class the images are ranked by image score, highest
+first, and picked evenly spaced along that ranking, so the sample always contains the
+highest- and the lowest-scoring image of each class and is deterministic.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+_CURVE_POINTS = 200
+_PRO_FPR_LIMIT = 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays
+
 
 def _jet(x: np.ndarray) -> np.ndarray:
-    """Jet colour map of values in [0, 1] -> [..., 3] in [0, 1] (vectorized)."""
+    """Jet colour map (the classic piecewise-linear formula) of [0, 1] -> [..., 3] in [0, 1]."""
     x = np.clip(x, 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25])  # red, green, blue
+    centres = np.array([0.75, 0.5, 0.25], np.float32)  # red, green, blue
     return np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-            alpha: float = 0.5) -> np.ndarray:
-    """Heat map blended over an image [S, S, C] in [0, 1]; returns uint8 [S, S, 3]."""
-    img = np.asarray(image, np.float32)
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """[S, S], [S, S, 1] or [S, S, 3] -> float32 [S, S, 3] in [0, 1] (NaN -> 0)."""
+    img = np.nan_to_num(np.asarray(image, np.float32))
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-    norm = (np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12)
+    return np.clip(img, 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+            alpha: float = 0.5) -> np.ndarray:
+    """Jet heat map of ``amap`` (scaled from [vmin, vmax]) blended over ``image`` [S, S, C]
+    in [0, 1] (C = 1 or 3) with weight ``alpha``; returns uint8 [S, S, 3]."""
+    img = _rgb(image)
+    amap = np.asarray(amap, np.float32)
+    if amap.shape != img.shape[:2]:
+        raise ValueError(f"anomaly map {amap.shape} does not match image {img.shape[:2]}")
+    norm = np.nan_to_num((amap - vmin) / max(float(vmax) - float(vmin), 1e-12))
     out = (1.0 - alpha) * img + alpha * _jet(norm)
-    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+    return (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
+    """A file-name-safe version of ``name`` (letters, digits, ``.``, ``_``, ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "image"
 
 
-def save_overlays(out_dir: str, images: np.ndarray, maps: np.ndarray, names: list[str],
-                  vmin: float, vmax: float) -> list[str]:
-    """Writes ``<name>_overlay.png`` per image; returns the paths."""
+def save_overlays(out_dir: str, images: Sequence[np.ndarray] | np.ndarray,
+                  maps: Sequence[np.ndarray] | np.ndarray, names: list[str], vmin: float,
+                  vmax: float) -> list[str]:
+    """Writes ``<name>_overlay.png`` per image (names sanitized, duplicates numbered) into
+    ``out_dir``; returns the paths."""
     from PIL import Image
 
+    if not len(images) == len(maps) == len(names):
+        raise ValueError(f"{len(images)} images, {len(maps)} maps and {len(names)} names")
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
+    paths: list[str] = []
+    used: set[str] = set()
     for img, amap, name in zip(images, maps, names):
-        p = os.path.join(out_dir, f"{_safe(name)}_overlay.png")
+        base = stem = _safe(name)
+        k = 2
+        while stem in used:
+            stem, k = f"{base}_{k}", k + 1
+        used.add(stem)
+        p = os.path.join(out_dir, f"{stem}_overlay.png")
         Image.fromarray(overlay(img, amap, vmin, vmax)).save(p)
         paths.append(p)
     return paths
 
 
+# ---------------------------------------------------------------------------------------------
+# Curves (for plots; subsampled)
+
+
+def _roc_points(labels: np.ndarray, scores: np.ndarray,
+                points: int = _CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """ROC (fpr, tpr) from (0, 0) to (1, 1), "score >= threshold" counted positive. Exact (every
+    distinct score) for small inputs; otherwise at ~2 * ``points`` thresholds, quantiles of
+    each class's scores, so the points spread evenly along both axes. One sort per class."""
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    s = np.asarray(scores).reshape(-1)
+    ok = np.isfinite(s)
+    pos, neg = np.sort(s[ok & y]), np.sort(s[ok & ~y])
+    if s.size <= 4 * points:
+        thr = np.unique(s[ok])
+    else:
+        q = np.linspace(0.0, 1.0, points + 1)
+        thr = np.unique(np.r_[np.quantile(pos, q) if pos.size else [],
+                              np.quantile(neg, q) if neg.size else []])
+    thr = thr[::-1]
+    tpr = (pos.size - np.searchsorted(pos, thr, side="left")) / max(pos.size, 1)
+    fpr = (neg.size - np.searchsorted(neg, thr, side="left")) / max(neg.size, 1)
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0]
+
+
+def _pro_points(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = _PRO_FPR_LIMIT,
+                points: int = _CURVE_POINTS) -> tuple[np.ndarray, np.ndarray] | None:
+    """PRO vs FPR at ~``points`` thresholds (quantiles of the normal pixels' values, spaced so
+    FPR runs evenly over [0, fpr_limit]). Regions: 8-connected components of each mask
+    (``scipy.ndimage.label`` per image). None when there is no region or no normal pixel."""
+    from scipy import ndimage
+
+    masks = np.asarray(masks) > 0.5
+    maps = np.asarray(maps, np.float64)
+    maps = np.where(np.isnan(maps), -np.inf, maps)
+    normal_vals = np.sort(maps[~masks])
+    if normal_vals.size == 0:
+        return None
+    thr = np.quantile(normal_vals[np.isfinite(normal_vals)], np.linspace(
+        1.0 - fpr_limit, 1.0, points)) if np.isfinite(normal_vals).any() else np.array([])
+    thr = np.unique(np.r_[thr, maps.max()])[::-1]  # descending; the max gives (0, ~0)
+    regions: list[np.ndarray] = []
+    structure = np.ones((3, 3), bool)
+    for m, a in zip(masks, maps):
+        if not m.any():
+            continue
+        comp, n = ndimage.label(m, structure=structure)
+        for r in range(1, n + 1):
+            regions.append(np.sort(a[comp == r]))
+    if not regions:
+        return None
+    # Pixels strictly above a threshold count as detected (as in "map > threshold").
+    fpr = 1.0 - np.searchsorted(normal_vals, thr, side="right") / normal_vals.size
+    pro = np.mean([1.0 - np.searchsorted(v, thr, side="right") / v.size for v in regions],
+                  axis=0)
+    return np.r_[0.0, fpr], np.r_[0.0, pro]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
 def _sample(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Highest-scoring anomalies and highest-scoring normals (the hardest), k in all."""
+    """Up to ``k`` indices: half anomalous, half normal where possible; within a class,
+    evenly spaced along the ranking by score (highest first), so the extremes are included."""
+    k = max(int(k), 0)
+    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
     bad = np.nonzero(labels == 1)[0]
-    good = np.nonzero(labels == 0)[0]
-    bad = bad[np.argsort(-scores[bad])]
-    good = good[np.argsort(-scores[good])]
-    nb = min(len(bad), max(k - min(len(good), k // 2), 0))
+    good = np.nonzero(labels != 1)[0]
+    nb = min(len(bad), max(math.ceil(k / 2), k - len(good)))
     ng = min(len(good), k - nb)
-    return np.r_[bad[:nb], good[:ng]].astype(int)
+
+    def pick(idx: np.ndarray, n: int) -> np.ndarray:
+        if n <= 0:
+            return np.zeros(0, int)
+        ranked = idx[np.argsort(-scores[idx], kind="stable")]
+        return ranked[np.unique(np.linspace(0, len(ranked) - 1, n).round().astype(int))]
+
+    return np.r_[pick(bad, nb), pick(good, ng)].astype(int)
 
 
-def write_report(eval_dir: str, test_set, out: dict, result: dict, threshold: float | None,
-                 num_overlays: int) -> str:
-    """Writes overlays, grid.png, roc.png, pro.png, scores_hist.png, index.md/.html."""
+def _fmt(v: Any) -> str:
+    """A metric value for the table."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):  # bool included
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) and abs(v) < 1e6 else f"{v:.6g}"
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, default=str)
+
+
+def _display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """An image [S, S, C] for imshow: greyscale squeezed (with its colour map), clipped."""
+    img = np.clip(np.nan_to_num(np.asarray(img, np.float32)), 0.0, 1.0)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        return img[..., 0], "gray"
+    return img, ("gray" if img.ndim == 2 else None)
+
+
+def _pixel_threshold(maps: np.ndarray, labels: np.ndarray, threshold: float | None) -> float:
+    """The image threshold if given (image score = max of the map), else the 99th percentile
+    of the normal images' map values (of all maps when there is no normal image)."""
+    if threshold is not None and math.isfinite(threshold):
+        return float(threshold)
+    vals = maps[labels != 1] if (labels != 1).any() else maps
+    vals = vals[np.isfinite(vals)]
+    return float(np.quantile(vals, 0.99)) if vals.size else 0.0
+
+
+def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
+                 threshold: float | None, num_overlays: int) -> str:
+    """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png`` and
+    ``index.md``/``index.html`` into ``eval_dir`` (see the module docstring for the sample
+    choice). Plots that cannot be drawn are skipped with a note. Returns the index.html path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ssm_jax import metrics as metrics_lib
-
     os.makedirs(eval_dir, exist_ok=True)
-    maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
-    labels = np.asarray(test_set.labels)
-    vmin, vmax = float(maps.min()), float(maps.max())
-    pix_thr = threshold if threshold is not None else float(
-        np.quantile(maps[labels == 0], 0.99) if (labels == 0).any() else maps.max())
+    images = np.asarray(test_set.images)
+    maps = np.asarray(out["map"], np.float32)
+    scores = np.asarray(out["score"], np.float64).reshape(-1)
+    labels = np.asarray(test_set.labels).reshape(-1)
+    masks = None if test_set.masks is None else np.asarray(test_set.masks)
+    restored = out.get("restored")
+    n = len(labels)
+    has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
+    finite = maps[np.isfinite(maps)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pix_thr = _pixel_threshold(maps, labels, threshold)
     figures: list[tuple[str, str]] = []
-    idx = _sample(labels, scores, num_overlays)
-    names = [f"{test_set.defect_types[i]}_"
-             f"{os.path.splitext(os.path.basename(test_set.paths[i]))[0]}" for i in idx]
-    overlays = save_overlays(eval_dir, test_set.images[idx], maps[idx], names, vmin, vmax)
+    notes: list[str] = []
 
+    def save(fig: Any, name: str, title: str) -> None:
+        try:
+            fig.savefig(os.path.join(eval_dir, name), dpi=80)
+        finally:
+            plt.close(fig)
+        figures.append((title, name))
+
+    def kind(i: int) -> str:
+        return "anomalous" if labels[i] == 1 else "normal"
+
+    # 1. Overlays.
+    idx = _sample(labels, scores, num_overlays) if n else np.zeros(0, int)
+    names = [f"{os.path.splitext(os.path.basename(str(test_set.paths[i])))[0]}_"
+             f"{test_set.defect_types[i]}" for i in idx]
+    overlays = save_overlays(eval_dir, images[idx], maps[idx], names, vmin, vmax)
+
+    # 2. Grid, one row per sampled image.
     if len(idx):
-        cols = ["input", "restored", "ground truth", "anomaly map", "thresholded"]
-        fig, axes = plt.subplots(len(idx), 5, figsize=(10, 2.1 * len(idx)), squeeze=False)
+        cols = ["input", "restoration", "ground truth", "anomaly map", f"map > {pix_thr:.3g}"]
+        fig, axes = plt.subplots(len(idx), 5, figsize=(10, 2.3 * len(idx)), squeeze=False)
         for r, i in enumerate(idx):
-            img = test_set.images[i]
-            grey = img[..., 0] if img.shape[-1] == 1 else img
-            rest = np.asarray(out["restored"][i])
-            rest = rest[..., 0] if rest.shape[-1] == 1 else rest
-            gt = test_set.masks[i] if test_set.masks is not None else np.zeros(maps[i].shape)
-            panels = [grey, rest, gt, overlay(img, maps[i], vmin, vmax), maps[i] > pix_thr]
-            for c, p in enumerate(panels):
+            shape = maps[i].shape
+            gt = masks[i] if masks is not None else np.zeros(shape, np.float32)
+            rest = restored[i] if restored is not None else np.zeros(shape, np.float32)
+            panels = [_display(images[i]), _display(rest), (np.asarray(gt, np.float32), "gray"),
+                      (overlay(images[i], maps[i], vmin, vmax), None),
+                      ((maps[i] > pix_thr).astype(np.float32), "gray")]
+            for c, (p, cmap) in enumerate(panels):
                 ax = axes[r, c]
-                ax.imshow(p, cmap="gray" if np.ndim(p) == 2 else None, vmin=0, vmax=1)
+                ax.imshow(p, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(cols[c], fontsize=8)
-            axes[r, 0].set_ylabel(f"{test_set.defect_types[i]}\n{scores[i]:.3f}", fontsize=7)
+                ax.set_title(cols[c], fontsize=7)
+            axes[r, 0].set_title(f"{test_set.defect_types[i]} ({kind(i)})\n"
+                                 f"score {scores[i]:.4g}", fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(eval_dir, "grid.png"), dpi=80)
-        plt.close(fig)
-        figures.append(("Samples (hardest anomalies and normals)", "grid.png"))
+        save(fig, "grid.png", "Samples: input, restoration, ground truth, overlay, region")
+    else:
+        notes.append("No sample grid: no images were sampled (empty test set or "
+                     "num_overlays = 0).")
 
-    if (labels == 1).any() and (labels == 0).any():
-        fig, ax = plt.subplots(figsize=(4, 4))
-        fpr, tpr, _ = metrics_lib.roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"image AUROC {result.get('image_auroc') or 0:.3f}")
-        if test_set.masks is not None:
-            sub = slice(None, None, max(1, maps.size // 2_000_000))
-            fpr, tpr, _ = metrics_lib.roc_curve(test_set.masks.reshape(-1)[sub] > 0.5,
-                                                maps.reshape(-1)[sub])
-            ax.plot(fpr, tpr, label=f"pixel AUROC {result.get('pixel_auroc') or 0:.3f}")
+    # 3. ROC (image, and pixel when masks have both classes) and PRO.
+    if has_bad and has_good:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fpr, tpr = _roc_points(labels == 1, scores)
+        ax.plot(fpr, tpr, label=f"image (AUROC {_fmt(result.get('image_auroc'))})")
+        if masks is not None:
+            m = masks > 0.5
+            if m.any() and not m.all():
+                fpr, tpr = _roc_points(m, maps)
+                ax.plot(fpr, tpr, label=f"pixel (AUROC {_fmt(result.get('pixel_auroc'))})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.5)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+               ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(eval_dir, "roc.png"), dpi=80)
-        plt.close(fig)
-        figures.append(("ROC", "roc.png"))
-        if test_set.masks is not None and test_set.masks.any():
-            fpr, pro = metrics_lib.pro_curve(test_set.masks > 0.5, maps)
-            keep = fpr <= 0.3
-            fig, ax = plt.subplots(figsize=(4, 4))
-            ax.plot(fpr[keep], pro[keep], label=f"AUPRO {result.get('aupro') or 0:.3f}")
-            ax.set_xlabel("false positive rate")
-            ax.set_ylabel("per-region overlap")
-            ax.set_xlim(0, 0.3)
-            ax.legend(loc="lower right", fontsize=8)
-            fig.tight_layout()
-            fig.savefig(os.path.join(eval_dir, "pro.png"), dpi=80)
-            plt.close(fig)
-            figures.append(("PRO (FPR <= 0.3)", "pro.png"))
+        save(fig, "roc.png", "ROC")
+    else:
+        notes.append("ROC skipped: the test set has no "
+                     f"{'anomalous' if not has_bad else 'normal'} images.")
+    pro = _pro_points(masks, maps) if masks is not None and has_bad else None
+    if pro is not None:
+        fpr, pro_v = pro
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, pro_v, label=f"AUPRO {_fmt(result.get('aupro'))}")
+        ax.set(xlabel="false positive rate", ylabel="per-region overlap",
+               xlim=(0, _PRO_FPR_LIMIT), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        save(fig, "pro.png", f"PRO (FPR <= {_PRO_FPR_LIMIT})")
+    else:
+        notes.append("PRO skipped: " + ("no ground-truth masks." if masks is None else
+                                         "no anomalous regions in the masks."))
 
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for lab, name in ((0, "normal"), (1, "anomalous")):
-        if (labels == lab).any():
-            ax.hist(scores[labels == lab], bins=30, alpha=0.6, label=name)
-    if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", label="threshold")
-    ax.set_xlabel("image score")
-    ax.legend(fontsize=8)
+    # 4. Score histogram.
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ok = np.isfinite(scores)
+    extra = [threshold] if threshold is not None and math.isfinite(threshold) else []
+    edges = np.histogram_bin_edges(np.r_[scores[ok], extra] if ok.any() or extra else [0.0],
+                                   bins=int(np.clip(np.sqrt(max(n, 1)) * 2, 5, 40)))
+    for lab, name in ((False, "normal"), (True, "anomalous")):
+        sel = ok & ((labels == 1) == lab)
+        if sel.any():
+            ax.hist(scores[sel], bins=edges, alpha=0.6, label=f"{name} ({int(sel.sum())})")
+    if extra:
+        ax.axvline(extra[0], color="k", ls="--", label=f"threshold {extra[0]:.4g}")
+    ax.set(xlabel="image score", ylabel="images")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(eval_dir, "scores_hist.png"), dpi=80)
-    plt.close(fig)
-    figures.append(("Image scores", "scores_hist.png"))
+    save(fig, "scores_hist.png", "Image scores")
 
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td>"
-                   f"</tr>" for k, v in result.items())
-    body = "".join(f"<h2>{html.escape(t)}</h2><img src='{f}'>" for t, f in figures)
-    ovl = "".join(f"<img src='{os.path.basename(p)}' width=160 title='{os.path.basename(p)}'>"
-                  for p in overlays)
-    page = (f"<html><head><meta charset='utf-8'><title>ssm_jax evaluation</title></head>"
-            f"<body><h1>Evaluation</h1><table border=1>{rows}</table>{body}"
-            f"<h2>Overlays</h2>{ovl}</body></html>")
-    with open(os.path.join(eval_dir, "index.html"), "w") as f:
-        f.write(page)
-    md = ["# Evaluation", "", "| metric | value |", "|---|---|"]
-    md += [f"| {k} | {json.dumps(v)} |" for k, v in result.items()]
+    # 5. Index pages.
+    ovl = [os.path.basename(p) for p in overlays]
+    caps = [f"{test_set.defect_types[i]} ({kind(i)}), score {scores[i]:.4g}" for i in idx]
+    has_json = os.path.isfile(os.path.join(eval_dir, "metrics.json"))
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>\n"
+                   for k, v in result.items())
+    parts = ["<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+             "<title>ssm_jax evaluation</title><style>body{font-family:sans-serif}"
+             "td{padding:2px 8px}figure{display:inline-block;margin:4px}"
+             "figcaption{font-size:small}</style></head><body>\n<h1>Evaluation</h1>\n",
+             f"<p>{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
+             f"{pix_thr:.4g}.</p>\n<h2>Metrics</h2>\n<table border='1'>\n"
+             f"<tr><th>metric</th><th>value</th></tr>\n{rows}</table>\n"]
+    if has_json:
+        parts.append("<p><a href='metrics.json'>metrics.json</a></p>\n")
+    parts += [f"<p><em>{esc(t)}</em></p>\n" for t in notes]
+    parts += [f"<h2>{esc(t)}</h2>\n<a href='{esc(f)}'><img src='{esc(f)}' alt='{esc(t)}'>"
+              f"</a>\n" for t, f in figures]
+    if ovl:
+        parts.append("<h2>Overlays</h2>\n")
+        parts += [f"<figure><a href='{esc(f)}'><img src='{esc(f)}' width='192' "
+                  f"alt='{esc(f)}'></a><figcaption>{esc(c)}</figcaption></figure>\n"
+                  for f, c in zip(ovl, caps)]
+    parts.append("</body></html>\n")
+    page = os.path.join(eval_dir, "index.html")
+    with open(page, "w", encoding="utf-8") as f:
+        f.write("".join(parts))
+
+    md = ["# Evaluation", "",
+          f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
+          f"{pix_thr:.4g}.", "", "| metric | value |", "|---|---|"]
+    md += [f"| {str(k).replace('|', '/')} | {_fmt(v).replace('|', '/')} |"
+           for k, v in result.items()]
+    if has_json:
+        md += ["", "[metrics.json](metrics.json)"]
+    md += [f"\n_{t}_" for t in notes]
     md += [f"\n## {t}\n\n![{t}]({f})" for t, f in figures]
-    md += ["\n## Overlays\n"] + [f"![]({os.path.basename(p)})" for p in overlays]
-    with open(os.path.join(eval_dir, "index.md"), "w") as f:
+    if ovl:
+        md += ["\n## Overlays\n"] + [f"![{c}]({f})" for f, c in zip(ovl, caps)]
+    with open(os.path.join(eval_dir, "index.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
-    return os.path.join(eval_dir, "index.html")
+    return page

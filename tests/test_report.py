@@ -1,55 +1,153 @@
-"""Visual report: overlays and the index page."""
+"""Visual report: overlays, curves, sampling and the index pages (tiny random data, no jax)."""
 
+from __future__ import annotations
+
+import re
 import types
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from ssm_jax import report
+from ssm_jax import metrics, report
+
+PLOTS = ("grid.png", "roc.png", "pro.png", "scores_hist.png")
 
 
-def _set(n=6, s=16, c=1, masks=True, all_normal=False):
-    rng = np.random.default_rng(0)
-    labels = np.zeros(n, np.int32) if all_normal else np.array([0, 1] * (n // 2), np.int32)
+def _set(n: int = 6, s: int = 16, c: int = 1, masks: bool = True, all_normal: bool = False,
+         seed: int = 0) -> tuple[types.SimpleNamespace, dict]:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(n, np.int32) if all_normal else ((np.arange(n) + 1) % 2).astype(np.int32)
     m = np.zeros((n, s, s), np.float32)
     m[labels == 1, 4:8, 4:8] = 1
-    ts = types.SimpleNamespace(images=rng.random((n, s, s, c)).astype(np.float32),
-                               labels=labels, masks=m if masks else None,
-                               paths=[f"x/{i}.png" for i in range(n)],
-                               defect_types=["good" if lab == 0 else "crack" for lab in labels])
-    amap = rng.random((n, s, s)).astype(np.float32) + m
-    out = {"map": amap, "score": amap.max(axis=(1, 2)), "restored": ts.images}
+    m[labels == 1, 10:12, 10:14] = 1  # a second region per anomalous image
+    ts = types.SimpleNamespace(
+        images=rng.random((n, s, s, c)).astype(np.float32), labels=labels,
+        masks=m if masks else None, paths=[f"data/test/d{i % 3}/{i:03d} x.png" for i in range(n)],
+        defect_types=["good" if lab == 0 else "crack/big" for lab in labels])
+    amap = (rng.random((n, s, s)) + m).astype(np.float32)
+    out = {"map": amap, "score": amap.max(axis=(1, 2)),
+           "restored": np.clip(ts.images + 0.1, 0, 1)}
     return ts, out
+
+
+def _check_pngs(d: Path) -> str:
+    """Every PNG in d decodes and is non-empty; index.html references every one of them."""
+    page = (d / "index.html").read_text()
+    pngs = sorted(d.glob("*.png"))
+    assert pngs
+    for p in pngs:
+        assert p.stat().st_size > 0
+        with Image.open(p) as im:
+            im.verify()
+        assert f"'{p.name}'" in page, p.name
+    for ref in re.findall(r"src='([^']+)'", page):  # and nothing dangling
+        assert (d / ref).is_file(), ref
+    assert (d / "index.md").stat().st_size > 0
+    return page
 
 
 def test_overlay_hot_is_red():
     img = np.full((8, 8, 1), 0.5, np.float32)
-    amap = np.zeros((8, 8))
+    amap = np.zeros((8, 8), np.float32)
     amap[:4] = 1.0
     o = report.overlay(img, amap, 0.0, 1.0)
     assert o.dtype == np.uint8 and o.shape == (8, 8, 3)
-    assert o[0, 0, 0] > o[7, 7, 0] and o[7, 7, 2] > o[0, 0, 2]
+    hot, cold = o[0, 0].astype(int), o[7, 7].astype(int)
+    assert hot[0] > cold[0] and hot[0] - hot[2] > cold[0] - cold[2]
+    rgb = report.overlay(np.zeros((8, 8, 3), np.float32), amap, 0.0, 1.0, alpha=1.0)
+    assert rgb.shape == (8, 8, 3) and tuple(rgb[0, 0]) == (128, 0, 0)  # jet(1) = dark red
+    flat = report.overlay(img, np.full((8, 8), np.nan), 1.0, 1.0)  # degenerate range, NaNs
+    assert flat.dtype == np.uint8
 
 
-def test_write_report_files(tmp_path):
-    ts, out = _set(c=3)
-    idx = report.write_report(str(tmp_path), ts, out, {"image_auroc": 1.0, "aupro": 0.5},
-                              0.9, 4)
-    html = open(idx).read()
-    for name in ("grid.png", "roc.png", "pro.png", "scores_hist.png"):
-        assert (tmp_path / name).stat().st_size > 0
-        Image.open(tmp_path / name).verify()
-        assert name in html
-    overlays = [p for p in tmp_path.iterdir() if p.name.endswith("_overlay.png")]
-    assert len(overlays) == 4 and all(p.name in html for p in overlays)
-    assert "image_auroc" in (tmp_path / "index.md").read_text()
+def test_save_overlays_sanitizes_and_dedupes(tmp_path):
+    imgs = np.zeros((3, 8, 8, 1), np.float32)
+    paths = report.save_overlays(str(tmp_path / "o"), imgs, np.zeros((3, 8, 8)),
+                                 ["a/../b c", "a/../b c", "../"], 0.0, 1.0)
+    names = [Path(p).name for p in paths]
+    assert names == ["a_.._b_c_overlay.png", "a_.._b_c_2_overlay.png", "image_overlay.png"]
+    assert all(Path(p).parent == tmp_path / "o" for p in paths)
+    with Image.open(paths[0]) as im:
+        assert im.size == (8, 8)
 
 
-def test_report_without_masks_or_anomalies(tmp_path):
-    ts, out = _set(masks=False)
-    report.write_report(str(tmp_path / "a"), ts, out, {}, None, 2)
-    assert (tmp_path / "a" / "roc.png").exists() and not (tmp_path / "a" / "pro.png").exists()
-    ts, out = _set(n=1, all_normal=True)
-    report.write_report(str(tmp_path / "b"), ts, out, {}, 0.5, 3)
-    assert not (tmp_path / "b" / "roc.png").exists()
-    assert (tmp_path / "b" / "index.html").exists()
+def test_sample_is_balanced_and_covers_extremes():
+    labels = np.array([0] * 10 + [1] * 3)
+    scores = np.arange(13, dtype=float)
+    idx = report._sample(labels, scores, 6)
+    assert list(idx) == [12, 11, 10, 9, 5, 0]  # 3 anomalous (all), then normals evenly spread
+    assert len(report._sample(labels, scores, 100)) == 13
+    assert len(report._sample(np.zeros(4, int), scores[:4], 3)) == 3
+    assert len(report._sample(labels, scores, 0)) == 0
+
+
+def test_curves():
+    fpr, tpr = report._roc_points(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]))
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.any((fpr == 0) & (tpr == 1))  # perfect separation
+    rng = np.random.default_rng(0)
+    y = rng.random(60) < 0.4
+    s = np.round(rng.random(60) + 0.3 * y, 1)  # ties
+    fpr, tpr = report._roc_points(y, s)
+    ref_fpr, ref_tpr, _ = metrics.roc_curve(y, s)  # exact for small inputs
+    np.testing.assert_allclose(fpr[:-1], ref_fpr)
+    np.testing.assert_allclose(tpr[:-1], ref_tpr)
+    y = rng.random(100_000) < 0.3
+    fpr, tpr = report._roc_points(y, y + rng.random(y.size))  # thinned: points on the curve
+    assert fpr.size <= 1000 and np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.diff(fpr).max() < 0.02 and np.diff(tpr).max() < 0.02
+    masks = np.zeros((2, 16, 16))
+    masks[0, 2:5, 2:5] = 1
+    fpr, pro = report._pro_points(masks, masks + 0.01 * np.random.default_rng(2).random(
+        masks.shape))
+    assert np.all(np.diff(fpr) >= 0) and pro.max() == 1.0 and fpr[np.argmax(pro)] == 0.0
+    assert report._pro_points(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))) is None
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_write_report_files(tmp_path, c):
+    ts, out = _set(c=c)
+    result = {"image_auroc": 1.0, "aupro": np.float32(0.5), "pixel_auroc": None,
+              "device": "cpu", "num_images": 6}
+    (tmp_path / "metrics.json").write_text("{}")
+    idx = report.write_report(str(tmp_path), ts, out, result, 0.9, 4)
+    assert idx == str(tmp_path / "index.html")
+    page = _check_pngs(tmp_path)
+    for name in PLOTS:
+        assert (tmp_path / name).is_file()
+    overlays = sorted(p.name for p in tmp_path.glob("*_overlay.png"))
+    assert len(overlays) == 4 and all(p.endswith(("_good_overlay.png", "_crack_big_overlay.png"))
+                                      for p in overlays)
+    assert sum("crack" in p for p in overlays) == 2
+    md = (tmp_path / "index.md").read_text()
+    for key in result:
+        assert key in page and key in md
+    assert "0.5000" in page and "metrics.json" in page and "PRO skipped" not in page
+
+
+def test_report_without_masks(tmp_path):
+    ts, out = _set(masks=False, c=3)
+    report.write_report(str(tmp_path), ts, out, {}, None, 2)
+    page = _check_pngs(tmp_path)
+    assert (tmp_path / "roc.png").exists() and not (tmp_path / "pro.png").exists()
+    assert "PRO skipped" in page and (tmp_path / "grid.png").exists()
+
+
+def test_report_all_normal_and_single_image(tmp_path):
+    ts, out = _set(n=5, all_normal=True)
+    report.write_report(str(tmp_path / "a"), ts, out, {"image_auroc": None}, None, 3)
+    page = _check_pngs(tmp_path / "a")
+    assert not (tmp_path / "a" / "roc.png").exists() and not (tmp_path / "a" / "pro.png").exists()
+    assert "ROC skipped" in page and "PRO skipped" in page
+    assert len(list((tmp_path / "a").glob("*_overlay.png"))) == 3
+
+    for all_normal in (True, False):
+        d = tmp_path / f"one_{all_normal}"
+        ts, out = _set(n=1, all_normal=all_normal, masks=not all_normal)
+        report.write_report(str(d), ts, out, {"seconds": 0.1}, 0.5, 3)
+        _check_pngs(d)
+        assert (d / "grid.png").exists() and (d / "scores_hist.png").exists()
+        assert not (d / "roc.png").exists()
+        assert (d / "pro.png").exists() == (not all_normal)  # PRO needs regions, not normals
