@@ -13,8 +13,8 @@ def get_config():
     c.data.image_size = 64
     c.data.grayscale = True
     c.model.width = 16
-    c.train.batch_size = 16
-    c.train.steps = 3000
+    c.train.batch_size = 8
+    c.train.steps = 2000
     c.train.learning_rate = 1e-3
     c.train.log_every = 100
     c.train.checkpoint_every = 500

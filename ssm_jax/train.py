@@ -228,4 +228,5 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
     out = {k: float(v) for k, v in parallel.to_host(metrics).items()} if metrics else {}
     out["seconds"] = time.time() - t0
     out["step"] = step
+    out["start_step"] = start
     return out
