@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (no network; it has jax, flax, optax,
+# orbax-checkpoint, tensorboard, but no tensorflow/tfds/grain/clu/ml_collections).
+#
+#   1. pytest tests/test_model.py tests/test_scoring.py tests/test_losses.py tests/test_masks.py
+#   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
+#      float32 and bfloat16, then a short table (and one RESULT JSON line per run).
+#
+# Before the device call, on this machine: `bash benchmarks/fetch_wheels.sh` (downloads
+# ml_collections — a 77 kB pure-Python wheel the config needs — and pytest with its
+# pure-Python deps, 1.9 MB in all, into the git-ignored benchmarks/wheels/). Then run, with
+# the device tool:  command "bash benchmarks/gpu_check.sh", carry ["benchmarks/wheels"],
+# timeout_s 600 (the script keeps itself under ~9 minutes: every part has its own timeout).
+#
+# Options: --smoke (tiny sizes, runs on CPU in ~minutes; checks the script itself),
+#          BATCHES="32 128" DTYPES="float32 bfloat16" SIZE=128 WIDTH=64 (environment).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT_DIR="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT_DIR"
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+
+if [[ $SMOKE == 1 ]]; then
+  SIZE=${SIZE:-32}; WIDTH=${WIDTH:-8}; BATCHES=${BATCHES:-"4 8"}; DTYPES=${DTYPES:-"float32 bfloat16"}
+  BENCH_ARGS=(--repeats 1 --iters 1 --refine-passes 2 --peak-size 512)
+  TEST_TIMEOUT=${TEST_TIMEOUT:-900}; RUN_TIMEOUT=${RUN_TIMEOUT:-400}
+else
+  SIZE=${SIZE:-128}; WIDTH=${WIDTH:-64}; BATCHES=${BATCHES:-"32 128"}; DTYPES=${DTYPES:-"float32 bfloat16"}
+  BENCH_ARGS=(--repeats 5 --iters 3 --refine-passes 3)
+  TEST_TIMEOUT=${TEST_TIMEOUT:-150}; RUN_TIMEOUT=${RUN_TIMEOUT:-95}
+fi
+
+# --- pure-Python wheels the machine lacks, installed into a private folder ---------------
+SITE="$OUT_DIR/site"
+need=()
+python -c "import ml_collections" 2>/dev/null || need+=(ml_collections)
+python -c "import pytest" 2>/dev/null || need+=(pytest pluggy iniconfig pygments)
+python -c "import packaging" 2>/dev/null || need+=(packaging)
+if (( ${#need[@]} )); then
+  if ! ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    echo "gpu_check: missing ${need[*]} and no benchmarks/wheels/: run" \
+         "'bash benchmarks/fetch_wheels.sh' here first and carry benchmarks/wheels" >&2
+    exit 2
+  fi
+  echo "== installing ${need[*]} from benchmarks/wheels into $SITE"
+  python -m pip install -q --no-index --no-deps --find-links benchmarks/wheels \
+    --target "$SITE" "${need[@]}" || { echo "gpu_check: pip install failed" >&2; exit 2; }
+fi
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== device"
+python -c "import jax; print(jax.__version__, jax.devices())" || exit 3
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm \
+  --format=csv,noheader
+
+echo "== tests"
+timeout "$TEST_TIMEOUT" python -m pytest tests/test_model.py tests/test_scoring.py \
+  tests/test_losses.py tests/test_masks.py -q -p no:cacheprovider 2>&1 | tail -15
+test_rc=${PIPESTATUS[0]}
+echo "tests exit code: $test_rc"
+
+echo "== throughput (size $SIZE, width $WIDTH)"
+for b in $BATCHES; do
+  for dt in $DTYPES; do
+    log="$OUT_DIR/throughput_b${b}_${dt}.log"
+    echo "-- batch $b $dt"
+    timeout "$RUN_TIMEOUT" python benchmarks/throughput.py --image-size "$SIZE" \
+      --width "$WIDTH" --batch "$b" --dtype "$dt" "${BENCH_ARGS[@]}" >"$log" 2>&1
+    rc=$?
+    grep -v '^RESULT ' "$log" | tail -6
+    (( rc )) && echo "   (exit $rc$( ((rc == 124)) && echo ': timed out'))"
+  done
+done
+
+echo "== table"
+python - "$OUT_DIR" <<'EOF'
+import glob, json, os, sys
+
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "throughput_*.log"))):
+    res = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("RESULT "):
+                res = json.loads(line[7:])
+    name = os.path.basename(path)[len("throughput_"):-len(".log")]
+    if res is None:
+        rows.append(f"{name:<18} (no result: see {path})")
+        continue
+    c, pk = res["config"], res.get("peak", {})
+    fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+    rows.append(
+        f"{c['batch']:>5} {c['dtype']:<8} {fmt(res.get('train_img_per_s')):>9} "
+        f"{fmt(res.get('eval_img_per_s')):>9} {fmt(res.get('eval_refined_img_per_s')):>9} "
+        f"{fmt((res.get('model_flops_per_image') or 0) / 1e9, 2):>9} "
+        f"{fmt((pk.get('peak_flops_per_s') or 0) / 1e12):>8} {fmt(res.get('mfu'), 3):>6} "
+        f"{fmt(res.get('train_compile_s')):>7}")
+    print("RESULT " + json.dumps(res))
+print(f"{'batch':>5} {'dtype':<8} {'train/s':>9} {'eval/s':>9} {'evalR/s':>9} "
+      f"{'GF/img':>9} {'peakTF':>8} {'MFU':>6} {'cmp_s':>7}")
+print("\n".join(rows))
+EOF
+exit "$test_rc"

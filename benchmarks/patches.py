@@ -1,0 +1,95 @@
+"""Candidate speed-ups for ssm_jax, applied by monkeypatching (benchmarks only).
+
+These are experiments: they leave ``ssm_jax`` itself untouched. ``apply(names)`` patches
+the modules in place before any model or step is built; ``--patch`` in throughput.py and
+components.py uses it. See NOTES.md for the measured effect of each.
+
+* ``upsample_repeat``: nearest x2 upsampling in ``UpBlock`` by broadcast + reshape instead
+  of ``jax.image.resize`` (a gather whose gradient is a scatter-add), and the mask's
+  nearest downsampling in ``MaskBlock`` by strided slicing. Same values, same params.
+* ``median_network``: the 3x3 median of ``losses.median3x3`` by a 19 compare-exchange
+  min/max network instead of ``jnp.median`` over 9 stacked views (a sort). Same values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PATCHES = ("upsample_repeat", "median_network")
+
+
+def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
+    """Nearest upsampling of NHWC ``h`` to (out_h, out_w); integer factors by repeat."""
+    b, hh, ww, c = h.shape
+    if out_h % hh or out_w % ww:
+        return jax.image.resize(h, (b, out_h, out_w, c), method="nearest")
+    fh, fw = out_h // hh, out_w // ww
+    h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, fh, ww, fw, c))
+    return h.reshape(b, out_h, out_w, c)
+
+
+def downsample_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
+    """jax.image.resize(..., 'nearest') for integer factors: source pixel floor((i+.5)f)."""
+    sh, sw = mask.shape[1], mask.shape[2]
+    if sh % h or sw % w:
+        return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:],
+                                method="nearest")
+    fh, fw = sh // h, sw // w
+    return mask[:, fh // 2::fh, fw // 2::fw]
+
+
+def median3x3_network(x: jax.Array) -> jax.Array:
+    """3x3 median over the last two axes (edge padding) by a min/max network."""
+    from ssm_jax.losses import _pad_edge
+
+    h, w = x.shape[-2:]
+    xp = _pad_edge(x, 1)
+    p = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+
+    def op(a: int, b: int) -> None:
+        p[a], p[b] = jnp.minimum(p[a], p[b]), jnp.maximum(p[a], p[b])
+
+    for a, b in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8),
+                 (0, 3), (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4),
+                 (4, 2)):
+        op(a, b)
+    return p[4]
+
+
+def _patch_upsample() -> None:
+    import flax.linen as nn
+
+    from ssm_jax import model
+
+    class UpBlock(model.UpBlock):  # same class name: same parameter names
+        @nn.compact
+        def __call__(self, h, skip, train):
+            h = upsample_nearest(h, skip.shape[1], skip.shape[2])
+            h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
+            h = jnp.concatenate([h, skip], axis=-1)
+            h = model.ConvBNReLU(self.features, axis_name=self.axis_name,
+                                 dtype=self.dtype)(h, train)
+            return model.ConvBNReLU(self.features, axis_name=self.axis_name,
+                                    dtype=self.dtype)(h, train)
+
+    UpBlock.__name__ = UpBlock.__qualname__ = "UpBlock"
+    model.UpBlock = UpBlock
+    model._resize_nearest = downsample_nearest
+
+
+def _patch_median() -> None:
+    from ssm_jax import losses
+
+    losses.median3x3 = median3x3_network
+
+
+def apply(names) -> list[str]:
+    """Applies the named patches (iterable or comma string); returns the names applied."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    for name in names:
+        if name not in PATCHES:
+            raise SystemExit(f"unknown patch {name!r}; choose from {PATCHES}")
+        {"upsample_repeat": _patch_upsample, "median_network": _patch_median}[name]()
+    return list(names)
