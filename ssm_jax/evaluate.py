@@ -74,6 +74,9 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
         idx = np.arange(offset, offset + len(batch), dtype=np.int32)
         images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
         idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
+        if offset == 0:
+            score_fn = score_fn.lower(variables, key, images_g, idx_g).compile()
+            parallel.barrier(f"ssm_jax_score_compiled_{progress}")
         out = parallel.to_host(score_fn(variables, key, images_g, idx_g))
         for k in outs:
             outs[k].append(np.asarray(out[k])[:real])

@@ -42,6 +42,19 @@ def replicate(mesh: Mesh, tree):
         lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process gets here (no-op for one process).
+
+    Uses the coordination service, not a device collective: CPU (gloo) collectives give
+    up after 30 s, too short when one host loads data or compiles much more slowly.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def to_host(tree):
     """Fetches a replicated or sharded pytree to numpy on every host."""
     if jax.process_count() == 1:

@@ -193,9 +193,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
     metrics = None
     t0 = time.time()
     step = start
+    first = next(batches) if start < cfg.train.steps else None
+    if first is not None:
+        # Compile before the first step, then line the hosts up: a slow host must not
+        # make the first cross-host collective time out.
+        step_fn = step_fn.lower(state, parallel.global_batch(mesh, first)).compile()
+        log.info("train step compiled in %.1f s", time.time() - t0)
+        parallel.barrier("ssm_jax_train_compiled")
     with _SigtermFlag() as sigterm:
         for step in range(start + 1, cfg.train.steps + 1):
-            local = next(batches)
+            local = first if step == start + 1 else next(batches)
             assert local.shape[0] == per_host
             prev = metrics
             state, metrics = step_fn(state, parallel.global_batch(mesh, local))
