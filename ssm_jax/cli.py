@@ -79,6 +79,8 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax reports a failed restore twice: as our one-line error and as an asyncio dump.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -23,6 +23,9 @@ from ssm_jax.errors import CheckpointError
 
 log = logging.getLogger("ssm_jax")
 
+# Keys that fix the parameter shapes: a checkpoint only fits the values it was trained with.
+MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
+
 
 def scoring_config(cfg: ml_collections.ConfigDict) -> scoring.ScoringConfig:
     e = cfg.eval
@@ -107,8 +110,14 @@ def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict
         raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
                               f"directory, or training has not started)")
     with open(path) as f:
-        cfg = config_utils.from_json(f.read())
-    cfg = config_utils.apply_overrides(cfg, overrides)
+        trained = config_utils.from_json(f.read())
+    cfg = config_utils.apply_overrides(trained, overrides)
+    for key in MODEL_SHAPE_KEYS:
+        section, name = key.split(".")
+        if cfg[section][name] != trained[section][name]:
+            raise CheckpointError(
+                f"the checkpoint in {workdir} was trained with {key}={trained[section][name]!r}; "
+                f"it cannot be used with {key}={cfg[section][name]!r}")
     config_utils.validate(cfg)
     return cfg
 

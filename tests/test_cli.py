@@ -93,6 +93,13 @@ def test_bad_input_one_line(args, match, tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("ssm-jax: error:")
 
 
+@pytest.mark.parametrize("override", ["--config.model.width=8", "--config.data.grayscale=false"])
+def test_incompatible_checkpoint(trained, override):
+    res = ssm("evaluate", "--workdir", str(trained), override, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot be used with" in res.stderr and str(trained) in res.stderr
+
+
 def test_evaluate_without_checkpoint(tmp_path):
     res = ssm("evaluate", "--workdir", str(tmp_path / "empty"), check=False)
     assert res.returncode == 2 and "config.json" in res.stderr and "Traceback" not in res.stderr
