@@ -136,7 +136,16 @@ def validation_loss(val_fn, state, mesh, images: np.ndarray, batch_size: int) ->
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
           overwrite: bool = False) -> dict:
-    """Trains (or resumes) and returns the final training metrics."""
+    """Trains (or resumes) and returns the final training metrics.
+
+    From the first instruction on, SIGTERM means "finish the current step, save, stop".
+    """
+    with _SigtermFlag() as sigterm:
+        return _train(cfg, workdir, resume, overwrite, sigterm)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite: bool,
+           sigterm: _SigtermFlag) -> dict:
     from clu import metric_writers, parameter_overview, periodic_actions
 
     from ssm_jax.data import load_dataset
@@ -200,33 +209,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
         step_fn = step_fn.lower(state, parallel.global_batch(mesh, first)).compile()
         log.info("train step compiled in %.1f s", time.time() - t0)
         parallel.barrier("ssm_jax_train_compiled")
-    with _SigtermFlag() as sigterm:
-        for step in range(start + 1, cfg.train.steps + 1):
-            local = first if step == start + 1 else next(batches)
-            assert local.shape[0] == per_host
-            prev = metrics
-            state, metrics = step_fn(state, parallel.global_batch(mesh, local))
-            if prev is not None:  # one step behind: keeps the device busy
-                _check_finite(prev, step - 1, latest_mngr.latest_step(), workdir)
-            report(step)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                host = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-                writer.write_scalars(step, host)
-            if len(val_set) and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
-                val = validation_loss(val_fn, state, mesh, val_set.images,
-                                      max(cfg.eval.batch_size // n_dev, 1) * n_dev)
-                writer.write_scalars(step, {"val_loss": val})
-                if val < best_val:
-                    best_val = val
-                    checkpoints.save(best_mngr, step, state, {"val_loss": val})
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                save(step, state, metrics)
-            preempted = sigterm.raised or latest_mngr.reached_preemption(step)
-            if preempted:
-                save(step, state, metrics)
-                log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
-                break
+    for step in range(start + 1, cfg.train.steps + 1):
+        local = first if step == start + 1 else next(batches)
+        assert local.shape[0] == per_host
+        prev = metrics
+        state, metrics = step_fn(state, parallel.global_batch(mesh, local))
+        if prev is not None:  # one step behind: keeps the device busy
+            _check_finite(prev, step - 1, latest_mngr.latest_step(), workdir)
+        report(step)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            host = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+            writer.write_scalars(step, host)
+        if len(val_set) and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
+            val = validation_loss(val_fn, state, mesh, val_set.images,
+                                  max(cfg.eval.batch_size // n_dev, 1) * n_dev)
+            writer.write_scalars(step, {"val_loss": val})
+            if val < best_val:
+                best_val = val
+                checkpoints.save(best_mngr, step, state, {"val_loss": val})
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            save(step, state, metrics)
+        preempted = sigterm.raised or latest_mngr.reached_preemption(step)
+        if preempted:
+            save(step, state, metrics)
+            log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
+            break
     if not len(val_set) and best_mngr.latest_step() is None and metrics is not None:
         checkpoints.save(best_mngr, step, state, {"val_loss": None})
     writer.flush()
