@@ -1,7 +1,8 @@
 """CPU-sized config for a real MVTec-layout category (``--config.data.path=...``).
 
-Sized by measurement on a 2-core machine to reach its best quality in about 30 minutes
-of training (see README, Results).
+Sized for a 2-core CPU: about 1 training step/s when the machine is idle (0.4-0.6/s
+measured with other jobs beside it). Not yet shown to reach its best quality within
+30 minutes: see README, Results, for the measured rows and what is still missing.
 """
 
 from ssm_jax.config_base import base_config
