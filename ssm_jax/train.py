@@ -59,16 +59,16 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, resume: bool =
                     overwrite: bool = False) -> None:
     """Refuses to mix a different config into a workdir unless told to."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path) and jax.process_index() == 0:
+    # Every process checks (so none goes on alone); only process 0 writes.
+    if os.path.exists(path):
         with open(path) as f:
-            old = config_utils.from_json(f.read())
-        diff = {k: (v, _flat(cfg.to_dict()).get(k)) for k, v in _flat(old.to_dict()).items()
-                if _flat(cfg.to_dict()).get(k) != v and not
-                (isinstance(v, list) and tuple(v) == _flat(cfg.to_dict()).get(k))}
-        if diff and overwrite:
+            old = _flat(config_utils.from_json(f.read()).to_dict())
+        new = _flat(cfg.to_dict())
+        diff = {k: (v, new.get(k)) for k, v in old.items() if new.get(k) != v}
+        if diff and overwrite and jax.process_index() == 0:
             for sub in ("checkpoints", "best", "eval"):
                 shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-        elif diff and not (resume and set(diff) <= set(RESUMABLE_KEYS)):
+        elif diff and not overwrite and not (resume and set(diff) <= set(RESUMABLE_KEYS)):
             keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
             hint = ("only train.steps and reporting keys may change on --resume"
                     if resume else "pass --resume to continue or --overwrite to start over")
