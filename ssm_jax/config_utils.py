@@ -135,6 +135,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.image_size={s} is not divisible by the largest mask cell "
                           f"k={largest} (mask.ks={tuple(cfg.mask.ks)}, "
                           f"eval.ks={tuple(cfg.eval.ks)})")
+    from ssm_jax.masks import validate_mask_config
+
+    validate_mask_config(s, tuple(cfg.mask.ks), cfg.mask.num_masks, tuple(cfg.mask.families),
+                         tuple(cfg.mask.family_weights))
     if cfg.model.width < 1:
         raise ConfigError(f"model.width must be >= 1, got {cfg.model.width}")
     if cfg.model.dtype not in ("float32", "bfloat16"):

@@ -41,10 +41,11 @@ def grid_masks_for_k(key: jax.Array, image_size: int, k: int, n: int) -> jax.Arr
     # Balanced groups: cell j gets group (j mod n), then the assignment is shuffled.
     groups = jax.random.permutation(key, jnp.arange(cells * cells) % n).reshape(cells, cells)
     groups = jnp.repeat(jnp.repeat(groups, k, axis=0), k, axis=1)[:image_size, :image_size]
-    return (groups[None] != jnp.arange(n)[:, None, None]).astype(jnp.float32)
+    return _groups_to_masks(groups, n)
 
 
 def _groups_to_masks(groups: jax.Array, n: int) -> jax.Array:
+    """[S, S] group ids -> [n, S, S] masks, group i hidden (0) in mask i."""
     return (groups[None] != jnp.arange(n)[:, None, None]).astype(jnp.float32)
 
 

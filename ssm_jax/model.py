@@ -124,7 +124,3 @@ class SSMUNet(nn.Module):
         out = (jnp.tanh(out.astype(jnp.float32)) + 1.0) * 0.5
         return out[..., :self.channels], out[..., self.channels]
 
-
-def min_image_size(num_down: int = 4) -> int:
-    """Smallest side the encoder accepts: it halves the size four times."""
-    return 2**num_down

@@ -26,7 +26,7 @@ with the image side); the image score is its max (or the mean of its top fractio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +174,3 @@ def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     return jax.vmap(lambda k, x: score_image(restore_fn, k, x, cfg))(keys, images)
 
-
-def scoring_config_from(ks: Sequence[int], num_masks: int, **kwargs) -> ScoringConfig:
-    """Builds a ScoringConfig with tuples (hashable) from config values."""
-    return ScoringConfig(ks=tuple(int(k) for k in ks), num_masks=int(num_masks), **kwargs)

@@ -43,6 +43,9 @@ def test_validate_catches_bad_values():
                                                        "mask.ks=(32,)"])
     with pytest.raises(ConfigError, match="not divisible by the largest mask cell k=32"):
         config_utils.validate(cfg)
+    cfg = config_utils.apply_overrides(base_config(), ["mask.families=('squares',)"])
+    with pytest.raises(ConfigError, match="unknown mask family 'squares'"):
+        config_utils.validate(cfg)
     cfg = config_utils.apply_overrides(base_config(), ["data.image_size=40"])
     with pytest.raises(ConfigError, match="multiple of 16"):
         config_utils.validate(cfg)
