@@ -6,29 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
-
-SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-from ssm_jax import config_utils, parallel, train_step
-from ssm_jax.config_base import base_config
-cfg = config_utils.apply_overrides(base_config(), [
-    "data.image_size=32", "data.grayscale=true", "model.width=4", "train.batch_size=8",
-    "train.steps=10", "mask.ks=(4,8)"])
-mesh = parallel.data_mesh()
-state = parallel.replicate(mesh, train_step.init_state(cfg, jax.random.PRNGKey(0)))
-step = train_step.make_train_step(cfg, mesh)
-rng = np.random.default_rng(0)
-losses = []
-for i in range(2):
-    batch = rng.random((8, 32, 32, 1), dtype=np.float32)
-    state, m = step(state, parallel.global_batch(mesh, batch))
-    losses.append(float(m["loss"]))
-host = parallel.to_host(state)
-leaves = jax.tree.leaves(host.params) + jax.tree.leaves(host.batch_stats)
-np.save(sys.argv[1], np.concatenate([np.ravel(x) for x in leaves]))
-print(json.dumps({"devices": jax.device_count(), "losses": losses}))
-"""
+from step_script import SCRIPT
 
 
 def _run(devices: int, out: str) -> dict:
@@ -37,7 +15,8 @@ def _run(devices: int, out: str) -> dict:
     res = subprocess.run([sys.executable, "-c", SCRIPT, out], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    with open(out + ".json") as f:
+        return json.load(f)
 
 
 def test_one_vs_four_devices(tmp_path):
