@@ -68,9 +68,15 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     elif isinstance(old, str):
         return str(new) if not isinstance(new, (list, tuple, dict)) else None
     elif isinstance(old, (tuple, list)):
-        if isinstance(new, (int, float, str)) and not isinstance(new, bool):
+        if isinstance(new, str):
+            # Bare words do not parse as Python: "(grid,blobs)" or "grid,blobs" -> a tuple.
+            words = new.strip().strip("()[]").split(",")
+            new = tuple(_parse_value(w.strip()) for w in words if w.strip())
+        elif isinstance(new, (int, float)) and not isinstance(new, bool):
             new = (new,)
         if isinstance(new, (tuple, list)):
+            if old:  # elements must have the type of the default's elements
+                return tuple(_coerce(key, old[0], v) for v in new)
             return tuple(new)
     else:
         return new

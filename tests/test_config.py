@@ -51,6 +51,18 @@ def test_validate_catches_bad_values():
         config_utils.validate(cfg)
 
 
+def test_tuple_overrides_from_a_shell():
+    # What a shell passes for --config.mask.families=(grid,blobs): bare words, no quotes.
+    cfg = config_utils.apply_overrides(base_config(), [
+        "mask.families=(grid,blobs)", "mask.family_weights=(1,3)", "eval.ks=4,8",
+        "mask.ks=[16]"])
+    assert tuple(cfg.mask.families) == ("grid", "blobs")
+    assert tuple(cfg.mask.family_weights) == (1.0, 3.0)
+    assert tuple(cfg.eval.ks) == (4, 8) and tuple(cfg.mask.ks) == (16,)
+    with pytest.raises(ConfigError, match="mask.ks"):
+        config_utils.apply_overrides(base_config(), ["mask.ks=(4,eight)"])
+
+
 def test_unknown_key_in_file(tmp_path):
     p = tmp_path / "bad.py"
     p.write_text("import ml_collections\n"
