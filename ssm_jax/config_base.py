@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.mask_head_weight = 0.0
     c.eval.sigma_at_128 = 7.0
     c.eval.image_score = "max"
+    c.eval.map_normalization = "none"  # none | val_zscore (per-pixel, by val normals)
     c.eval.threshold_quantile = 0.99
     c.eval.num_overlays = 8
     c.eval.seed = 1234

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ssm_jax import checkpoints, config_utils, parallel, scoring, train_step
+from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, train_step
 from ssm_jax.errors import CheckpointError
 
 log = logging.getLogger("ssm_jax")
@@ -87,6 +87,68 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+MAP_STATS_FILE = "map_stats.npz"
+
+
+def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
+    """What a threshold or map statistics depend on: eval settings, data, checkpoint."""
+    keys = {k: cfg.eval[k] for k in cfg.eval if k not in ("batch_size", "num_overlays")}
+    keys.update({"step": step, "image_size": cfg.data.image_size, "path": cfg.data.path})
+    return json.dumps(keys, sort_keys=True, default=str)
+
+
+def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str) -> None:
+    """Writes ``workdir/map_stats.npz`` atomically (tmp file + rename)."""
+    path = os.path.join(workdir, MAP_STATS_FILE)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, fingerprint=np.asarray(fingerprint), **stats)
+    os.replace(tmp, path)
+
+
+def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | None:
+    """The saved map statistics if they were computed under ``fingerprint``, else None."""
+    path = os.path.join(workdir, MAP_STATS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as z:
+        if str(z["fingerprint"]) != fingerprint:
+            return None
+        return {"mean": z["mean"], "scale": z["scale"]}
+
+
+def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
+                    sc: scoring.ScoringConfig) -> dict[str, np.ndarray]:
+    """Standardized maps and the image scores recomputed from them."""
+    maps = normalization.standardize(out["map"], stats)
+    return {**out, "map": maps,
+            "score": normalization.image_scores(maps, sc.image_score, sc.topk_fraction)}
+
+
+def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn, variables,
+              mesh, val_images: np.ndarray, progress: str | None = None):
+    """Threshold (and map statistics) from held-out normal images only.
+
+    Returns ``(threshold, stats)``; threshold is None without validation images, stats is
+    None unless ``eval.map_normalization`` asks for them.
+    """
+    from ssm_jax import metrics as metrics_lib
+
+    normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
+    if not len(val_images):
+        return None, None
+    val_out = score_images(score_fn, variables, mesh, val_images, cfg.eval.batch_size,
+                           cfg.eval.seed, progress=progress)
+    val_scores, stats = val_out["score"], None
+    if cfg.eval.map_normalization == "val_zscore":
+        stats = normalization.fit(val_out["map"])
+        val_scores = normalization.image_scores(
+            normalization.standardize_leave_one_out(val_out["map"]), sc.image_score,
+            sc.topk_fraction)
+    threshold = metrics_lib.threshold_from_normal_scores(val_scores,
+                                                         cfg.eval.threshold_quantile)
+    return threshold, stats
+
+
 def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
     """Restores the best checkpoint (else the latest) as replicated model variables."""
     abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
@@ -137,22 +199,21 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = make_score_fn(cfg, mesh, sc)
     t0 = time.time()
     val = data["val"]
-    threshold = None
-    if len(val):
-        val_out = score_images(score_fn, variables, mesh, val.images, cfg.eval.batch_size,
-                               cfg.eval.seed, progress="scoring validation")
-        threshold = metrics_lib.threshold_from_normal_scores(val_out["score"],
-                                                             cfg.eval.threshold_quantile)
+    threshold, stats = calibrate(cfg, sc, score_fn, variables, mesh, val.images,
+                                 "scoring validation")
     test = data["test"]
     t1 = time.time()
     out = score_images(score_fn, variables, mesh, test.images, cfg.eval.batch_size,
                        cfg.eval.seed, progress="scoring test")
+    if stats is not None:
+        out = apply_map_stats(out, stats, sc)
     test_seconds = time.time() - t1
     result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"])
     result.update({
         "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
         "images_per_second": len(test) / max(test_seconds, 1e-9), "checkpoint_step": step,
         "refine_passes": sc.refine_passes, "threshold": threshold,
+        "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     if threshold is not None:
         result.update({f"test_{k}": v for k, v in
@@ -165,6 +226,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         if threshold is not None:
             with open(os.path.join(workdir, "threshold.json"), "w") as f:
                 json.dump({"threshold": threshold, "quantile": cfg.eval.threshold_quantile,
-                           "num_val_images": len(val), "checkpoint_step": step}, f, indent=2)
+                           "num_val_images": len(val), "checkpoint_step": step,
+                           "scoring": scoring_fingerprint(cfg, step)}, f, indent=2)
+        if stats is not None:
+            save_map_stats(workdir, stats, scoring_fingerprint(cfg, step))
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
     return result

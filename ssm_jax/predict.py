@@ -27,25 +27,36 @@ def _input_paths(path: str) -> list[str]:
     return paths
 
 
-def _threshold(cfg: ml_collections.ConfigDict, workdir: str, score_fn, variables,
-               mesh) -> float:
-    """Threshold calibrated on held-out normal training images only."""
-    from ssm_jax import metrics as metrics_lib
+def _calibration(cfg: ml_collections.ConfigDict, workdir: str, step: int, sc, score_fn,
+                 variables, mesh) -> tuple[float, dict | None]:
+    """Threshold (and map statistics) from held-out normal training images only.
+
+    Reuses ``threshold.json`` / ``map_stats.npz`` written by ``evaluate`` when they were
+    computed with the same checkpoint, data and eval settings; else calibrates on the
+    validation split now.
+    """
     from ssm_jax.data import load_dataset
 
+    fingerprint = evaluate.scoring_fingerprint(cfg, step)
     path = os.path.join(workdir, "threshold.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return float(json.load(f)["threshold"])
+            saved = json.load(f)
+        stats = None
+        if cfg.eval.map_normalization != "none":
+            stats = evaluate.load_map_stats(workdir, fingerprint)
+        if saved.get("scoring") == fingerprint and (
+                stats is not None or cfg.eval.map_normalization == "none"):
+            return float(saved["threshold"]), stats
     data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
                         cfg.data.val_fraction, cfg.seed,
                         synthetic_num_train=cfg.data.synthetic_num_train)
     if not len(data["val"]):
-        raise CheckpointError("no threshold.json in the workdir and no validation images "
-                              "(data.val_fraction=0) to calibrate one")
-    out = evaluate.score_images(score_fn, variables, mesh, data["val"].images,
-                                cfg.eval.batch_size, cfg.eval.seed, "calibrating threshold")
-    return metrics_lib.threshold_from_normal_scores(out["score"], cfg.eval.threshold_quantile)
+        raise CheckpointError("no threshold.json for these settings in the workdir and no "
+                              "validation images (data.val_fraction=0) to calibrate one")
+    threshold, stats = evaluate.calibrate(cfg, sc, score_fn, variables, mesh,
+                                          data["val"].images, "calibrating threshold")
+    return threshold, stats
 
 
 def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
@@ -58,11 +69,13 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     paths = _input_paths(input_path)
     images = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale)
     sc = evaluate.scoring_config(cfg)
-    variables, _ = evaluate.load_variables(cfg, workdir, mesh)
+    variables, step = evaluate.load_variables(cfg, workdir, mesh)
     score_fn = evaluate.make_score_fn(cfg, mesh, sc)
-    threshold = _threshold(cfg, workdir, score_fn, variables, mesh)
+    threshold, stats = _calibration(cfg, workdir, step, sc, score_fn, variables, mesh)
     out = evaluate.score_images(score_fn, variables, mesh, images, cfg.eval.batch_size,
                                 cfg.eval.seed, progress="scoring")
+    if stats is not None:
+        out = evaluate.apply_map_stats(out, stats, sc)
     rows = [{"path": p, "score": float(s), "threshold": threshold,
              "anomalous": bool(s > threshold)} for p, s in zip(paths, out["score"])]
     if jax.process_index() == 0:

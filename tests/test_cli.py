@@ -70,6 +70,33 @@ def test_predict(trained, tmp_path):
     assert len([p for p in os.listdir(out) if p.endswith("_overlay.png")]) == 4
 
 
+def test_map_normalization_evaluate_then_predict(trained, tmp_path):
+    norm = ["--config.eval.map_normalization=val_zscore", "--config.data.val_fraction=0.25"]
+    ssm("evaluate", "--workdir", str(trained), *norm)
+    m = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert m["map_normalization"] == "val_zscore"
+    assert (trained / "map_stats.npz").is_file()
+    threshold = json.loads((trained / "threshold.json").read_text())["threshold"]
+    assert m["threshold"] == pytest.approx(threshold)
+    res = ssm("predict", "--workdir", str(trained), "--input",
+              os.path.join(os.path.dirname(__file__), "..", "ssm_jax"), "--output",
+              str(tmp_path / "p"), *norm, check=False)
+    assert res.returncode == 2 and "no images" in res.stderr  # a folder without images
+    from ssm_jax.data.synthetic import write_synthetic_folder
+    write_synthetic_folder(tmp_path / "imgs", image_size=32, grayscale=True, num_train=1,
+                           num_test_good=1, num_test_anomalous=1, seed=5)
+    res = ssm("predict", "--workdir", str(trained), "--input", str(tmp_path / "imgs" / "test"),
+              "--output", str(tmp_path / "p"), *norm)
+    assert "calibrating" not in res.stderr  # the saved statistics and threshold are reused
+    rows = json.loads((tmp_path / "p" / "scores.json").read_text())
+    assert len(rows) == 2 and all(r["threshold"] == pytest.approx(threshold) for r in rows)
+    # Too few validation images for per-pixel statistics: a one-line error.
+    res = ssm("evaluate", "--workdir", str(trained), "--config.eval.map_normalization=val_zscore",
+              "--config.data.val_fraction=0.04", check=False)
+    assert res.returncode == 2 and "at least 3 validation images" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_refuses_different_config(trained):
     res = ssm("train", "--config", "configs/quickstart.py", "--workdir", str(trained), *TINY,
               "--config.model.width=8", check=False)
@@ -85,6 +112,8 @@ def test_refuses_different_config(trained):
      "/no/such/dir"),
     (["train", "--config", "configs/quickstart.py", "--config.data.image_size=48",
       "--config.mask.ks=(32,)"], "not divisible"),
+    (["train", "--config", "configs/quickstart.py", "--config.eval.map_normalization=z"],
+     "eval.map_normalization must be one of"),
 ])
 def test_bad_input_one_line(args, match, tmp_path):
     res = ssm(*args, "--workdir", str(tmp_path / "w"), check=False)
