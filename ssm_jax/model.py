@@ -22,27 +22,7 @@ import jax.numpy as jnp
 
 
 def _resize_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
-    """Nearest downsampling of NHW[C] ``mask`` to (h, w).
-
-    Integer factors take jax.image.resize's source pixel floor((i + 0.5) f) by a strided
-    slice: the same values without a gather (whose gradient is a scatter-add on CPU).
-    """
-    sh, sw = mask.shape[1], mask.shape[2]
-    if sh % h or sw % w:
-        return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:],
-                                method="nearest")
-    fh, fw = sh // h, sw // w
-    return mask[:, fh // 2::fh, fw // 2::fw]
-
-
-def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """Nearest upsampling of NHWC ``h`` to (out_h, out_w); integer factors by broadcast."""
-    b, hh, ww, c = h.shape
-    if out_h % hh or out_w % ww:
-        return jax.image.resize(h, (b, out_h, out_w, c), method="nearest")
-    fh, fw = out_h // hh, out_w // ww
-    h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, fh, ww, fw, c))
-    return h.reshape(b, out_h, out_w, c)
+    return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:], method="nearest")
 
 
 class ConvBNReLU(nn.Module):
@@ -87,7 +67,8 @@ class UpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
-        h = upsample_nearest(h, skip.shape[1], skip.shape[2])
+        b, hh, ww, c = h.shape
+        h = jax.image.resize(h, (b, skip.shape[1], skip.shape[2], c), method="nearest")
         h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
         h = jnp.concatenate([h, skip], axis=-1)
         h = ConvBNReLU(self.features, axis_name=self.axis_name, dtype=self.dtype)(h, train)

@@ -5,20 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssm_jax import model as model_lib
 from ssm_jax.model import SSMUNet
-
-
-@pytest.mark.parametrize("shape,out", [((2, 4, 4, 3), (8, 8)), ((1, 3, 5, 2), (12, 10)),
-                                       ((1, 4, 4, 1), (6, 6))])
-def test_nearest_resampling_matches_jax_image_resize(shape, out):
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    ref = jax.image.resize(x, (shape[0], *out, shape[3]), method="nearest")
-    np.testing.assert_array_equal(model_lib.upsample_nearest(x, *out), ref)
-    big = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 12, 1))
-    for h, w in ((8, 6), (4, 3), (2, 2), (5, 7)):
-        ref = jax.image.resize(big, (2, h, w, 1), method="nearest")
-        np.testing.assert_array_equal(model_lib._resize_nearest(big, h, w), ref)
 
 
 @pytest.mark.parametrize("channels,width", [(1, 4), (3, 4), (1, 8), (3, 8)])
