@@ -1,15 +1,14 @@
-"""Implementation swaps applied by monkeypatching, for A/B timing (benchmarks only).
+"""Candidate speed-ups for ssm_jax, applied by monkeypatching (benchmarks only).
 
-``apply(names)`` patches ``ssm_jax`` modules in place before any model or step is built;
-``--patch`` in throughput.py, components.py and vs_reference.py uses it. Each entry
-swaps in an alternative implementation with the same values and the same parameter tree,
-so a patched and an unpatched run time the same computation. See NOTES.md, change log.
+These are experiments: they leave ``ssm_jax`` itself untouched. ``apply(names)`` patches
+the modules in place before any model or step is built; ``--patch`` in throughput.py and
+components.py uses it. See NOTES.md for the measured effect of each.
 
-* ``gather_resize``: the previous nearest resampling: ``jax.image.resize`` (a gather
-  whose gradient is a scatter-add) for the x2 upsampling in ``UpBlock`` and the mask's
-  downsampling in ``MaskBlock`` (ssm_jax now uses broadcast + reshape and strided slices).
-* ``sort_median``: the previous 3x3 median: ``jnp.median`` over 9 stacked views (a sort)
-  instead of ssm_jax's min/max network.
+* ``upsample_repeat``: nearest x2 upsampling in ``UpBlock`` by broadcast + reshape instead
+  of ``jax.image.resize`` (a gather whose gradient is a scatter-add), and the mask's
+  nearest downsampling in ``MaskBlock`` by strided slicing. Same values, same params.
+* ``median_network``: the 3x3 median of ``losses.median3x3`` by a 19 compare-exchange
+  min/max network instead of ``jnp.median`` over 9 stacked views (a sort). Same values.
 """
 
 from __future__ import annotations
@@ -17,29 +16,72 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PATCHES = ("gather_resize", "sort_median")
+PATCHES = ("upsample_repeat", "median_network")
 
 
-def _patch_gather_resize() -> None:
+def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
+    """Nearest upsampling of NHWC ``h`` to (out_h, out_w); integer factors by repeat."""
+    b, hh, ww, c = h.shape
+    if out_h % hh or out_w % ww:
+        return jax.image.resize(h, (b, out_h, out_w, c), method="nearest")
+    fh, fw = out_h // hh, out_w // ww
+    h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, fh, ww, fw, c))
+    return h.reshape(b, out_h, out_w, c)
+
+
+def downsample_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
+    """jax.image.resize(..., 'nearest') for integer factors: source pixel floor((i+.5)f)."""
+    sh, sw = mask.shape[1], mask.shape[2]
+    if sh % h or sw % w:
+        return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:],
+                                method="nearest")
+    fh, fw = sh // h, sw // w
+    return mask[:, fh // 2::fh, fw // 2::fw]
+
+
+def median3x3_network(x: jax.Array) -> jax.Array:
+    """3x3 median over the last two axes (edge padding) by a min/max network."""
+    from ssm_jax.losses import _pad_edge
+
+    h, w = x.shape[-2:]
+    xp = _pad_edge(x, 1)
+    p = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+
+    def op(a: int, b: int) -> None:
+        p[a], p[b] = jnp.minimum(p[a], p[b]), jnp.maximum(p[a], p[b])
+
+    for a, b in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8),
+                 (0, 3), (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4),
+                 (4, 2)):
+        op(a, b)
+    return p[4]
+
+
+def _patch_upsample() -> None:
+    import flax.linen as nn
+
     from ssm_jax import model
 
-    def resize(x, h, w):
-        return jax.image.resize(x, x.shape[:1] + (h, w) + x.shape[3:], method="nearest")
+    class UpBlock(model.UpBlock):  # same class name: same parameter names
+        @nn.compact
+        def __call__(self, h, skip, train):
+            h = upsample_nearest(h, skip.shape[1], skip.shape[2])
+            h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
+            h = jnp.concatenate([h, skip], axis=-1)
+            h = model.ConvBNReLU(self.features, axis_name=self.axis_name,
+                                 dtype=self.dtype)(h, train)
+            return model.ConvBNReLU(self.features, axis_name=self.axis_name,
+                                    dtype=self.dtype)(h, train)
 
-    model._resize_nearest = resize
-    model.upsample_nearest = resize
+    UpBlock.__name__ = UpBlock.__qualname__ = "UpBlock"
+    model.UpBlock = UpBlock
+    model._resize_nearest = downsample_nearest
 
 
-def _patch_sort_median() -> None:
+def _patch_median() -> None:
     from ssm_jax import losses
 
-    def median3x3_sort(x: jax.Array) -> jax.Array:
-        h, w = x.shape[-2:]
-        xp = losses._pad_edge(x, 1)
-        views = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
-        return jnp.median(jnp.stack(views), axis=0)
-
-    losses.median3x3 = median3x3_sort
+    losses.median3x3 = median3x3_network
 
 
 def apply(names) -> list[str]:
@@ -49,5 +91,5 @@ def apply(names) -> list[str]:
     for name in names:
         if name not in PATCHES:
             raise SystemExit(f"unknown patch {name!r}; choose from {PATCHES}")
-        {"gather_resize": _patch_gather_resize, "sort_median": _patch_sort_median}[name]()
+        {"upsample_repeat": _patch_upsample, "median_network": _patch_median}[name]()
     return list(names)

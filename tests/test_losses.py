@@ -47,6 +47,10 @@ def test_median_and_prewitt():
     a = rng.random((12, 12)).astype(np.float32)
     np.testing.assert_allclose(losses.median3x3(jnp.asarray(a)),
                                ndimage.median_filter(a, 3, mode="nearest"), atol=1e-6)
+    ties = rng.integers(0, 3, (2, 3, 9, 11)).astype(np.float32)  # many equal values
+    np.testing.assert_array_equal(
+        losses.median3x3(jnp.asarray(ties)),
+        ndimage.median_filter(ties, (1, 1, 3, 3), mode="nearest"))
     ramp = jnp.tile(jnp.arange(8.0)[None], (8, 1))
     np.testing.assert_allclose(losses.prewitt_magnitude(ramp)[2:-2, 2:-2], 2.0, atol=1e-5)
 
