@@ -224,10 +224,12 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
         if threshold is not None:
-            with open(os.path.join(workdir, "threshold.json"), "w") as f:
+            path = os.path.join(workdir, "threshold.json")
+            with open(path + ".tmp", "w") as f:  # replaced atomically: never half-written
                 json.dump({"threshold": threshold, "quantile": cfg.eval.threshold_quantile,
                            "num_val_images": len(val), "checkpoint_step": step,
                            "scoring": scoring_fingerprint(cfg, step)}, f, indent=2)
+            os.replace(path + ".tmp", path)
         if stats is not None:
             save_map_stats(workdir, stats, scoring_fingerprint(cfg, step))
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
