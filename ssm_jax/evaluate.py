@@ -93,7 +93,8 @@ MAP_STATS_FILE = "map_stats.npz"
 def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
     """What a threshold or map statistics depend on: eval settings, data, checkpoint."""
     keys = {k: cfg.eval[k] for k in cfg.eval if k not in ("batch_size", "num_overlays")}
-    keys.update({"step": step, "image_size": cfg.data.image_size, "path": cfg.data.path})
+    keys.update({"step": step, "image_size": cfg.data.image_size, "path": cfg.data.path,
+                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed})
     return json.dumps(keys, sort_keys=True, default=str)
 
 
@@ -110,10 +111,14 @@ def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | No
     path = os.path.join(workdir, MAP_STATS_FILE)
     if not os.path.isfile(path):
         return None
-    with np.load(path) as z:
-        if str(z["fingerprint"]) != fingerprint:
-            return None
-        return {"mean": z["mean"], "scale": z["scale"]}
+    try:
+        with np.load(path) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return {"mean": z["mean"], "scale": z["scale"]}
+    except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable: recalibrate
+        log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
+        return None
 
 
 def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 
 import jax
@@ -12,6 +13,8 @@ import numpy as np
 
 from ssm_jax import evaluate, parallel
 from ssm_jax.errors import CheckpointError, DataError
+
+log = logging.getLogger("ssm_jax")
 
 
 def _input_paths(path: str) -> list[str]:
@@ -40,8 +43,12 @@ def _calibration(cfg: ml_collections.ConfigDict, workdir: str, step: int, sc, sc
     fingerprint = evaluate.scoring_fingerprint(cfg, step)
     path = os.path.join(workdir, "threshold.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable: recalibrate below
+            saved = {}
+            log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         stats = None
         if cfg.eval.map_normalization != "none":
             stats = evaluate.load_map_stats(workdir, fingerprint)
