@@ -142,11 +142,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           f"k={largest} (mask.ks={tuple(cfg.mask.ks)}, "
                           f"eval.ks={tuple(cfg.eval.ks)})")
     from ssm_jax.masks import validate_mask_config
-    from ssm_jax.normalization import MAP_NORMALIZATIONS
+    from ssm_jax.normalization import check_name
 
-    if cfg.eval.map_normalization not in MAP_NORMALIZATIONS:
-        raise ConfigError(f"eval.map_normalization must be one of {MAP_NORMALIZATIONS}, "
-                          f"got {cfg.eval.map_normalization!r}")
+    check_name(cfg.eval.map_normalization)
 
     validate_mask_config(s, tuple(cfg.mask.ks), cfg.mask.num_masks, tuple(cfg.mask.families),
                          tuple(cfg.mask.family_weights))

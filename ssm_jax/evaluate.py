@@ -126,7 +126,7 @@ def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
     """Standardized maps and the image scores recomputed from them."""
     maps = normalization.standardize(out["map"], stats)
     return {**out, "map": maps,
-            "score": normalization.image_scores(maps, sc.image_score, sc.topk_fraction)}
+            "score": np.asarray(scoring.image_scores(maps, sc.image_score, sc.topk_fraction))}
 
 
 def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn, variables,
@@ -146,9 +146,9 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
     val_scores, stats = val_out["score"], None
     if cfg.eval.map_normalization == "val_zscore":
         stats = normalization.fit(val_out["map"])
-        val_scores = normalization.image_scores(
+        val_scores = np.asarray(scoring.image_scores(
             normalization.standardize_leave_one_out(val_out["map"]), sc.image_score,
-            sc.topk_fraction)
+            sc.topk_fraction))
     threshold = metrics_lib.threshold_from_normal_scores(val_scores,
                                                          cfg.eval.threshold_quantile)
     return threshold, stats
@@ -224,6 +224,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:
+        fingerprint = scoring_fingerprint(cfg, step)
         eval_dir = os.path.join(workdir, "eval")
         os.makedirs(eval_dir, exist_ok=True)
         with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
@@ -233,9 +234,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             with open(path + ".tmp", "w") as f:  # replaced atomically: never half-written
                 json.dump({"threshold": threshold, "quantile": cfg.eval.threshold_quantile,
                            "num_val_images": len(val), "checkpoint_step": step,
-                           "scoring": scoring_fingerprint(cfg, step)}, f, indent=2)
+                           "scoring": fingerprint}, f, indent=2)
             os.replace(path + ".tmp", path)
         if stats is not None:
-            save_map_stats(workdir, stats, scoring_fingerprint(cfg, step))
+            save_map_stats(workdir, stats, fingerprint)
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
     return result

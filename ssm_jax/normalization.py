@@ -24,11 +24,16 @@ MAP_NORMALIZATIONS = ("none", "val_zscore")
 FLOOR_FRACTION = 0.1  # std floor as a fraction of the mean per-pixel std
 
 
-def check_normalization(name: str, num_val: int) -> None:
-    """Raises ConfigError for an unknown rule or too few validation images."""
+def check_name(name: str) -> None:
+    """Raises ConfigError for an unknown ``eval.map_normalization``."""
     if name not in MAP_NORMALIZATIONS:
         raise ConfigError(f"eval.map_normalization must be one of {MAP_NORMALIZATIONS}, "
                           f"got {name!r}")
+
+
+def check_normalization(name: str, num_val: int) -> None:
+    """Raises ConfigError for an unknown rule or too few validation images."""
+    check_name(name)
     if name == "val_zscore" and num_val < 3:
         raise ConfigError(f"eval.map_normalization='val_zscore' needs at least 3 validation "
                           f"images, the split has {num_val} (raise data.val_fraction or set "
@@ -58,12 +63,3 @@ def standardize_leave_one_out(val_maps: np.ndarray) -> np.ndarray:
     std = np.sqrt(var)
     floor = FLOOR_FRACTION * std.mean(axis=(1, 2), keepdims=True) + 1e-12
     return ((maps - mean) / (std + floor)).astype(np.float32)
-
-
-def image_scores(maps: np.ndarray, rule: str, topk_fraction: float) -> np.ndarray:
-    """Image scores of [N, H, W] maps by the scoring rule ("max" or "mean_topk")."""
-    flat = np.asarray(maps).reshape(len(maps), -1)
-    if rule == "max":
-        return flat.max(1)
-    kk = max(1, int(round(topk_fraction * flat.shape[1])))
-    return -np.sort(-flat, axis=1)[:, :kk].mean(1)

@@ -155,13 +155,22 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
         carry = jax.lax.fori_loop(1, cfg.refine_passes, body, carry)
     suspicious, _, raw = carry
     smooth = losses.gaussian_blur(raw, cfg.sigma(s))
-    if cfg.image_score == "max":
-        score = smooth.max()
-    else:
-        kk = max(1, int(round(cfg.topk_fraction * s * s)))
-        score = jax.lax.top_k(smooth.reshape(-1), kk)[0].mean()
+    score = image_score(smooth, cfg.image_score, cfg.topk_fraction)
     return {"map": smooth, "score": score, "restored": first["x_hat"],
             "suspicious": suspicious}
+
+
+def image_score(m: jax.Array, rule: str, topk_fraction: float) -> jax.Array:
+    """Image score of one [H, W] map: its max, or the mean of its top ``topk_fraction``."""
+    if rule == "max":
+        return m.max()
+    kk = max(1, int(round(topk_fraction * m.size)))
+    return jax.lax.top_k(m.reshape(-1), kk)[0].mean()
+
+
+def image_scores(maps, rule: str, topk_fraction: float) -> jax.Array:
+    """:func:`image_score` of each of [N, H, W] maps (e.g. maps standardized on the host)."""
+    return jax.vmap(lambda m: image_score(m, rule, topk_fraction))(jnp.asarray(maps))
 
 
 def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ssm_jax import normalization
+from ssm_jax import normalization, scoring
 from ssm_jax.errors import ConfigError
 
 
@@ -20,10 +20,10 @@ def test_standardization_ranks_a_small_defect_above_a_normal_border():
     defect = _normal_maps(rng, 1)[0]
     defect[10, 10] += 0.6  # weaker than the border, but where normals never are
     test = np.stack([normal, defect])
-    raw = normalization.image_scores(test, "max", 0.01)
+    raw = scoring.image_scores(test, "max", 0.01)
     assert raw[0] > raw[1]  # raw maxima: the border wins, the defect is missed
     std = normalization.standardize(test, normalization.fit(val))
-    z = normalization.image_scores(std, "max", 0.01)
+    z = scoring.image_scores(std, "max", 0.01)
     assert z[1] > 2 * z[0]
     assert np.unravel_index(std[1].argmax(), std[1].shape) == (10, 10)
 
@@ -40,9 +40,9 @@ def test_leave_one_out_equals_refitting_without_the_image():
 
 def test_image_scores_rules():
     maps = np.arange(2 * 10 * 10, dtype=np.float32).reshape(2, 10, 10)
-    np.testing.assert_array_equal(normalization.image_scores(maps, "max", 0.01), [99, 199])
+    np.testing.assert_array_equal(scoring.image_scores(maps, "max", 0.01), [99, 199])
     # top 5% of 100 pixels = the 5 largest
-    np.testing.assert_allclose(normalization.image_scores(maps, "mean_topk", 0.05),
+    np.testing.assert_allclose(scoring.image_scores(maps, "mean_topk", 0.05),
                                [97, 197])
 
 
