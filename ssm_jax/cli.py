@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 EXIT_USER_ERROR = 2
 
-# TensorFlow is only clu's and tfds' back end here: keep its start-up chatter quiet.
+# TensorFlow is only the tfds builders' back end (the tfds extra): keep its chatter quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

@@ -19,3 +19,7 @@ class CheckpointError(SSMError):
 
 class TrainingDiverged(SSMError):
     """The loss became NaN or Inf."""
+
+
+class MissingDependency(SSMError, ImportError):
+    """An optional package is not installed; the message names the extra to install."""

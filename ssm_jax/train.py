@@ -146,7 +146,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite: bool,
            sigterm: _SigtermFlag) -> dict:
-    from clu import metric_writers, parameter_overview, periodic_actions
+    from ssm_jax import tb_writer  # before clu: its metric writers without TensorFlow
+    tb_writer.metric_writers()
+    from clu import parameter_overview, periodic_actions
 
     from ssm_jax.data import load_dataset
     from ssm_jax.data.pipeline import train_batches
@@ -165,8 +167,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
     if len(train_set) < 1:
         raise ConfigError("no training images left after holding out the validation split")
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    writer = tb_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     latest_mngr = checkpoints.manager(workdir, "checkpoints", cfg.train.keep_checkpoints)
     best_mngr = checkpoints.manager(workdir, "best", 1)
 

@@ -1,5 +1,6 @@
 """Folder reader, synthetic set, grain pipeline, tfds builders."""
 
+import importlib.util
 import itertools
 import os
 import warnings
@@ -244,6 +245,13 @@ def test_pipeline_deterministic_resumable_sharded():
     assert batches[-1][0].ravel().tolist() == [8, 9, 9, 9]
 
 
+# The tfds builders need the tfds extra (pip install -e ".[tfds]"); CI installs it.
+needs_tfds = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("tensorflow", "tensorflow_datasets")),
+    reason='needs the tfds extra: pip install -e ".[tfds]"')
+
+
+@needs_tfds
 def test_tfds_mvtec_builder(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -274,6 +282,7 @@ def test_tfds_mvtec_builder(tmp_path):
         load_tfds_split("mvtec_ad/cable", "test", data_dir, manual, 32, True)
 
 
+@needs_tfds
 def test_tfds_retinal_oct_builder(tmp_path):
     from ssm_jax.data.tfds_builders import load_tfds_split
     rng = np.random.default_rng(0)

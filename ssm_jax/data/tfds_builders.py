@@ -1,8 +1,9 @@
 """tensorflow-datasets builders for MVTec AD and Retinal-OCT (OCT2017), manual download.
 
 Import this module only where it is used: it needs tensorflow and tensorflow-datasets,
-which the model, the training step and the scoring do not (``ssm_jax.data`` itself does
-not import it).
+the ``tfds`` extra (``pip install -e ".[tfds]"``), which nothing else in ssm_jax imports
+(``ssm_jax.data`` itself does not import this module). Without them, importing it raises
+``MissingDependency`` (an ``ImportError``; the CLI prints it as one line).
 
     builder = MVTecAD(config="bottle", data_dir=...)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -17,13 +18,34 @@ images only, its test split NORMAL (label 0) vs the three diseases (label 1), no
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from ssm_jax.data import folder
-from ssm_jax.errors import DataError
+from ssm_jax.errors import DataError, MissingDependency
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# tfds imports without TensorFlow, but its builders (tfds.core) need it: check both first,
+# so a missing one gives one line rather than tfds' banner and traceback.
+_INSTALL = 'pip install -e ".[tfds]"'
+_missing = [m for m in ("tensorflow", "tensorflow_datasets") if not _installed(m)]
+if _missing:
+    raise MissingDependency(f"the tfds builders need {' and '.join(_missing)}, not installed: "
+                            f"{_INSTALL}")
+try:
+    import tensorflow_datasets as tfds
+except ImportError as e:
+    raise MissingDependency(f"the tfds builders need tensorflow-datasets and tensorflow ({e}): "
+                            f"{_INSTALL}") from e
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                     "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
