@@ -20,6 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.grayscale = False
     c.data.val_fraction = 0.1  # held-out normal train images: checkpoint choice, threshold
     c.data.synthetic_num_train = 200
+    # Native resolution: keep_aspect loads images with their shorter side = image_size and
+    # the aspect ratio kept (padded to a common shape, padding excluded from scores and
+    # metrics); crop_size > 0 trains on random crop_size squares. Scoring always sees the
+    # whole image (the network is fully convolutional).
+    c.data.keep_aspect = False
+    c.data.crop_size = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 64
@@ -63,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.mask_head_weight = 0.0
     c.eval.sigma_at_128 = 7.0
     c.eval.image_score = "max"
+    c.eval.k_weighting = "equal"  # equal | area (k^2, the published code's 1/N^2)
+    c.eval.border = "edge"  # edge | zero (the published MS-GMS padding)
+    # mse: image score + restoration MSE, each standardized by the held-out normals
+    c.eval.image_score_fusion = "none"  # none | mse
     c.eval.map_normalization = "none"  # none | val_zscore (per-pixel, by val normals)
     c.eval.threshold_quantile = 0.99
     c.eval.num_overlays = 8

@@ -156,6 +156,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("train.batch_size and train.steps must be >= 1")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    crop = cfg.data.crop_size
+    if crop:
+        if crop < 16 or crop % 16 or crop % max(cfg.mask.ks) or crop > s:
+            raise ConfigError(f"data.crop_size={crop} must be a multiple of 16 and of the "
+                              f"largest mask.ks ({max(cfg.mask.ks)}), and at most "
+                              f"data.image_size={s}")
+    elif cfg.data.keep_aspect and cfg.data.path:
+        raise ConfigError("data.keep_aspect=True needs data.crop_size > 0 (images of "
+                          "different shapes are trained on square crops)")
+    if cfg.eval.image_score_fusion not in ("none", "mse"):
+        raise ConfigError(f"eval.image_score_fusion must be none or mse, got "
+                          f"{cfg.eval.image_score_fusion!r}")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

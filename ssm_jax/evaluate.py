@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, train_step
-from ssm_jax.errors import CheckpointError
+from ssm_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("ssm_jax")
 
@@ -35,31 +35,34 @@ def scoring_config(cfg: ml_collections.ConfigDict) -> scoring.ScoringConfig:
         refine_quantile=float(e.refine_quantile), refine_threshold=float(e.refine_threshold),
         refine_cell=int(e.refine_cell), refine_mask_head_weight=float(e.refine_mask_head_weight),
         mask_head_weight=float(e.mask_head_weight), sigma_at_128=float(e.sigma_at_128),
-        image_score=e.image_score)
+        image_score=e.image_score, k_weighting=e.k_weighting, border=e.border,
+        sigma_side=int(cfg.data.image_size))
     sc.validate(cfg.data.image_size)
     return sc
 
 
 def make_score_fn(cfg: ml_collections.ConfigDict, mesh, sc: scoring.ScoringConfig):
-    """Returns jit(score(variables, key, images, indices) -> dict of per-image outputs)."""
+    """Returns jit(score(variables, key, images, indices, sizes) -> per-image outputs)."""
     model = train_step.make_model(cfg)
 
-    def per_device(variables, key, images, indices):
+    def per_device(variables, key, images, indices, sizes):
         def restore(masked, m):
             return model.apply(variables, masked, m, train=False)
 
-        out = scoring.score_batch(restore, key, images, indices, sc)
-        return {"map": out["map"], "score": out["score"], "restored": out["restored"]}
+        out = scoring.score_batch(restore, key, images, indices, sc, sizes)
+        return {k: out[k] for k in ("map", "score", "mse", "restored")}
 
     spec = P(parallel.DATA_AXIS)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec),
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec, spec),
                             out_specs=spec, check_vma=False)
     return jax.jit(sharded)
 
 
 def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
-                 progress: str | None = None) -> dict[str, np.ndarray]:
-    """Scores every image of [N, S, S, C]; returns numpy maps [N,S,S], scores [N], restored."""
+                 progress: str | None = None,
+                 sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Scores every image of [N, H, W, C] (``sizes`` [N, 2]: valid h, w of padded images);
+    returns numpy maps [N, H, W], scores [N], restoration MSEs [N], restored images."""
     from tqdm import tqdm
 
     from ssm_jax.data.pipeline import eval_batches
@@ -67,20 +70,25 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     n_dev = jax.device_count()
     batch_size = max(batch_size // n_dev, 1) * n_dev
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    outs: dict[str, list[np.ndarray]] = {"map": [], "score": [], "restored": []}
+    outs: dict[str, list[np.ndarray]] = {"map": [], "score": [], "mse": [], "restored": []}
+    if sizes is None:
+        sizes = np.tile(np.array(images.shape[1:3], np.int32), (len(images), 1))
+    size_batches = eval_batches(np.asarray(sizes, np.int32), batch_size)
     offset = 0
     total = -(-len(images) // batch_size)
     it = eval_batches(images, batch_size)
     if progress and jax.process_index() == 0:
         it = tqdm(it, total=total, desc=progress, unit="batch")
     for batch, real in it:
+        hw = next(size_batches)[0]
         idx = np.arange(offset, offset + len(batch), dtype=np.int32)
         images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
         idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
+        hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
         if offset == 0:
-            score_fn = score_fn.lower(variables, key, images_g, idx_g).compile()
+            score_fn = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
             parallel.barrier(f"ssm_jax_score_compiled_{progress}")
-        out = parallel.to_host(score_fn(variables, key, images_g, idx_g))
+        out = parallel.to_host(score_fn(variables, key, images_g, idx_g, hw_g))
         for k in outs:
             outs[k].append(np.asarray(out[k])[:real])
         offset += real
@@ -94,6 +102,7 @@ def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
     """What a threshold or map statistics depend on: eval settings, data, checkpoint."""
     keys = {k: cfg.eval[k] for k in cfg.eval if k not in ("batch_size", "num_overlays")}
     keys.update({"step": step, "image_size": cfg.data.image_size, "path": cfg.data.path,
+                 "keep_aspect": cfg.data.keep_aspect,
                  "val_fraction": cfg.data.val_fraction, "seed": cfg.seed})
     return json.dumps(keys, sort_keys=True, default=str)
 
@@ -106,6 +115,12 @@ def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str)
     os.replace(tmp, path)
 
 
+def needs_stats(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether scoring needs statistics of the held-out normals beyond the threshold."""
+    return (cfg.eval.map_normalization != "none"
+            or cfg.eval.image_score_fusion != "none")
+
+
 def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | None:
     """The saved map statistics if they were computed under ``fingerprint``, else None."""
     path = os.path.join(workdir, MAP_STATS_FILE)
@@ -115,58 +130,71 @@ def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | No
         with np.load(path) as z:
             if str(z["fingerprint"]) != fingerprint:
                 return None
-            return {"mean": z["mean"], "scale": z["scale"]}
+            return {k: z[k] for k in ("mean", "scale", "fusion") if k in z}
     except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable: recalibrate
         log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         return None
 
 
 def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
-                    sc: scoring.ScoringConfig) -> dict[str, np.ndarray]:
-    """Standardized maps and the image scores recomputed from them."""
-    maps = normalization.standardize(out["map"], stats)
-    return {**out, "map": maps,
-            "score": np.asarray(scoring.image_scores(maps, sc.image_score, sc.topk_fraction))}
+                    sc: scoring.ScoringConfig,
+                    sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Standardized maps and the image scores recomputed from them; fused with the
+    standardized restoration MSE when the statistics hold a fusion."""
+    out = dict(out)
+    if "mean" in stats:
+        out["map"] = normalization.standardize(out["map"], stats)
+        out["score"] = np.asarray(scoring.image_scores(out["map"], sc.image_score,
+                                                       sc.topk_fraction, sizes))
+    if "fusion" in stats:
+        out["score"] = normalization.fuse(out["score"], out["mse"], stats["fusion"])
+    return out
 
 
 def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn, variables,
-              mesh, val_images: np.ndarray, progress: str | None = None):
-    """Threshold (and map statistics) from held-out normal images only.
+              mesh, val_images: np.ndarray, progress: str | None = None,
+              val_sizes: np.ndarray | None = None):
+    """Threshold (and map / fusion statistics) from held-out normal images only.
 
     Returns ``(threshold, stats)``; threshold is None without validation images, stats is
-    None unless ``eval.map_normalization`` asks for them.
+    None unless ``eval.map_normalization`` or ``eval.image_score_fusion`` ask for them.
+    The validation images' own scores behind the threshold use leave-one-out statistics.
     """
     from ssm_jax import metrics as metrics_lib
 
     normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
+    if cfg.eval.image_score_fusion != "none" and 0 < len(val_images) < 3:
+        raise ConfigError(f"eval.image_score_fusion needs at least 3 validation images, the "
+                          f"split has {len(val_images)}")
     if not len(val_images):
         return None, None
     val_out = score_images(score_fn, variables, mesh, val_images, cfg.eval.batch_size,
-                           cfg.eval.seed, progress=progress)
-    val_scores, stats = val_out["score"], None
+                           cfg.eval.seed, progress=progress, sizes=val_sizes)
+    val_scores, stats = val_out["score"], {}
     if cfg.eval.map_normalization == "val_zscore":
-        stats = normalization.fit(val_out["map"])
+        stats = normalization.fit(val_out["map"], val_sizes)
         val_scores = np.asarray(scoring.image_scores(
-            normalization.standardize_leave_one_out(val_out["map"]), sc.image_score,
-            sc.topk_fraction))
+            normalization.standardize_leave_one_out(val_out["map"], val_sizes),
+            sc.image_score, sc.topk_fraction, val_sizes))
+    if cfg.eval.image_score_fusion == "mse":
+        stats["fusion"] = normalization.fit_fusion(val_scores, val_out["mse"])
+        val_scores = normalization.fuse_leave_one_out(val_scores, val_out["mse"])
+    stats = stats or None
     threshold = metrics_lib.threshold_from_normal_scores(val_scores,
                                                          cfg.eval.threshold_quantile)
+    few = metrics_lib.threshold_sample_check(len(val_scores), cfg.eval.threshold_quantile)
+    if few["threshold_warning"]:
+        log.warning("threshold: %s", few["threshold_warning"])
     return threshold, stats
 
 
 def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
     """Restores the best checkpoint (else the latest) as replicated model variables."""
     abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
-    for name in ("best", "checkpoints"):
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            mngr = checkpoints.manager(workdir, name, 1, create=False)
-            if mngr.latest_step() is not None:
-                state, _ = checkpoints.restore(mngr, abstract, parallel.replicated(mesh))
-                mngr.close()
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
-                return variables, int(parallel.to_host(state.step))
-    raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")
+    # Falls back (with a warning) from a damaged best/ to the newest good checkpoint.
+    state, _ = checkpoints.restore_for_inference(workdir, abstract, parallel.replicated(mesh))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return variables, int(parallel.to_host(state.step))
 
 
 def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
@@ -193,27 +221,26 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images."""
     from ssm_jax import metrics as metrics_lib
     from ssm_jax import report
-    from ssm_jax.data import load_dataset
+    from ssm_jax.data import load_dataset_for
 
     mesh = parallel.data_mesh()
     sc = scoring_config(cfg)
     variables, step = load_variables(cfg, workdir, mesh)
-    data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
-                        cfg.data.val_fraction, cfg.seed,
-                        synthetic_num_train=cfg.data.synthetic_num_train)
+    data = load_dataset_for(cfg)
     score_fn = make_score_fn(cfg, mesh, sc)
     t0 = time.time()
     val = data["val"]
     threshold, stats = calibrate(cfg, sc, score_fn, variables, mesh, val.images,
-                                 "scoring validation")
+                                 "scoring validation", val_sizes=val.sizes)
     test = data["test"]
     t1 = time.time()
     out = score_images(score_fn, variables, mesh, test.images, cfg.eval.batch_size,
-                       cfg.eval.seed, progress="scoring test")
+                       cfg.eval.seed, progress="scoring test", sizes=test.sizes)
     if stats is not None:
-        out = apply_map_stats(out, stats, sc)
+        out = apply_map_stats(out, stats, sc, test.sizes)
     test_seconds = time.time() - t1
-    result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"])
+    result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"],
+                                     sizes=test.sizes)
     result.update({
         "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
         "images_per_second": len(test) / max(test_seconds, 1e-9), "checkpoint_step": step,
@@ -221,6 +248,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     if threshold is not None:
+        result.update(metrics_lib.threshold_sample_check(len(val), cfg.eval.threshold_quantile))
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:

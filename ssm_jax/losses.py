@@ -5,8 +5,10 @@
   gradient magnitude; ``(2 g1 g2 + c) / (g1^2 + g2^2 + c)`` with c = 0.0026.
 * MS-GMS: GMS at 4 scales (2x average pooling between scales).
 
-Borders are padded by edge replication so every map keeps the image size (the published
-code drops a 1-pixel frame, then resamples).
+Borders: by default (``border="edge"``) filters pad by edge replication so every map keeps
+the image size. ``border="zero"`` is the published code's rule: the 3x3 median zero-pads
+(kornia) and the Prewitt filter is valid-size, the map is then resampled to the image
+size; dark zero padding makes strong edges at the frame, which damps GMS differences there.
 """
 
 from __future__ import annotations
@@ -31,28 +33,47 @@ def _pad_edge(x: jax.Array, p: int) -> jax.Array:
     return jnp.pad(x, pads, mode="edge")
 
 
-def median3x3(x: jax.Array) -> jax.Array:
-    """3x3 median filter over the last two axes (edge padding)."""
+BORDERS = ("edge", "zero")
+
+
+def _pad(x: jax.Array, p: int, border: str) -> jax.Array:
+    if border == "edge":
+        return _pad_edge(x, p)
+    pads = [(0, 0)] * (x.ndim - 2) + [(p, p), (p, p)]
+    return jnp.pad(x, pads)
+
+
+def median3x3(x: jax.Array, border: str = "edge") -> jax.Array:
+    """3x3 median filter over the last two axes (edge or zero padding)."""
     h, w = x.shape[-2:]
-    xp = _pad_edge(x, 1)
+    xp = _pad(x, 1, border)
     views = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
     return jnp.median(jnp.stack(views), axis=0)
 
 
-def prewitt_magnitude(x: jax.Array) -> jax.Array:
-    """Prewitt gradient magnitude (kernels /3) over the last two axes (edge padding)."""
+def prewitt_magnitude(x: jax.Array, border: str = "edge") -> jax.Array:
+    """Prewitt gradient magnitude (kernels /3) over the last two axes.
+
+    ``border="edge"``: edge padding, same size; ``"zero"``: valid-size ([H-2, W-2]).
+    """
     h, w = x.shape[-2:]
-    xp = _pad_edge(x, 1)
+    if border == "edge":
+        xp = _pad_edge(x, 1)
+    else:
+        xp, h, w = x, h - 2, w - 2
     s = lambda i, j: xp[..., i:i + h, j:j + w]
     gx = (s(0, 2) + s(1, 2) + s(2, 2) - s(0, 0) - s(1, 0) - s(2, 0)) / 3.0
     gy = (s(0, 0) + s(0, 1) + s(0, 2) - s(2, 0) - s(2, 1) - s(2, 2)) / 3.0
     return jnp.sqrt(gx * gx + gy * gy + 1e-12)
 
 
-def gms_map(x: jax.Array, y: jax.Array, c: float = GMS_C) -> jax.Array:
-    """Gradient-magnitude similarity map, [..., H, W, C] x2 -> [..., H, W] in (0, 1]."""
-    gx = prewitt_magnitude(median3x3(to_grey(x)))
-    gy = prewitt_magnitude(median3x3(to_grey(y)))
+def gms_map(x: jax.Array, y: jax.Array, c: float = GMS_C, border: str = "edge") -> jax.Array:
+    """Gradient-magnitude similarity map, [..., H, W, C] x2 -> [..., H, W] in (0, 1].
+
+    With ``border="zero"`` the map is valid-size, [..., H-2, W-2].
+    """
+    gx = prewitt_magnitude(median3x3(to_grey(x), border), border)
+    gy = prewitt_magnitude(median3x3(to_grey(y), border), border)
     return (2.0 * gx * gy + c) / (gx * gx + gy * gy + c)
 
 
@@ -74,14 +95,15 @@ def ms_gms_loss(x: jax.Array, y: jax.Array, scales: int = 4) -> jax.Array:
     return total / scales
 
 
-def ms_gms_anomaly_map(x: jax.Array, y: jax.Array, scales: int = 4) -> jax.Array:
-    """Per-pixel 1 - GMS averaged over scales (each upsampled bilinearly), [..., H, W]."""
+def ms_gms_anomaly_map(x: jax.Array, y: jax.Array, scales: int = 4,
+                       border: str = "edge") -> jax.Array:
+    """Per-pixel 1 - GMS averaged over scales (each resized bilinearly), [..., H, W]."""
     h, w = x.shape[-3:-1]
     total = jnp.zeros(x.shape[:-1], jnp.float32)
     for s in range(scales):
         if s:
             x, y = avg_pool2(x), avg_pool2(y)
-        m = 1.0 - gms_map(x, y)
+        m = 1.0 - gms_map(x, y, border=border)
         total = total + jax.image.resize(m, m.shape[:-2] + (h, w), method="bilinear")
     return total / scales
 

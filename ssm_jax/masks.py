@@ -29,18 +29,27 @@ FAMILIES = ("grid", "blobs", "voronoi")
 K_SCHEDULES = ("constant", "coarse_to_fine", "fine_to_coarse")
 
 
-def grid_masks_for_k(key: jax.Array, image_size: int, k: int, n: int) -> jax.Array:
-    """``n`` complementary grid masks with ``k``-pixel cells, shape ``[n, S, S]``.
+def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
 
-    A side that is not a multiple of ``k`` gets a partial last cell (cropped), so any
-    image size works.
+
+def grid_masks_for_k(key: jax.Array, image_size: int | Sequence[int], k: int,
+                     n: int) -> jax.Array:
+    """``n`` complementary grid masks with ``k``-pixel cells, shape ``[n, H, W]``.
+
+    ``image_size`` is S (square) or (H, W). A side that is not a multiple of ``k`` gets a
+    partial last cell (cropped), so any image size works.
     """
     if k < 1 or n < 1:
         raise ConfigError(f"mask cell size k and group count n must be >= 1, got k={k}, n={n}")
-    cells = math.ceil(image_size / k)
+    h, w = _hw(image_size)
+    ch, cw = math.ceil(h / k), math.ceil(w / k)
     # Balanced groups: cell j gets group (j mod n), then the assignment is shuffled.
-    groups = jax.random.permutation(key, jnp.arange(cells * cells) % n).reshape(cells, cells)
-    groups = jnp.repeat(jnp.repeat(groups, k, axis=0), k, axis=1)[:image_size, :image_size]
+    groups = jax.random.permutation(key, jnp.arange(ch * cw) % n).reshape(ch, cw)
+    groups = jnp.repeat(jnp.repeat(groups, k, axis=0), k, axis=1)[:h, :w]
     return _groups_to_masks(groups, n)
 
 
@@ -154,10 +163,11 @@ def sample_mask_batch(key: jax.Array, batch: int, image_size: int, ks: Sequence[
                                            family_weights))(keys)
 
 
-def scoring_masks(key: jax.Array, image_size: int, ks: Sequence[int], n: int) -> jax.Array:
+def scoring_masks(key: jax.Array, image_size: int | Sequence[int], ks: Sequence[int],
+                  n: int) -> jax.Array:
     """All scoring masks for one image: for each k, ``n`` complementary grid masks.
 
-    Returns ``[len(ks), n, S, S]``.
+    Returns ``[len(ks), n, H, W]`` (``image_size`` is S or (H, W)).
     """
     keys = jax.random.split(key, len(ks))
     return jnp.stack([grid_masks_for_k(kk, image_size, int(k), n) for kk, k in zip(keys, ks)])

@@ -21,7 +21,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["aupro", "compute_all", "detection_rates", "f1_max", "pro_curve", "roc_auc",
-           "roc_curve", "threshold_from_normal_scores"]
+           "roc_curve", "threshold_expected_fpr", "threshold_from_normal_scores",
+           "threshold_sample_check"]
 
 
 def _scores(scores: np.ndarray) -> np.ndarray:
@@ -285,6 +286,38 @@ def threshold_from_normal_scores(scores: np.ndarray, quantile: float = 0.99) -> 
     return float(np.quantile(s, quantile))
 
 
+def threshold_expected_fpr(num_normals: int, quantile: float) -> float | None:
+    """Expected false-positive rate on new normal images of the threshold above.
+
+    For exchangeable normal scores the j-th smallest of n held-out scores is exceeded by
+    a new normal image with probability (n + 1 - j) / (n + 1); the linear-interpolated
+    quantile sits at j = 1 + (n - 1) q, so the rate is (n - (n - 1) q) / (n + 1). It tends
+    to 1 - q for many images and is about 1 / (n + 1) when n is below 1 / (1 - q).
+    """
+    n = int(num_normals)
+    if n < 1:
+        return None
+    return float((n - (n - 1) * quantile) / (n + 1))
+
+
+def threshold_sample_check(num_normals: int, quantile: float) -> dict:
+    """Whether ``num_normals`` held-out normals can support ``quantile``: fields for
+    metrics.json and a one-line warning (None when enough)."""
+    n = int(num_normals)
+    need = int(np.ceil(1.0 / max(1.0 - quantile, 1e-12) - 1e-9))
+    expected = threshold_expected_fpr(n, quantile)
+    warning = None
+    if 0 < n < need:
+        warning = (f"{n} held-out normal image(s) are too few for threshold quantile "
+                   f"{quantile:g} (about {need} needed): the threshold is near their maximum "
+                   f"and flags about {expected:.3f} of new normal images on average, not "
+                   f"{1 - quantile:.3g}, with a wide spread from run to run; raise "
+                   f"data.val_fraction or lower eval.threshold_quantile")
+    return {"threshold_quantile": float(quantile), "threshold_num_normals": n,
+            "threshold_min_normals": need, "threshold_expected_fpr": expected,
+            "threshold_warning": warning}
+
+
 def detection_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """FPR on normals, recall on anomalies and precision at ``score > threshold``.
 
@@ -299,17 +332,29 @@ def detection_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
             "precision": tp / (tp + fp) if tp + fp else None}
 
 
+def _valid(shape: tuple[int, int, int], sizes: np.ndarray) -> np.ndarray:
+    """[N, H, W] bool: the valid top-left (h, w) of each padded map."""
+    sizes = np.asarray(sizes)
+    if sizes.shape != (shape[0], 2):
+        raise ValueError(f"sizes must be [{shape[0]}, 2], got {sizes.shape}")
+    rows = np.arange(shape[1])[None, :, None] < sizes[:, 0, None, None]
+    cols = np.arange(shape[2])[None, None, :] < sizes[:, 1, None, None]
+    return rows & cols
+
+
 def _none_if_nan(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
 def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
-                masks: np.ndarray | None, maps: np.ndarray, fpr_limit: float = 0.3) -> dict:
+                masks: np.ndarray | None, maps: np.ndarray, fpr_limit: float = 0.3,
+                sizes: np.ndarray | None = None) -> dict:
     """Image AUROC and F1-max; pixel AUROC, AUPRO and pixel F1-max when masks exist.
 
     Values are Python floats; a metric that is undefined (one class only, no regions) is
     None rather than NaN so the dict dumps to valid JSON. Pixel metrics share one sort.
     Anomalous images with an empty mask count at image level and add no region.
+    ``sizes`` [N, 2]: valid (h, w) of padded maps; padded pixels count nowhere.
     """
     _check_limit(fpr_limit)
     out = {"image_auroc": _none_if_nan(roc_auc(image_labels, image_scores)),
@@ -318,7 +363,12 @@ def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
     if masks is None:
         return out
     m, s = _check_pixels(masks, maps)
+    if sizes is not None:
+        m = m & _valid(m.shape, sizes)
     region, n, weight = _regions(m)
+    if sizes is not None:
+        keep = _valid(m.shape, sizes).reshape(-1)
+        region, s = region[keep], s[keep]
     sw = _sweep(s, region, weight)
     out["pixel_auroc"] = _none_if_nan(_auc_from_sweep(sw))
     out["pixel_f1_max"] = _none_if_nan(_f1_from_sweep(sw))

@@ -38,7 +38,7 @@ def _calibration(cfg: ml_collections.ConfigDict, workdir: str, step: int, sc, sc
     computed with the same checkpoint, data and eval settings; else calibrates on the
     validation split now.
     """
-    from ssm_jax.data import load_dataset
+    from ssm_jax.data import load_dataset_for
 
     fingerprint = evaluate.scoring_fingerprint(cfg, step)
     path = os.path.join(workdir, "threshold.json")
@@ -50,19 +50,18 @@ def _calibration(cfg: ml_collections.ConfigDict, workdir: str, step: int, sc, sc
             saved = {}
             log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         stats = None
-        if cfg.eval.map_normalization != "none":
+        if evaluate.needs_stats(cfg):
             stats = evaluate.load_map_stats(workdir, fingerprint)
         if saved.get("scoring") == fingerprint and (
-                stats is not None or cfg.eval.map_normalization == "none"):
+                stats is not None or not evaluate.needs_stats(cfg)):
             return float(saved["threshold"]), stats
-    data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
-                        cfg.data.val_fraction, cfg.seed,
-                        synthetic_num_train=cfg.data.synthetic_num_train)
+    data = load_dataset_for(cfg)
     if not len(data["val"]):
         raise CheckpointError("no threshold.json for these settings in the workdir and no "
                               "validation images (data.val_fraction=0) to calibrate one")
     threshold, stats = evaluate.calibrate(cfg, sc, score_fn, variables, mesh,
-                                          data["val"].images, "calibrating threshold")
+                                          data["val"].images, "calibrating threshold",
+                                          val_sizes=data["val"].sizes)
     return threshold, stats
 
 
@@ -74,15 +73,16 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
 
     mesh = parallel.data_mesh()
     paths = _input_paths(input_path)
-    images = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale)
+    images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,
+                                       cfg.data.keep_aspect)
     sc = evaluate.scoring_config(cfg)
     variables, step = evaluate.load_variables(cfg, workdir, mesh)
     score_fn = evaluate.make_score_fn(cfg, mesh, sc)
     threshold, stats = _calibration(cfg, workdir, step, sc, score_fn, variables, mesh)
     out = evaluate.score_images(score_fn, variables, mesh, images, cfg.eval.batch_size,
-                                cfg.eval.seed, progress="scoring")
+                                cfg.eval.seed, progress="scoring", sizes=sizes)
     if stats is not None:
-        out = evaluate.apply_map_stats(out, stats, sc)
+        out = evaluate.apply_map_stats(out, stats, sc, sizes)
     rows = [{"path": p, "score": float(s), "threshold": threshold,
              "anomalous": bool(s > threshold)} for p, s in zip(paths, out["score"])]
     if jax.process_index() == 0:
@@ -97,5 +97,10 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
                                   if os.path.isdir(input_path) else os.path.basename(p))[0]
                  for p in paths]
         vmax = max(float(np.max(out["map"])), threshold)
-        report.save_overlays(output_dir, images, out["map"], names, 0.0, vmax)
+        if sizes is not None:  # overlays of the valid region only
+            for i, (h, w) in enumerate(sizes):
+                report.save_overlays(output_dir, images[i:i + 1, :h, :w],
+                                     out["map"][i:i + 1, :h, :w], names[i:i + 1], 0.0, vmax)
+        else:
+            report.save_overlays(output_dir, images, out["map"], names, 0.0, vmax)
     return rows

@@ -21,6 +21,15 @@ needs no restoration). A pixel's final raw score is taken from the last pass in 
 was still suspicious; uncovered pixels keep the score that judged them normal. R = 1 is
 exactly the single pass. The final map is Gaussian-smoothed (sigma 7 at 128 px, scaled
 with the image side); the image score is its max (or the mean of its top fraction).
+
+Options measured in README "Results": ``k_weighting`` ("equal" sums the k maps; "area"
+weights each by k^2 as the published code's division by N^2 = (S/k)^2 does), ``border``
+(losses.BORDERS: edge replication, or the published zero padding / valid Prewitt).
+
+Images need not be square. An image may also be padded: ``hw`` gives its valid height and
+width (top-left); masks, refinement cells and the image score see only the valid region,
+the padded part of the raw map is replaced by edge replication of the valid part before
+smoothing (so padding never changes a score), and the caller drops it from metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ RestoreFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 REFINE_RULES = ("quantile", "threshold")
 IMAGE_SCORES = ("max", "mean_topk")
+K_WEIGHTINGS = ("equal", "area")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,9 @@ class ScoringConfig:
     sigma_at_128: float = 7.0
     image_score: str = "max"
     topk_fraction: float = 0.01
+    k_weighting: str = "equal"
+    border: str = "edge"
+    sigma_side: int = 0  # side that sets the smoothing sigma; 0 = the image's shorter side
 
     def validate(self, image_size: int) -> None:
         """Raises ConfigError for settings that cannot work at this image size."""
@@ -77,57 +90,94 @@ class ScoringConfig:
             raise ConfigError(f"eval.refine_cell must be in [1, {image_size}]")
         if self.image_score not in IMAGE_SCORES:
             raise ConfigError(f"eval.image_score must be one of {IMAGE_SCORES}")
+        if self.k_weighting not in K_WEIGHTINGS:
+            raise ConfigError(f"eval.k_weighting must be one of {K_WEIGHTINGS}, "
+                              f"got {self.k_weighting!r}")
+        if self.border not in losses.BORDERS:
+            raise ConfigError(f"eval.border must be one of {losses.BORDERS}, "
+                              f"got {self.border!r}")
 
     def sigma(self, image_size: int) -> float:
+        """Smoothing sigma in pixels for images whose (shorter) side is ``image_size``."""
         return self.sigma_at_128 * image_size / 128.0
+
+    def k_weights(self) -> tuple[float, ...]:
+        """Weight of each k's map in the sum (mean 1)."""
+        if self.k_weighting == "equal":
+            return tuple(1.0 for _ in self.ks)
+        sq = [float(k) ** 2 for k in self.ks]
+        return tuple(v * len(sq) / sum(sq) for v in sq)
 
 
 def _cell_means(m: jax.Array, cell: int) -> jax.Array:
-    """Mean of an [S, S] map over cell x cell blocks (partial edge cells padded by edge)."""
-    s = m.shape[0]
-    c = -(-s // cell)
-    mp = jnp.pad(m, ((0, c * cell - s), (0, c * cell - s)), mode="edge")
-    return mp.reshape(c, cell, c, cell).mean(axis=(1, 3))
+    """Mean of an [H, W] map over cell x cell blocks (partial edge cells padded by edge)."""
+    h, w = m.shape
+    ch, cw = -(-h // cell), -(-w // cell)
+    mp = jnp.pad(m, ((0, ch * cell - h), (0, cw * cell - w)), mode="edge")
+    return mp.reshape(ch, cell, cw, cell).mean(axis=(1, 3))
 
 
-def _cells_to_pixels(cells: jax.Array, cell: int, s: int) -> jax.Array:
-    return jnp.repeat(jnp.repeat(cells, cell, axis=0), cell, axis=1)[:s, :s]
+def _cells_to_pixels(cells: jax.Array, cell: int, h: int, w: int) -> jax.Array:
+    return jnp.repeat(jnp.repeat(cells, cell, axis=0), cell, axis=1)[:h, :w]
+
+
+def valid_mask(shape: tuple[int, int], hw: jax.Array) -> jax.Array:
+    """[H, W] float mask of the top-left ``hw = (h, w)`` valid region."""
+    rows = jnp.arange(shape[0])[:, None] < hw[0]
+    cols = jnp.arange(shape[1])[None, :] < hw[1]
+    return (rows & cols).astype(jnp.float32)
+
+
+def extend_edge(m: jax.Array, hw: jax.Array) -> jax.Array:
+    """Replaces the padded part of [H, W] ``m`` by edge replication of the valid region."""
+    rows = jnp.minimum(jnp.arange(m.shape[0]), hw[0] - 1)
+    cols = jnp.minimum(jnp.arange(m.shape[1]), hw[1] - 1)
+    return m[rows][:, cols]
 
 
 def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious: jax.Array,
                 cfg: ScoringConfig) -> dict[str, jax.Array]:
-    """One scoring pass over one image x [S, S, C], hiding only ``suspicious`` pixels.
+    """One scoring pass over one image x [H, W, C], hiding only ``suspicious`` pixels.
 
-    Returns raw map (sum over k of MS-GMS maps), mask-head map and the mean composite.
+    Returns raw map (weighted sum over k of MS-GMS maps), mask-head map, the mean
+    composite and the restoration MSE map (mean over k of the squared composite error).
     """
-    s = x.shape[0]
-    grid = masks.scoring_masks(key, s, cfg.ks, cfg.num_masks)  # [K, n, S, S]
+    h, w = x.shape[:2]
+    grid = masks.scoring_masks(key, (h, w), cfg.ks, cfg.num_masks)  # [K, n, H, W]
     hidden = (1.0 - grid) * suspicious
     eff = 1.0 - hidden
     nk, n = eff.shape[:2]
-    flat = eff.reshape(nk * n, s, s)
+    flat = eff.reshape(nk * n, h, w)
     restored, pred = restore_fn(x[None] * flat[..., None], flat)
     restored = restored.reshape(nk, n, *x.shape)
-    pred = pred.reshape(nk, n, s, s)
+    pred = pred.reshape(nk, n, h, w)
     keep = (1.0 - suspicious)[..., None]
-    x_hat = losses.composite(restored, eff) + x * keep  # [K, S, S, C]
-    raw = losses.ms_gms_anomaly_map(jnp.broadcast_to(x, x_hat.shape), x_hat).sum(axis=0)
+    x_hat = losses.composite(restored, eff) + x * keep  # [K, H, W, C]
+    per_k = losses.ms_gms_anomaly_map(jnp.broadcast_to(x, x_hat.shape), x_hat,
+                                      border=cfg.border)
+    raw = jnp.tensordot(jnp.asarray(cfg.k_weights(), jnp.float32), per_k, axes=1)
     # Mask head: visible pixels should be predicted visible (1); the shortfall is a cue.
     head = jnp.sum(eff * (1.0 - pred), axis=(0, 1)) / jnp.maximum(eff.sum(axis=(0, 1)), 1.0)
-    return {"raw": raw, "head": head, "x_hat": x_hat.mean(axis=0)}
+    sq_err = jnp.mean((x_hat - x) ** 2, axis=(0, -1))
+    return {"raw": raw, "head": head, "x_hat": x_hat.mean(axis=0), "sq_err": sq_err}
 
 
 def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
-                cfg: ScoringConfig) -> dict[str, jax.Array]:
-    """Scores one image [S, S, C] with R refinement passes.
+                cfg: ScoringConfig, hw: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Scores one image [H, W, C] with R refinement passes.
 
-    Returns ``map`` [S, S] (smoothed pixel scores), ``score`` (image score), ``restored``
-    [S, S, C] (first pass composite, for display) and ``suspicious`` [S, S] (cells still
-    hidden in the last pass).
+    ``hw`` (h, w): the valid top-left region of a padded image (default: all of it).
+    Returns ``map`` [H, W] (smoothed pixel scores; the padded part is meaningless),
+    ``score`` (image score over the valid region), ``mse`` (restoration MSE of the first
+    pass over the valid region), ``restored`` [H, W, C] (first pass composite, for
+    display) and ``suspicious`` [H, W] (cells still hidden in the last pass).
     """
-    s = x.shape[0]
+    h, w = x.shape[:2]
+    if hw is None:
+        hw = jnp.array([h, w], jnp.int32)
+    valid = valid_mask((h, w), hw)
     x = x.astype(jnp.float32)
-    first = single_pass(restore_fn, jax.random.fold_in(key, 0), x, jnp.ones((s, s)), cfg)
+    first = single_pass(restore_fn, jax.random.fold_in(key, 0), x, valid, cfg)
 
     def decision(out: dict[str, jax.Array]) -> jax.Array:
         return out["raw"] + cfg.refine_mask_head_weight * out["head"]
@@ -144,42 +194,65 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
             keep = cell_susp & (cells >= thr)
         else:
             keep = cell_susp & (cells >= cfg.refine_threshold)
-        new_susp = _cells_to_pixels(keep.astype(jnp.float32), cfg.refine_cell, s)
+        new_susp = _cells_to_pixels(keep.astype(jnp.float32), cfg.refine_cell, h, w) * valid
         out = single_pass(restore_fn, jax.random.fold_in(key, r), x, new_susp, cfg)
         dec = jnp.where(new_susp > 0, decision(out), dec)
         raw = jnp.where(new_susp > 0, final_raw(out), raw)
         return new_susp, dec, raw
 
-    carry = (jnp.ones((s, s)), decision(first), final_raw(first))
+    # Padded pixels are never hidden and never count as suspicious cells: their decision
+    # score is the image's minimum, so a quantile over cells is not moved by padding.
+    dec0 = decision(first)
+    dec0 = jnp.where(valid > 0, dec0, jnp.min(jnp.where(valid > 0, dec0, jnp.inf)))
+    carry = (valid, dec0, final_raw(first))
     if cfg.refine_passes > 1:
         carry = jax.lax.fori_loop(1, cfg.refine_passes, body, carry)
     suspicious, _, raw = carry
-    smooth = losses.gaussian_blur(raw, cfg.sigma(s))
-    score = image_score(smooth, cfg.image_score, cfg.topk_fraction)
-    return {"map": smooth, "score": score, "restored": first["x_hat"],
+    smooth = losses.gaussian_blur(extend_edge(raw, hw), cfg.sigma(cfg.sigma_side or min(h, w)))
+    score = image_score(smooth, cfg.image_score, cfg.topk_fraction, valid)
+    mse = jnp.sum(first["sq_err"] * valid) / jnp.maximum(valid.sum(), 1.0)
+    return {"map": smooth, "score": score, "mse": mse, "restored": first["x_hat"],
             "suspicious": suspicious}
 
 
-def image_score(m: jax.Array, rule: str, topk_fraction: float) -> jax.Array:
-    """Image score of one [H, W] map: its max, or the mean of its top ``topk_fraction``."""
+def image_score(m: jax.Array, rule: str, topk_fraction: float,
+                valid: jax.Array | None = None) -> jax.Array:
+    """Image score of one [H, W] map over its ``valid`` pixels: max, or top-fraction mean."""
+    if valid is not None:
+        m = jnp.where(valid > 0, m, -jnp.inf)
     if rule == "max":
         return m.max()
+    n = m.size if valid is None else valid.sum()
     kk = max(1, int(round(topk_fraction * m.size)))
-    return jax.lax.top_k(m.reshape(-1), kk)[0].mean()
+    top = jax.lax.top_k(m.reshape(-1), kk)[0]
+    # With padding, average only the top share of the valid pixels (at most kk of them).
+    take = jnp.clip(jnp.round(topk_fraction * n), 1, kk)
+    use = jnp.arange(kk) < take
+    return jnp.sum(jnp.where(use, top, 0.0)) / take
 
 
-def image_scores(maps, rule: str, topk_fraction: float) -> jax.Array:
-    """:func:`image_score` of each of [N, H, W] maps (e.g. maps standardized on the host)."""
-    return jax.vmap(lambda m: image_score(m, rule, topk_fraction))(jnp.asarray(maps))
+def image_scores(maps, rule: str, topk_fraction: float, sizes=None) -> jax.Array:
+    """:func:`image_score` of each of [N, H, W] maps (e.g. maps standardized on the host);
+    ``sizes`` [N, 2] gives each map's valid (h, w) when the maps are padded."""
+    maps = jnp.asarray(maps)
+    if sizes is None:
+        return jax.vmap(lambda m: image_score(m, rule, topk_fraction))(maps)
+    return jax.vmap(lambda m, hw: image_score(m, rule, topk_fraction,
+                                              valid_mask(m.shape, hw)))(
+        maps, jnp.asarray(sizes, jnp.int32))
 
 
 def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
-                indices: jax.Array, cfg: ScoringConfig) -> dict[str, jax.Array]:
-    """vmap of :func:`score_image` over a batch [B, S, S, C].
+                indices: jax.Array, cfg: ScoringConfig,
+                sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """vmap of :func:`score_image` over a batch [B, H, W, C] (``sizes`` [B, 2]: valid h, w).
 
     Each image's masks come from ``fold_in(key, index)``, so an image's score does not
     depend on the batch size, its position in the batch, or the device it lands on.
     """
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    return jax.vmap(lambda k, x: score_image(restore_fn, k, x, cfg))(keys, images)
+    if sizes is None:
+        sizes = jnp.broadcast_to(jnp.array(images.shape[1:3], jnp.int32), (images.shape[0], 2))
+    return jax.vmap(lambda k, x, hw: score_image(restore_fn, k, x, cfg, hw))(
+        keys, images, sizes)
 

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 
 from ssm_jax import checkpoints, config_utils, parallel, train_step
-from ssm_jax.errors import ConfigError, TrainingDiverged
+from ssm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
+from ssm_jax.progress import TrainProgress
 
 log = logging.getLogger("ssm_jax")
 
@@ -118,6 +119,33 @@ def _check_finite(metrics: dict, step: int, latest: int | None, workdir: str) ->
                                f"stopped ({where})")
 
 
+def _resumed_lr_steps(cfg: ml_collections.ConfigDict, stored, start: int) -> list:
+    """The run's LR decay steps on resume (see ``train_step.resumed_lr_decay_steps``)."""
+    steps = train_step.resumed_lr_decay_steps(cfg, stored, start)
+    fresh = train_step.lr_decay_steps(cfg)
+    if stored is not None and steps != fresh:
+        log.info("LR decay steps %s (decays before step %d stay where the run had them; "
+                 "train.steps=%d alone would give %s)", steps, start, cfg.train.steps, fresh)
+    return steps
+
+
+def _check_best(best_mngr, abstract, mesh, workdir: str, best_val: float) -> float:
+    """Makes sure ``best/`` restores on resume; if not, it is reported and set aside and
+    the next validation writes a new best (the returned best value is then inf)."""
+    if not best_mngr.all_steps():  # none (or set aside earlier): the next one is best
+        return math.inf
+    try:
+        checkpoints.restore_newest_good(best_mngr, abstract, parallel.replicated(mesh),
+                                        workdir, "best")
+    except checkpoints.NoGoodCheckpoint as e:
+        checkpoints.set_aside_failed(best_mngr, workdir, "best", e.failed,
+                                     "a new best at the next validation")
+        return math.inf
+    except CheckpointError:
+        return math.inf
+    return best_val
+
+
 def validation_loss(val_fn, state, mesh, images: np.ndarray, batch_size: int) -> float:
     """Mean per-example validation loss over held-out normal images."""
     from ssm_jax.data.pipeline import eval_batches
@@ -140,7 +168,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
 
     From the first instruction on, SIGTERM means "finish the current step, save, stop".
     """
-    with _SigtermFlag() as sigterm:
+    from ssm_jax import workdir_lock
+
+    # One run per workdir (process 0 holds the lock for a multi-process run).
+    with _SigtermFlag() as sigterm, workdir_lock.RunLock(workdir):
         return _train(cfg, workdir, resume, overwrite, sigterm)
 
 
@@ -150,8 +181,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
     tb_writer.metric_writers()
     from clu import parameter_overview, periodic_actions
 
-    from ssm_jax.data import load_dataset
-    from ssm_jax.data.pipeline import train_batches
+    from ssm_jax.data import load_dataset_for
+    from ssm_jax.data.pipeline import center_crops, train_batches
 
     config_utils.validate(cfg)
     prepare_workdir(cfg, workdir, resume=resume, overwrite=overwrite)
@@ -160,10 +191,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"number of devices ({n_dev})")
     mesh = parallel.data_mesh()
-    data = load_dataset(cfg.data.path, cfg.data.image_size, cfg.data.grayscale,
-                        cfg.data.val_fraction, cfg.seed,
-                        synthetic_num_train=cfg.data.synthetic_num_train)
+    data = load_dataset_for(cfg)
     train_set, val_set = data["train"], data["val"]
+    crop = cfg.data.crop_size
+    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
+                                                              crop)
     if len(train_set) < 1:
         raise ConfigError("no training images left after holding out the validation split")
 
@@ -176,20 +208,27 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
         parameter_overview.log_parameter_overview(state.params)
     start = 0
     best_val = math.inf
+    lr_steps = train_step.lr_decay_steps(cfg)
     if latest_mngr.latest_step() is not None:
-        state, extra = checkpoints.restore(latest_mngr, state, parallel.replicated(mesh))
+        # The newest checkpoint that restores; damaged newer ones are reported, set aside.
+        abstract = state
+        state, extra, _ = checkpoints.restore_newest_good(
+            latest_mngr, abstract, parallel.replicated(mesh), workdir, "checkpoints")
         start = int(parallel.to_host(state.step))
         best_val = float(extra.get("best_val", math.inf))
+        lr_steps = _resumed_lr_steps(cfg, extra.get("lr_decay_steps"), start)
         log.info("resumed from %s/checkpoints at step %d", workdir, start)
+        best_val = _check_best(best_mngr, abstract, mesh, workdir, best_val)
     else:
         state = parallel.replicate(mesh, state)
 
-    step_fn = train_step.make_train_step(cfg, mesh)
+    step_fn = train_step.make_train_step(cfg, mesh, lr_steps)
     val_fn = train_step.make_val_step(cfg, mesh)
     per_host = cfg.train.batch_size // jax.process_count()
     batches = train_batches(train_set.images, cfg.train.batch_size, seed=cfg.seed,
                             start_step=start, shard_index=jax.process_index(),
-                            shard_count=jax.process_count())
+                            shard_count=jax.process_count(), crop_size=crop,
+                            sizes=train_set.sizes)
     report = periodic_actions.ReportProgress(num_train_steps=cfg.train.steps, writer=writer,
                                              every_steps=cfg.train.log_every)
     log.info("training %d -> %d steps, global batch %d on %d device(s), %d train / %d val "
@@ -198,7 +237,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
 
     def save(step: int, st, metrics) -> None:
         _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
-        checkpoints.save(latest_mngr, step, st, {"best_val": best_val})
+        checkpoints.save(latest_mngr, step, st, {"best_val": best_val,
+                                                 "lr_decay_steps": lr_steps})
 
     metrics = None
     t0 = time.time()
@@ -210,6 +250,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
         step_fn = step_fn.lower(state, parallel.global_batch(mesh, first)).compile()
         log.info("train step compiled in %.1f s", time.time() - t0)
         parallel.barrier("ssm_jax_train_compiled")
+    progress = TrainProgress(start, cfg.train.steps, cfg.train.batch_size,
+                             enabled=jax.process_index() == 0)
+    progress.begin()
     for step in range(start + 1, cfg.train.steps + 1):
         local = first if step == start + 1 else next(batches)
         assert local.shape[0] == per_host
@@ -218,12 +261,14 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
         if prev is not None:  # one step behind: keeps the device busy
             _check_finite(prev, step - 1, latest_mngr.latest_step(), workdir)
         report(step)
+        progress.step(step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             host = {k: float(v) for k, v in parallel.to_host(metrics).items()}
             writer.write_scalars(step, host)
+            progress.report(step, host["loss"])
         if len(val_set) and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
             _check_finite(metrics, step, latest_mngr.latest_step(), workdir)
-            val = validation_loss(val_fn, state, mesh, val_set.images,
+            val = validation_loss(val_fn, state, mesh, val_images,
                                   max(cfg.eval.batch_size // n_dev, 1) * n_dev)
             writer.write_scalars(step, {"val_loss": val})
             if val < best_val:
@@ -236,6 +281,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
             save(step, state, metrics)
             log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
             break
+    progress.close()
     if not len(val_set) and best_mngr.latest_step() is None and metrics is not None:
         checkpoints.save(best_mngr, step, state, {"val_loss": None})
     writer.flush()

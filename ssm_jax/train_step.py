@@ -46,18 +46,56 @@ def make_model(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> 
                    mask_input=cfg.model.mask_input, axis_name=axis_name, dtype=dtype)
 
 
-def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """The paper's step decay (x0.1 at 30/60/90% of training), expressed in steps."""
-    bounds = {int(f * cfg.train.steps): cfg.train.lr_decay_factor
-              for f in cfg.train.lr_decay_fractions if 0 < int(f * cfg.train.steps)}
+def lr_decay_steps(cfg: ml_collections.ConfigDict) -> list[int | None]:
+    """The step of each ``train.lr_decay_fractions`` entry for this ``train.steps`` (None
+    where it falls on step 0: no decay). Aligned with the fractions; steps may repeat."""
+    return [int(f * cfg.train.steps) if int(f * cfg.train.steps) > 0 else None
+            for f in cfg.train.lr_decay_fractions]
+
+
+def resumed_lr_decay_steps(cfg: ml_collections.ConfigDict, stored: list | None,
+                           start: int) -> list[int | None]:
+    """Decay steps for a run resumed at ``start`` whose checkpoint stored ``stored``.
+
+    Decay points already passed (before ``start``) stay where the run had them, whatever
+    ``train.steps`` is now; the others follow the current ``train.steps`` (one that would
+    now fall before ``start`` takes effect at ``start``).
+    """
+    fresh = lr_decay_steps(cfg)
+    if stored is None or len(stored) != len(fresh):
+        return fresh
+    out: list[int | None] = []
+    for old, new in zip(stored, fresh):
+        if old is not None and old < start:
+            out.append(int(old))
+        else:
+            out.append(None if new is None else max(new, start))
+    return out
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict,
+                decay_steps: list[int | None] | None = None) -> optax.Schedule:
+    """The paper's step decay (x0.1 at 30/60/90% of training), expressed in steps.
+
+    ``decay_steps`` (default: from ``train.lr_decay_fractions`` and ``train.steps``) are
+    the resolved steps a run stores in its checkpoints so that resuming with another
+    ``train.steps`` does not move decays already passed. The learning rate of update
+    ``count`` is multiplied by the factor once per decay step <= ``count``.
+    """
+    steps = lr_decay_steps(cfg) if decay_steps is None else decay_steps
+    bounds: dict[int, float] = {}
+    for b in steps:
+        if b is not None and b > 0:
+            bounds[int(b)] = bounds.get(int(b), 1.0) * cfg.train.lr_decay_factor
     return optax.piecewise_constant_schedule(cfg.train.learning_rate, bounds)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   decay_steps: list[int | None] | None = None) -> optax.GradientTransformation:
     """Adam with L2 weight decay added to the gradient (PyTorch ``Adam(weight_decay=)``)."""
     return optax.chain(optax.add_decayed_weights(cfg.train.weight_decay),
                        optax.scale_by_adam(),
-                       optax.scale_by_learning_rate(lr_schedule(cfg)))
+                       optax.scale_by_learning_rate(lr_schedule(cfg, decay_steps)))
 
 
 def init_state(cfg: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
@@ -108,19 +146,21 @@ def _example_keys(step_key: jax.Array, local_batch: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(idx)
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
+def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
+                    lr_decay_steps: list[int | None] | None = None):
     """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
 
     ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
     replicated. The state buffers are donated.
     """
     model = make_model(cfg, axis_name=DATA_AXIS)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, lr_decay_steps)
+    schedule = lr_schedule(cfg, lr_decay_steps)
     ms = mask_settings(cfg)
-    s = cfg.data.image_size
 
     def per_device(state: TrainState, images: jax.Array):
         local_b = images.shape[0]
+        s = images.shape[1]  # data.image_size, or data.crop_size when training on crops
         step_key = jax.random.fold_in(state.rng, state.step)
         k_probs = masks.k_probabilities(state.step, cfg.train.steps, len(ms["ks"]),
                                         cfg.mask.k_schedule)
@@ -139,7 +179,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
         new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        parts["learning_rate"] = lr_schedule(cfg)(state.step)
+        parts["learning_rate"] = schedule(state.step)
         # Updated parameters can overflow while the loss (computed before the update) is
         # still finite; checkpoints must never hold them.
         parts["params_finite"] = jnp.all(jnp.stack(
@@ -160,10 +200,10 @@ def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     """
     model = make_model(cfg)
     ms = mask_settings(cfg)
-    s = cfg.data.image_size
     val_key = jax.random.PRNGKey(cfg.seed + 7919)
 
     def per_device(state: TrainState, images: jax.Array, indices: jax.Array):
+        s = images.shape[1]
         keys = jax.vmap(lambda i: jax.random.fold_in(val_key, i))(indices)
         mask_batch = jax.vmap(lambda k: masks.sample_masks(
             k, s, ms["ks"], ms["n"], None, ("grid",), (1.0,)))(keys)

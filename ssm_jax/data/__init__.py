@@ -3,22 +3,38 @@
 
 from __future__ import annotations
 
-from ssm_jax.data.folder import ImageSet, load_split, split_validation
+from ssm_jax.data.folder import ImageSet, load_split, padded_shape, split_validation
 
 
 def load_dataset(path: str, image_size: int, grayscale: bool, val_fraction: float, seed: int,
-                 synthetic_num_train: int = 200) -> dict[str, ImageSet]:
-    """Returns {'train', 'val', 'test'}: ``path`` empty means the embedded synthetic set."""
+                 synthetic_num_train: int = 200,
+                 keep_aspect: bool = False) -> dict[str, ImageSet]:
+    """Returns {'train', 'val', 'test'}: ``path`` empty means the embedded synthetic set.
+
+    With ``keep_aspect`` the shorter side of every image is ``image_size`` and all splits
+    are padded to one common shape (``ImageSet.sizes`` holds the valid sizes), so one
+    compiled scoring function serves every image and per-pixel map statistics line up.
+    """
     if not path:
         from ssm_jax.data.synthetic import make_synthetic
 
         train, test = make_synthetic(image_size, grayscale, num_train=synthetic_num_train,
                                      seed=0)
     else:
-        train = load_split(path, "train", image_size, grayscale)
-        test = load_split(path, "test", image_size, grayscale)
+        train = load_split(path, "train", image_size, grayscale, keep_aspect)
+        test = load_split(path, "test", image_size, grayscale, keep_aspect)
+        if keep_aspect:
+            shape = padded_shape([train.images.shape[1:3], test.images.shape[1:3]])
+            train, test = train.padded_to(shape), test.padded_to(shape)
     train, val = split_validation(train, val_fraction, seed)
     return {"train": train, "val": val, "test": test}
 
 
-__all__ = ["ImageSet", "load_dataset", "load_split", "split_validation"]
+def load_dataset_for(cfg) -> dict[str, ImageSet]:
+    """:func:`load_dataset` with the settings of a config's ``data`` section."""
+    d = cfg.data
+    return load_dataset(d.path, d.image_size, d.grayscale, d.val_fraction, cfg.seed,
+                        synthetic_num_train=d.synthetic_num_train, keep_aspect=d.keep_aspect)
+
+
+__all__ = ["ImageSet", "load_dataset", "load_dataset_for", "load_split", "split_validation"]

@@ -13,7 +13,10 @@ Policies:
   with Pillow's bilinear filter, which widens its support when shrinking (an
   antialiased, area-like reduction) and is plain bilinear when enlarging; each axis is
   handled on its own, so a tall image that shrinks in one axis and grows in the other is
-  still filtered correctly. The aspect ratio is not kept.
+  still filtered correctly. The aspect ratio is not kept, unless ``keep_aspect``: then
+  the shorter side becomes ``image_size`` and the other side keeps the ratio; such images
+  are padded (edge replication, bottom and right) to a common shape, a multiple of
+  ``PAD_MULTIPLE``, and ``ImageSet.sizes`` holds each image's valid height and width.
 - Masks are resized with nearest neighbour and binarized (> 127, or > 0 for masks
   stored as 0/1). A mask must have its image's original size.
 - Files whose extension is not an image type (.png .jpg .jpeg .bmp .tif .tiff .webp),
@@ -37,6 +40,7 @@ import numpy as np
 
 from ssm_jax.errors import DataError
 
+PAD_MULTIPLE = 16  # the U-Net halves the image 4 times
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # PIL decodes and resizes with the GIL released, so threads scale on I/O and decode.
 _WORKERS = min(16, 2 * (os.cpu_count() or 2))
@@ -44,14 +48,16 @@ _WORKERS = min(16, 2 * (os.cpu_count() or 2))
 
 @dataclasses.dataclass
 class ImageSet:
-    """Images [N, S, S, C] float32 in [0, 1]; labels 0 normal / 1 anomalous; masks
-    [N, S, S] float32 in {0, 1}, or None where the split has no ground truth."""
+    """Images [N, H, W, C] float32 in [0, 1]; labels 0 normal / 1 anomalous; masks
+    [N, H, W] float32 in {0, 1}, or None where the split has no ground truth; sizes
+    [N, 2] int32 valid (height, width) of padded images, or None (nothing padded)."""
 
     images: np.ndarray
     labels: np.ndarray
     masks: np.ndarray | None
     paths: list[str]
     defect_types: list[str]
+    sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,7 +67,27 @@ class ImageSet:
         idx = np.asarray(idx, np.int64)
         return ImageSet(self.images[idx], self.labels[idx],
                         None if self.masks is None else self.masks[idx],
-                        [self.paths[i] for i in idx], [self.defect_types[i] for i in idx])
+                        [self.paths[i] for i in idx], [self.defect_types[i] for i in idx],
+                        None if self.sizes is None else self.sizes[idx])
+
+    def valid_sizes(self) -> np.ndarray:
+        """[N, 2] valid (height, width) of every image (the full array when unpadded)."""
+        if self.sizes is not None:
+            return self.sizes
+        return np.tile(np.array(self.images.shape[1:3], np.int32), (len(self), 1))
+
+    def padded_to(self, shape: tuple[int, int]) -> ImageSet:
+        """The set padded (edge replication, bottom/right) to ``shape`` = (H, W)."""
+        h, w = self.images.shape[1:3]
+        if (h, w) == tuple(shape):
+            return self
+        if shape[0] < h or shape[1] < w:
+            raise ValueError(f"cannot pad {(h, w)} images to the smaller shape {shape}")
+        pad = ((0, 0), (0, shape[0] - h), (0, shape[1] - w))
+        masks = None if self.masks is None else np.pad(self.masks, pad)
+        return dataclasses.replace(
+            self, images=np.pad(self.images, pad + ((0, 0),), mode="edge"), masks=masks,
+            sizes=self.valid_sizes())
 
 
 def _is_image_name(name: str) -> bool:
@@ -133,14 +159,25 @@ def open_image(path: str, mode: str):
         raise DataError(f"unreadable or truncated image: {path} ({e})") from e
 
 
-def resize(im, size: int, nearest: bool = False):
-    """Resizes a PIL image to size x size (bilinear, antialiased; or nearest for masks)."""
+def target_size(wh: tuple[int, int], image_size: int, keep_aspect: bool) -> tuple[int, int]:
+    """(width, height) an image of size ``wh`` is resized to."""
+    if not keep_aspect:
+        return image_size, image_size
+    w, h = wh
+    short = min(w, h)
+    return max(1, round(w * image_size / short)), max(1, round(h * image_size / short))
+
+
+def resize(im, size: int | tuple[int, int], nearest: bool = False):
+    """Resizes a PIL image to size x size or to (width, height) (bilinear, antialiased; or
+    nearest for masks)."""
     from PIL import Image
 
-    if im.size == (size, size):
+    wh = (size, size) if isinstance(size, int) else tuple(size)
+    if im.size == wh:
         return im
     method = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    return im.resize((size, size), method)
+    return im.resize(wh, method)
 
 
 def to_array(im) -> np.ndarray:
@@ -155,28 +192,53 @@ def mask_to_array(m) -> np.ndarray:
     return (a > (127 if a.max(initial=0) > 1 else 0)).astype(np.float32)
 
 
-def _load_one(path: str, image_size: int, grayscale: bool) -> tuple[np.ndarray, tuple[int, int]]:
+def _load_one(path: str, image_size: int, grayscale: bool,
+              keep_aspect: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     im = open_image(path, "L" if grayscale else "RGB")
-    return to_array(resize(im, image_size)), im.size
+    return to_array(resize(im, target_size(im.size, image_size, keep_aspect))), im.size
 
 
-def _load_many(paths: list[str], image_size: int, grayscale: bool):
+def padded_shape(shapes, multiple: int = PAD_MULTIPLE) -> tuple[int, int]:
+    """Smallest (H, W), multiples of ``multiple``, that hold every (h, w) of ``shapes``."""
+    hs, ws = zip(*shapes)
+    return (-(-max(hs) // multiple) * multiple, -(-max(ws) // multiple) * multiple)
+
+
+def pad_images(arrays: list[np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks [h, w, C] arrays padded (edge, bottom/right) to ``shape``; returns the stack
+    and the valid sizes [N, 2]."""
+    out = np.stack([np.pad(a, ((0, shape[0] - a.shape[0]), (0, shape[1] - a.shape[1]), (0, 0)),
+                           mode="edge") for a in arrays])
+    return out, np.array([a.shape[:2] for a in arrays], np.int32).reshape(-1, 2)
+
+
+def _load_many(paths: list[str], image_size: int, grayscale: bool, keep_aspect: bool = False):
     with ThreadPoolExecutor(max_workers=_WORKERS) as ex:
-        out = list(ex.map(lambda p: _load_one(p, image_size, grayscale), paths))
+        out = list(ex.map(lambda p: _load_one(p, image_size, grayscale, keep_aspect), paths))
     c = 1 if grayscale else 3
     arrs = [a for a, _ in out]
-    images = np.stack(arrs) if arrs else np.zeros((0, image_size, image_size, c), np.float32)
-    return images, [s for _, s in out]
+    sizes = None
+    if not arrs:
+        images = np.zeros((0, image_size, image_size, c), np.float32)
+    elif keep_aspect:
+        images, sizes = pad_images(arrs, padded_shape([a.shape[:2] for a in arrs]))
+    else:
+        images = np.stack(arrs)
+    return images, [s for _, s in out], sizes
 
 
-def load_image(path: str, image_size: int, grayscale: bool) -> np.ndarray:
-    """One image as [S, S, C] float32 in [0, 1]."""
-    return _load_one(path, image_size, grayscale)[0]
+def load_image(path: str, image_size: int, grayscale: bool,
+               keep_aspect: bool = False) -> np.ndarray:
+    """One image as [S, S, C] (or [h, w, C] with ``keep_aspect``) float32 in [0, 1]."""
+    return _load_one(path, image_size, grayscale, keep_aspect)[0]
 
 
-def load_images(paths: list[str], image_size: int, grayscale: bool) -> np.ndarray:
-    """Images as [N, S, S, C] float32 in [0, 1], decoded in parallel threads."""
-    return _load_many(paths, image_size, grayscale)[0]
+def load_images(paths: list[str], image_size: int, grayscale: bool,
+                keep_aspect: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images as [N, S, S, C] float32 in [0, 1], decoded in parallel threads, and their
+    valid sizes (None unless ``keep_aspect``: then padded to a common shape)."""
+    images, _, sizes = _load_many(paths, image_size, grayscale, keep_aspect)
+    return images, sizes
 
 
 def _stem(path: str) -> str:
@@ -232,17 +294,17 @@ def mvtec_test_entries(
 
 
 def load_mask(mask_path: str, image_path: str, image_wh: tuple[int, int],
-              image_size: int) -> np.ndarray:
-    """A mask as [S, S] float32 in {0, 1}; it must have its image's size ``image_wh``."""
+              image_size: int, keep_aspect: bool = False) -> np.ndarray:
+    """A mask as [S, S] (or [h, w]) float32 in {0, 1}; it must have its image's size."""
     m = open_image(mask_path, "L")
     if m.size != tuple(image_wh):
         raise DataError(f"mask size {m.size} differs from its image size {tuple(image_wh)}: "
                         f"{mask_path} vs {image_path}")
-    return mask_to_array(resize(m, image_size, nearest=True))
+    return mask_to_array(resize(m, target_size(m.size, image_size, keep_aspect), nearest=True))
 
 
 def load_split(root: str | os.PathLike, split: str, image_size: int,
-               grayscale: bool) -> ImageSet:
+               grayscale: bool, keep_aspect: bool = False) -> ImageSet:
     """Reads ``train`` (train/good) or ``test`` (test/*, with ground_truth masks if any)."""
     root = os.fspath(root)
     _check_root(root)
@@ -251,23 +313,32 @@ def load_split(root: str | os.PathLike, split: str, image_size: int,
         paths = list_images(folder)
         if not paths:
             raise DataError(f"no images in {folder}")
-        return ImageSet(load_images(paths, image_size, grayscale),
-                        np.zeros(len(paths), np.int32), None, paths, ["good"] * len(paths))
+        images, sizes = load_images(paths, image_size, grayscale, keep_aspect)
+        return ImageSet(images, np.zeros(len(paths), np.int32), None, paths,
+                        ["good"] * len(paths), sizes)
     if split != "test":
         raise DataError(f"unknown split {split!r} (train or test) for {root}")
     entries, has_gt = mvtec_test_entries(root)
     paths = [p for p, _, _ in entries]
     kinds = [k for _, k, _ in entries]
-    images, sizes = _load_many(paths, image_size, grayscale)
+    images, wh, valid = _load_many(paths, image_size, grayscale, keep_aspect)
     masks = None
     if has_gt:
-        zero = np.zeros((image_size, image_size), np.float32)
-        jobs = [(mp, p, wh) for (p, _, mp), wh in zip(entries, sizes)]
+        jobs = [(mp, p, s) for (p, _, mp), s in zip(entries, wh)]
+
+        def one(j):
+            if j[0] is not None:
+                m = load_mask(*j, image_size, keep_aspect)
+            else:
+                tw, th = target_size(j[2], image_size, keep_aspect)
+                m = np.zeros((th, tw), np.float32)
+            h, w = images.shape[1:3]  # zero-padded to the images' common shape
+            return np.pad(m, ((0, h - m.shape[0]), (0, w - m.shape[1])))
+
         with ThreadPoolExecutor(max_workers=_WORKERS) as ex:
-            masks = np.stack(list(ex.map(
-                lambda j: zero if j[0] is None else load_mask(*j, image_size), jobs)))
+            masks = np.stack(list(ex.map(one, jobs)))
     labels = np.array([0 if k == "good" else 1 for k in kinds], np.int32)
-    return ImageSet(images, labels, masks, paths, kinds)
+    return ImageSet(images, labels, masks, paths, kinds, valid)
 
 
 def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -13,6 +13,9 @@ Each host takes a contiguous block of every global batch (rows
 one-host global batch, so an N-host run sees the same rows in the same places as a one-host
 run.
 
+With ``crop_size``, each example is a random ``crop_size`` square of its image's valid
+region (``sizes``); the offsets are a pure function of (seed, step, row) too.
+
 grain is imported only inside ``train_batches``: ``eval_batches`` works without it.
 """
 
@@ -57,10 +60,33 @@ def global_batch_indices(n: int, global_batch_size: int, seed: int, step: int) -
     return _GlobalBatches(n, global_batch_size, seed)[step]
 
 
+def crop_offsets(sizes: np.ndarray, crop: int, seed: int, step: int) -> np.ndarray:
+    """[B, 2] top-left (y, x) of a random ``crop`` square inside each valid (h, w) of
+    ``sizes`` [B, 2], for global batch ``step``."""
+    rng = np.random.default_rng([seed, 1 << 20, step])
+    span = np.maximum(np.asarray(sizes) - crop, 0) + 1
+    return (rng.random((len(span), 2)) * span).astype(np.int64)
+
+
+def crop_batch(images: np.ndarray, offsets: np.ndarray, crop: int) -> np.ndarray:
+    """[B, crop, crop, C]: each image cut at its (y, x) offset."""
+    return np.stack([im[y:y + crop, x:x + crop] for im, (y, x) in zip(images, offsets)])
+
+
+def center_crops(images: np.ndarray, sizes: np.ndarray | None, crop: int) -> np.ndarray:
+    """The centred ``crop`` square of each image's valid region (for validation losses)."""
+    if sizes is None:
+        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+    offsets = (np.maximum(np.asarray(sizes) - crop, 0) // 2).astype(np.int64)
+    return crop_batch(images, offsets, crop)
+
+
 def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_step: int = 0,
                   shard_index: int = 0, shard_count: int = 1,
-                  prefetch_threads: int = 2) -> Iterator[np.ndarray]:
-    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32.
+                  prefetch_threads: int = 2, crop_size: int = 0,
+                  sizes: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32
+    (``S`` = ``crop_size`` when cropping; ``sizes`` [N, 2] are the valid image sizes).
 
     The k-th batch yielded is this host's block of global batch ``start_step + k``.
     """
@@ -77,9 +103,17 @@ def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_s
     per_host = global_batch_size // shard_count
     rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     source = _GlobalBatches(len(images), global_batch_size, seed)
-    ds = (grain.MapDataset.source(source)
-          .slice(slice(start_step, None))
-          .map(lambda idx: images[idx[rows]]))
+    if sizes is None:
+        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+
+    def rows_of(step: int, idx: np.ndarray) -> np.ndarray:
+        if not crop_size:
+            return images[idx[rows]]
+        offsets = crop_offsets(sizes[idx], crop_size, seed, step)[rows]
+        return crop_batch(images[idx[rows]], offsets, crop_size)
+
+    ds = (grain.MapDataset.range(start_step, 2**62)
+          .map(lambda step: rows_of(int(step), source[int(step)])))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_threads,
                                               prefetch_buffer_size=4))
     return iter(it)
