@@ -6,9 +6,9 @@
 #   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
 #      float32 and bfloat16, then a short table (and one RESULT JSON line per run).
 #
-# Before the device call, on this machine: `bash benchmarks/fetch_wheels.sh` (downloads
-# ml_collections — a 77 kB pure-Python wheel the config needs — and pytest with its
-# pure-Python deps, 1.9 MB in all, into the git-ignored benchmarks/wheels/). Then run, with
+# Before the device call, on this machine: `bash benchmarks/fetch_wheels.sh` (grain,
+# array_record, portpicker, clu, ml_collections for Python 3.12 and this machine's python,
+# 8.8 MB, into the git-ignored benchmarks/wheels/). Then run, with
 # the device tool:  command "bash benchmarks/gpu_check.sh", carry ["benchmarks/wheels"],
 # timeout_s 600 (the script keeps itself under ~9 minutes: every part has its own timeout).
 #
@@ -32,23 +32,8 @@ else
   TEST_TIMEOUT=${TEST_TIMEOUT:-150}; RUN_TIMEOUT=${RUN_TIMEOUT:-95}
 fi
 
-# --- pure-Python wheels the machine lacks, installed into a private folder ---------------
-SITE="$OUT_DIR/site"
-need=()
-python -c "import ml_collections" 2>/dev/null || need+=(ml_collections)
-python -c "import pytest" 2>/dev/null || need+=(pytest pluggy iniconfig pygments)
-python -c "import packaging" 2>/dev/null || need+=(packaging)
-if (( ${#need[@]} )); then
-  if ! ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: missing ${need[*]} and no benchmarks/wheels/: run" \
-         "'bash benchmarks/fetch_wheels.sh' here first and carry benchmarks/wheels" >&2
-    exit 2
-  fi
-  echo "== installing ${need[*]} from benchmarks/wheels into $SITE"
-  python -m pip install -q --no-index --no-deps --find-links benchmarks/wheels \
-    --target "$SITE" "${need[@]}" || { echo "gpu_check: pip install failed" >&2; exit 2; }
-fi
-export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# --- wheels the machine lacks (grain, clu, ml_collections, ...), into a private folder ----
+. benchmarks/carry_env.sh "${TMPDIR:-/tmp}/ssm_jax_site" || exit 2
 
 echo "== device"
 python -c "import jax; print(jax.__version__, jax.devices())" || exit 3

@@ -1,0 +1,27 @@
+# Sourced by the device scripts and benchmarks/jax_only_check.sh (bash):
+#   . benchmarks/carry_env.sh SITE_DIR
+# Installs, from the carried benchmarks/wheels/ (see fetch_wheels.sh), each package that
+# ssm-jax train/evaluate need and this python lacks (grain, array_record, portpicker, clu,
+# ml_collections) into SITE_DIR, and puts the repository and SITE_DIR on PYTHONPATH (the
+# package is used in place: `python -m ssm_jax ...`). Returns 2 with one line if it cannot.
+carry_install() {
+  local root site need=() m
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  site="$1"
+  for m in grain array_record portpicker clu ml_collections; do
+    python -c "import $m" 2>/dev/null || need+=("$m")
+  done
+  if (( ${#need[@]} )); then
+    if ! ls "$root"/benchmarks/wheels/*.whl >/dev/null 2>&1; then
+      echo "carry_env: missing ${need[*]} and no benchmarks/wheels/: run" \
+           "'bash benchmarks/fetch_wheels.sh' first and carry benchmarks/wheels" >&2
+      return 2
+    fi
+    echo "== installing ${need[*]} from benchmarks/wheels into $site"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --find-links "$root/benchmarks/wheels" --target "$site" "${need[@]}" \
+      || { echo "carry_env: pip install of ${need[*]} failed" >&2; return 2; }
+  fi
+  export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
+}
+carry_install "$1"
