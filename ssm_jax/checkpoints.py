@@ -2,17 +2,31 @@
 
 Orbax writes each step into a temporary folder and renames it when complete, so a write
 killed half-way is never listed as a step; such leftovers are cleaned up on open.
+
+A finished step can still be damaged later (a truncated or deleted file, a half-copied
+workdir). ``restore_newest_good`` then falls back to the newest step that restores: each
+step that failed is reported in one warning line and moved, untouched, to
+``WORKDIR/damaged/<name>/<step>`` (with the reason in ``damaged/README.txt``), so it is
+kept for the user but never listed, chosen or overwritten again. Nothing is moved when no
+step restores (then the config, not the files, may be at fault): one error.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from ssm_jax.errors import CheckpointError
+
+log = logging.getLogger("ssm_jax")
+DAMAGED_DIR = "damaged"
+_BARRIERS = 0  # barrier names must be unique per process lifetime
 
 
 def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
@@ -56,3 +70,174 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.shar
             f"(model.width, data.grayscale or data.image_size differ?): "
             f"{str(e).splitlines()[0][:200]}") from e
     return out.state, dict(out.extra or {})
+
+
+def _reason(e: BaseException) -> str:
+    """A few words on why a restore failed: the innermost status line (tensorstore's
+    ``OUT_OF_RANGE: ...``, ``NOT_FOUND: ...``) if any, else the exception's first line."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    picked = chain[-1]
+    for c in chain:
+        if not isinstance(c, CheckpointError):
+            picked = c
+            break
+    for c in reversed(chain):
+        if str(c).split(":")[0].strip().isupper():
+            picked = c
+            break
+    lines = [ln.strip() for ln in str(picked).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if not text.split(":")[0].isupper():
+        text = f"{type(picked).__name__}: {text}" if text else type(picked).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _metadata_problem(directory: str, step: int) -> str | None:
+    """Why the step's ``_CHECKPOINT_METADATA`` shows damage (orbax itself only logs it)."""
+    path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+    if not os.path.exists(path):
+        return None  # older orbax versions do not write it
+    try:
+        with open(path) as f:
+            if isinstance(json.load(f), dict):
+                return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return "_CHECKPOINT_METADATA is not valid JSON"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, workdir: str, name: str, step: int,
+               why: str) -> str | None:
+    """Moves a damaged step to ``workdir/damaged/name/step`` (process 0); returns its path
+    relative to the workdir, or None when it could not be moved."""
+    src = os.path.join(str(mngr.directory), str(step))
+    rel = os.path.join(DAMAGED_DIR, name, str(step))
+    dest = os.path.join(workdir, rel)
+    k = 2
+    while os.path.exists(dest):
+        rel = os.path.join(DAMAGED_DIR, name, f"{step}-{k}")
+        dest, k = os.path.join(workdir, rel), k + 1
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.rename(src, dest)
+        with open(os.path.join(workdir, DAMAGED_DIR, "README.txt"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}/{step} -> {rel}: "
+                    f"does not restore ({why})\n")
+    except OSError:
+        return None
+    return rel
+
+
+class NoGoodCheckpoint(CheckpointError):
+    """No step of a checkpoint folder restores; ``failed`` lists (step, reason)."""
+
+    def __init__(self, message: str, failed: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+def set_aside_failed(mngr: ocp.CheckpointManager, workdir: str, name: str,
+                     failed: list[tuple[int, str]], using: str) -> None:
+    """One warning line per failed step, and the steps moved to ``workdir/damaged/``.
+
+    Call on every process, only once another checkpoint has restored (so the failures are
+    the steps' own); process 0 moves, the others wait for it.
+    """
+    from ssm_jax import parallel
+
+    if not failed:
+        return
+    global _BARRIERS
+    _BARRIERS += 1
+    tag = f"ssm_jax_restore_{name}_{_BARRIERS}"
+    parallel.barrier(f"{tag}_tried")  # nobody is still reading them
+    for bad, why in failed:
+        rel = (_set_aside(mngr, workdir, name, bad, why) if jax.process_index() == 0
+               else os.path.join(DAMAGED_DIR, name, str(bad)))
+        where = (f"moved to {os.path.join(workdir, rel)}" if rel else
+                 "left in place (could not be moved)")
+        log.warning("checkpoint %s/%d does not restore (%s); %s; using %s", name, bad, why,
+                    where, using)
+    parallel.barrier(f"{tag}_set_aside")
+    mngr.reload()
+
+
+def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
+                        sharding: jax.sharding.Sharding, workdir: str,
+                        name: str) -> tuple[Any, dict, int]:
+    """Restores the newest step of ``mngr`` that restores; returns (state, extra, step).
+
+    Steps newer than it that failed are reported (one warning line each) and set aside
+    (see the module docstring). Raises CheckpointError (one line; ``NoGoodCheckpoint``
+    when steps exist but none restores) and then moves nothing.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        problem = _metadata_problem(str(mngr.directory), step)
+        if problem:
+            failed.append((step, problem))
+            continue
+        try:
+            state, extra = restore(mngr, abstract_state, sharding, step)
+        except Exception as e:  # noqa: BLE001 - any failure: this step is unusable
+            if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
+                continue  # deleted meanwhile (e.g. by a run rotating its checkpoints)
+            failed.append((step, _reason(e)))
+            continue
+        break
+    else:
+        listed = "; ".join(f"step {s}: {why}" for s, why in failed[:3])
+        raise NoGoodCheckpoint(f"no checkpoint in {mngr.directory} restores ({listed})",
+                               failed)
+    set_aside_failed(mngr, workdir, name, failed, f"step {step}")
+    return state, extra, step
+
+
+def restore_for_inference(workdir: str, abstract_state: Any,
+                          sharding: jax.sharding.Sharding) -> tuple[Any, int]:
+    """The best checkpoint, else (with a warning) the newest checkpoint that restores.
+
+    A ``best/`` step that does not restore is reported and set aside once a step of
+    ``checkpoints/`` has restored; if nothing restores, one CheckpointError.
+    """
+    best_failed: list[tuple[int, str]] = []
+    best_error: CheckpointError | None = None
+    best_dir = os.path.join(workdir, "best")
+    for name in ("best", "checkpoints"):
+        if not os.path.isdir(os.path.join(workdir, name)):
+            continue
+        mngr = manager(workdir, name, 1, create=False)
+        try:
+            if not mngr.all_steps():
+                continue
+            try:
+                state, _, step = restore_newest_good(mngr, abstract_state, sharding, workdir,
+                                                     name)
+            except NoGoodCheckpoint as e:
+                if name != "best":
+                    raise
+                best_failed, best_error = e.failed, e
+                continue
+            if name == "checkpoints" and best_failed:
+                best = manager(workdir, "best", 1, create=False)
+                try:
+                    set_aside_failed(best, workdir, "best", best_failed,
+                                     f"the latest good checkpoint, step {step}")
+                finally:
+                    best.close()
+            elif name == "checkpoints" and os.path.isdir(best_dir):
+                log.warning("no checkpoint in %s; using the latest checkpoint, step %d",
+                            best_dir, step)
+            return state, step
+        finally:
+            mngr.close()
+    if best_error is not None:
+        raise CheckpointError(f"{best_error} and there is no other checkpoint in {workdir}")
+    raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")

@@ -81,6 +81,9 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax reports a failed restore twice: as our one-line error and as an asyncio dump.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # ... and a damaged _CHECKPOINT_METADATA as a long error line; ours names the step.
+    logging.getLogger("absl").addFilter(
+        lambda r: not str(r.msg).startswith("Failed to json parse Metadata file"))
 
 
 def run(argv: Sequence[str]) -> int:

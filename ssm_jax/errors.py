@@ -23,3 +23,7 @@ class TrainingDiverged(SSMError):
 
 class MissingDependency(SSMError, ImportError):
     """An optional package is not installed; the message names the extra to install."""
+
+
+class WorkdirLocked(SSMError):
+    """Another training run holds the workdir's lock."""
