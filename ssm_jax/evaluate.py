@@ -58,11 +58,32 @@ def make_score_fn(cfg: ml_collections.ConfigDict, mesh, sc: scoring.ScoringConfi
     return jax.jit(sharded)
 
 
+def shape_buckets(sizes: np.ndarray, full: tuple[int, int],
+                  multiple: int) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Groups images by valid size rounded up to ``multiple`` (capped at ``full``).
+
+    Returns [((H, W), image indices)] in a fixed order (the same on every host). Scoring
+    each group at its own shape costs one compilation per group but, for sets of mixed
+    shapes (portrait and landscape tiles), avoids scoring every image at the largest
+    shape of the set.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    shapes = np.minimum(-(-sizes // multiple) * multiple, np.asarray(full))
+    keys = sorted({(int(h), int(w)) for h, w in shapes})
+    return [(k, np.flatnonzero((shapes[:, 0] == k[0]) & (shapes[:, 1] == k[1])))
+            for k in keys]
+
+
 def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
-                 progress: str | None = None,
-                 sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Scores every image of [N, H, W, C] (``sizes`` [N, 2]: valid h, w of padded images);
-    returns numpy maps [N, H, W], scores [N], restoration MSEs [N], restored images."""
+                 progress: str | None = None, sizes: np.ndarray | None = None,
+                 bucket: int = 0) -> dict[str, np.ndarray]:
+    """Scores every image of [N, H, W, C]; returns numpy maps [N, H, W], scores [N],
+    restoration MSEs [N] and restored images.
+
+    ``sizes`` [N, 2]: valid (h, w) of padded images. With ``bucket`` > 0, images are scored
+    in groups cropped to their valid size rounded up to ``bucket`` (see
+    :func:`shape_buckets`); each image's masks depend only on its index in the set.
+    """
     from tqdm import tqdm
 
     from ssm_jax.data.pipeline import eval_batches
@@ -70,29 +91,46 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     n_dev = jax.device_count()
     batch_size = max(batch_size // n_dev, 1) * n_dev
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    outs: dict[str, list[np.ndarray]] = {"map": [], "score": [], "mse": [], "restored": []}
+    n, full = len(images), images.shape[1:3]
     if sizes is None:
-        sizes = np.tile(np.array(images.shape[1:3], np.int32), (len(images), 1))
-    size_batches = eval_batches(np.asarray(sizes, np.int32), batch_size)
-    offset = 0
-    total = -(-len(images) // batch_size)
-    it = eval_batches(images, batch_size)
-    if progress and jax.process_index() == 0:
-        it = tqdm(it, total=total, desc=progress, unit="batch")
-    for batch, real in it:
-        hw = next(size_batches)[0]
-        idx = np.arange(offset, offset + len(batch), dtype=np.int32)
-        images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
-        idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
-        hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
-        if offset == 0:
-            score_fn = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
-            parallel.barrier(f"ssm_jax_score_compiled_{progress}")
-        out = parallel.to_host(score_fn(variables, key, images_g, idx_g, hw_g))
-        for k in outs:
-            outs[k].append(np.asarray(out[k])[:real])
-        offset += real
-    return {k: np.concatenate(v) for k, v in outs.items()}
+        sizes = np.tile(np.array(full, np.int32), (n, 1))
+    sizes = np.asarray(sizes, np.int32)
+    groups = shape_buckets(sizes, full, bucket) if bucket else [(full, np.arange(n))]
+    outs = {"map": np.zeros((n, *full), np.float32), "score": np.zeros(n, np.float32),
+            "mse": np.zeros(n, np.float32), "restored": np.zeros_like(images, np.float32)}
+    total = sum(-(-len(idx) // batch_size) for _, idx in groups)
+    bar = tqdm(total=total, desc=progress, unit="batch") if (
+        progress and jax.process_index() == 0) else None
+    for g, ((gh, gw), members) in enumerate(groups):
+        compiled = None
+        for start, ((batch, real), (hw, _)) in enumerate(zip(
+                eval_batches(images[members, :gh, :gw], batch_size),
+                eval_batches(sizes[members], batch_size))):
+            rows = members[start * batch_size:start * batch_size + real]
+            idx = np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])
+            images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
+            idx_g = parallel.global_batch(mesh, parallel.host_rows(idx.astype(np.int32)))
+            hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
+            if compiled is None:
+                compiled = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
+                parallel.barrier(f"ssm_jax_score_compiled_{progress}_{g}")
+            out = parallel.to_host(compiled(variables, key, images_g, idx_g, hw_g))
+            pad = ((0, 0), (0, full[0] - gh), (0, full[1] - gw))
+            outs["map"][rows] = np.pad(np.asarray(out["map"])[:real], pad, mode="edge")
+            outs["restored"][rows] = np.pad(np.asarray(out["restored"])[:real],
+                                            pad + ((0, 0),), mode="edge")
+            outs["score"][rows] = np.asarray(out["score"])[:real]
+            outs["mse"][rows] = np.asarray(out["mse"])[:real]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return outs
+
+
+def shape_bucket(cfg: ml_collections.ConfigDict) -> int:
+    """Group size step for scoring padded images of mixed shapes (0: one shape)."""
+    return max(16, cfg.data.image_size // 2) if cfg.data.keep_aspect else 0
 
 
 MAP_STATS_FILE = "map_stats.npz"
@@ -169,7 +207,8 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
     if not len(val_images):
         return None, None
     val_out = score_images(score_fn, variables, mesh, val_images, cfg.eval.batch_size,
-                           cfg.eval.seed, progress=progress, sizes=val_sizes)
+                           cfg.eval.seed, progress=progress, sizes=val_sizes,
+                           bucket=shape_bucket(cfg))
     val_scores, stats = val_out["score"], {}
     if cfg.eval.map_normalization == "val_zscore":
         stats = normalization.fit(val_out["map"], val_sizes)
@@ -235,7 +274,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     test = data["test"]
     t1 = time.time()
     out = score_images(score_fn, variables, mesh, test.images, cfg.eval.batch_size,
-                       cfg.eval.seed, progress="scoring test", sizes=test.sizes)
+                       cfg.eval.seed, progress="scoring test", sizes=test.sizes,
+                       bucket=shape_bucket(cfg))
     if stats is not None:
         out = apply_map_stats(out, stats, sc, test.sizes)
     test_seconds = time.time() - t1

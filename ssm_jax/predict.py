@@ -9,7 +9,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from ssm_jax import evaluate, parallel
 from ssm_jax.errors import CheckpointError, DataError
@@ -80,7 +79,8 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     score_fn = evaluate.make_score_fn(cfg, mesh, sc)
     threshold, stats = _calibration(cfg, workdir, step, sc, score_fn, variables, mesh)
     out = evaluate.score_images(score_fn, variables, mesh, images, cfg.eval.batch_size,
-                                cfg.eval.seed, progress="scoring", sizes=sizes)
+                                cfg.eval.seed, progress="scoring", sizes=sizes,
+                                bucket=evaluate.shape_bucket(cfg))
     if stats is not None:
         out = evaluate.apply_map_stats(out, stats, sc, sizes)
     rows = [{"path": p, "score": float(s), "threshold": threshold,
@@ -96,11 +96,11 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
         names = [os.path.splitext(os.path.relpath(p, input_path)
                                   if os.path.isdir(input_path) else os.path.basename(p))[0]
                  for p in paths]
-        vmax = max(float(np.max(out["map"])), threshold)
+        vmin, vmax = report.heat_scale(threshold, out["map"])  # threshold at a fixed colour
         if sizes is not None:  # overlays of the valid region only
             for i, (h, w) in enumerate(sizes):
                 report.save_overlays(output_dir, images[i:i + 1, :h, :w],
-                                     out["map"][i:i + 1, :h, :w], names[i:i + 1], 0.0, vmax)
+                                     out["map"][i:i + 1, :h, :w], names[i:i + 1], vmin, vmax)
         else:
-            report.save_overlays(output_dir, images, out["map"], names, 0.0, vmax)
+            report.save_overlays(output_dir, images, out["map"], names, vmin, vmax)
     return rows

@@ -26,6 +26,9 @@ import numpy as np
 
 _CURVE_POINTS = 200
 _PRO_FPR_LIMIT = 0.3
+# Heat maps: 0 is the bottom of the colour scale, the decision threshold sits at its middle
+# (green), and values from SATURATE x threshold up are the top colour (dark red).
+SATURATE = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,6 +40,29 @@ def _jet(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)[..., None]
     centres = np.array([0.75, 0.5, 0.25], np.float32)  # red, green, blue
     return np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
+
+
+def heat_scale(threshold: float | None, maps: np.ndarray | None = None,
+               saturate: float = SATURATE) -> tuple[float, float]:
+    """``(vmin, vmax)`` for heat maps anchored to the decision threshold: ``vmin = 0``,
+    ``vmax = saturate * threshold``, so the threshold is always the scale's
+    ``1 / saturate`` point (the middle, green, at the default 2) and one extreme map cannot
+    wash out the others. Without a positive threshold: the maps' finite min and max."""
+    if threshold is not None and math.isfinite(threshold) and threshold > 0:
+        return 0.0, float(saturate * threshold)
+    vals = np.asarray(maps if maps is not None else [], np.float32)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return 0.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _jet_cmap() -> Any:
+    """Our jet as a matplotlib colour map (for colour bars that match the overlays)."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(_jet(np.linspace(0.0, 1.0, 256)), name="ssm_jet")
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -205,6 +231,30 @@ def _pixel_threshold(maps: np.ndarray, labels: np.ndarray, threshold: float | No
     return float(np.quantile(vals, 0.99)) if vals.size else 0.0
 
 
+def _colour_bar(fig: Any, vmin: float, vmax: float, threshold: float,
+                label: str = "threshold") -> None:
+    """A horizontal colour bar under the grid: the overlay scale, threshold marked."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    height = fig.get_figheight()
+    bar_in, pad_in = 0.12, 0.55  # inches: bar thickness, room for its labels below
+    fig.subplots_adjust(bottom=(bar_in + pad_in + 0.1) / height)
+    cax = fig.add_axes([0.25, pad_in / height, 0.5, bar_in / height])
+    sm = ScalarMappable(norm=Normalize(vmin, vmax), cmap=_jet_cmap())
+    cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
+    anchored = vmin == 0.0 and math.isfinite(threshold) and threshold > 0 \
+        and abs(vmax - SATURATE * threshold) <= 1e-6 * vmax
+    if math.isfinite(threshold) and vmin <= threshold <= vmax:
+        cax.axvline(threshold, color="k", lw=1.5)
+        cb.set_ticks([vmin, threshold, vmax])
+        cb.set_ticklabels([f"{vmin:.3g}", f"{label} {threshold:.3g}",
+                           f"{vmax:.3g}" + ("+" if anchored else "")])
+    cb.ax.tick_params(labelsize=7)
+    cb.set_label("anomaly map" + (f" (saturates at {SATURATE:g} x {label})"
+                                  if anchored else ""), fontsize=7)
+
+
 def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                  threshold: float | None, num_overlays: int) -> str:
     """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png`` and
@@ -224,9 +274,11 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     restored = out.get("restored")
     n = len(labels)
     has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
-    finite = maps[np.isfinite(maps)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     pix_thr = _pixel_threshold(maps, labels, threshold)
+    vmin, vmax = heat_scale(pix_thr, maps)  # the threshold at a fixed colour
+    scale_note = (f"heat maps: {vmin:.3g} (blue) to {vmax:.3g} (red); the pixel threshold "
+                  f"is green, {SATURATE:g} x it and above is red" if vmin == 0.0 else
+                  f"heat maps: {vmin:.3g} (blue) to {vmax:.3g} (red)")
     figures: list[tuple[str, str]] = []
     notes: list[str] = []
 
@@ -266,6 +318,8 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
             axes[r, 0].set_title(f"{test_set.defect_types[i]} ({kind(i)})\n"
                                  f"score {scores[i]:.4g}", fontsize=7)
         fig.tight_layout()
+        _colour_bar(fig, vmin, vmax, pix_thr,
+                    "threshold" if threshold is not None else "normal 99% quantile")
         save(fig, "grid.png", "Samples: input, restoration, ground truth, overlay, region")
     else:
         notes.append("No sample grid: no images were sampled (empty test set or "
@@ -334,7 +388,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
              "td{padding:2px 8px}figure{display:inline-block;margin:4px}"
              "figcaption{font-size:small}</style></head><body>\n<h1>Evaluation</h1>\n",
              f"<p>{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
-             f"{pix_thr:.4g}.</p>\n<h2>Metrics</h2>\n<table border='1'>\n"
+             f"{pix_thr:.4g}; {esc(scale_note)}.</p>\n<h2>Metrics</h2>\n<table border='1'>\n"
              f"<tr><th>metric</th><th>value</th></tr>\n{rows}</table>\n"]
     if has_json:
         parts.append("<p><a href='metrics.json'>metrics.json</a></p>\n")
@@ -353,7 +407,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
 
     md = ["# Evaluation", "",
           f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
-          f"{pix_thr:.4g}.", "", "| metric | value |", "|---|---|"]
+          f"{pix_thr:.4g}; {scale_note}.", "", "| metric | value |", "|---|---|"]
     md += [f"| {str(k).replace('|', '/')} | {_fmt(v).replace('|', '/')} |"
            for k, v in result.items()]
     if has_json:
