@@ -37,16 +37,28 @@ def test_map_higher_inside_defect():
     assert float(out["score"]) > float(clean_out["score"])
 
 
-def test_r1_equals_single_pass():
-    cfg = scoring.ScoringConfig(ks=(2, 4), refine_passes=1, sigma_at_128=4.0)
-    key = jax.random.PRNGKey(5)
+def test_r1_is_one_pass_and_a_mask_blind_restorer_needs_no_refinement():
+    # A restorer that ignores the masks restores the clean image from any mask set, so the
+    # map is the MS-GMS map of (x, clean), summed over k and smoothed, whatever the masks;
+    # with quantile 0 every cell stays suspicious and R=3 repeats that same map.
     x = _defective()
-    restore = _noisy_restorer()
-    out = scoring.score_image(restore, key, x, cfg)
-    single = scoring.single_pass(restore, jax.random.fold_in(key, 0), x, jnp.ones((S, S)), cfg)
-    ref = losses.gaussian_blur(single["raw"], cfg.sigma(S))
-    np.testing.assert_allclose(out["map"], ref, atol=1e-6)
+    cfg = scoring.ScoringConfig(ks=(2, 4), refine_passes=1, sigma_at_128=4.0)
+    out = scoring.score_image(_restorer(_clean()), jax.random.PRNGKey(5), x, cfg)
+    ref = losses.gaussian_blur(2.0 * losses.ms_gms_anomaly_map(x, _clean()), cfg.sigma(S))
+    np.testing.assert_allclose(out["map"], ref, atol=1e-5)
+    assert float(out["score"]) == pytest.approx(float(ref.max()), abs=1e-5)
     assert float(out["suspicious"].min()) == 1.0
+    cfg3 = scoring.ScoringConfig(ks=(2, 4), refine_passes=3, refine_quantile=0.0,
+                                 refine_cell=4, sigma_at_128=4.0)
+    three = scoring.score_image(_restorer(_clean()), jax.random.PRNGKey(5), x, cfg3)
+    np.testing.assert_allclose(three["map"], out["map"], atol=1e-5)
+    assert float(three["suspicious"].min()) == 1.0
+    # Each restoration counts only where its mask hid pixels: a restorer that returns its
+    # input (hidden pixels black) composites to a black image.
+    black = scoring.score_image(lambda masked, m: (masked, m), jax.random.PRNGKey(5), x, cfg)
+    ref = losses.gaussian_blur(2.0 * losses.ms_gms_anomaly_map(x, jnp.zeros_like(x)),
+                               cfg.sigma(S))
+    np.testing.assert_allclose(black["map"], ref, atol=1e-5)
 
 
 def _noisy_restorer():
@@ -59,20 +71,58 @@ def _noisy_restorer():
     return restore
 
 
-def test_refinement_uncovers_cells_and_changes_map():
+def test_refinement_rule_by_hand():
+    """R=3, quantile 0.5 against the rule written out: after each pass, suspicious cells
+    whose mean score is below the median of the suspicious cells are uncovered; uncovered
+    pixels keep the score of the pass that judged them normal, suspicious ones take the
+    last pass's."""
     key = jax.random.PRNGKey(1)
     x = _defective()
-    restore = _noisy_restorer()
-    one = scoring.score_image(restore, key, x, scoring.ScoringConfig(ks=(2, 4)))
-    cfg3 = scoring.ScoringConfig(ks=(2, 4), refine_passes=3, refine_quantile=0.5,
-                                 refine_cell=4)
-    three = scoring.score_image(restore, key, x, cfg3)
-    susp = np.asarray(three["suspicious"])
-    # Each pass keeps about half of the still-suspicious cells: about 1/4 after 2 updates.
-    assert 0.15 < susp.mean() < 0.35
-    # The defect stays suspicious; cells far away get uncovered.
-    assert susp[12:16, 14:18].mean() == 1.0
-    assert not np.allclose(one["map"], three["map"])
+    yy, xx = jnp.meshgrid(jnp.arange(S), jnp.arange(S), indexing="ij")
+    texture = jnp.sin(1.3 * xx + 0.7 * yy)[..., None]
+
+    def restore(masked, m):
+        # Adds a texture while a mask hides a third of the image (first pass), none once
+        # most of it is visible: later passes score normal cells lower than the first did,
+        # so cells uncovered early must not come back.
+        hidden = 1.0 - jnp.mean(m, axis=(1, 2))[:, None, None, None]
+        return jnp.clip(_clean() + 0.5 * (hidden > 0.25) * texture, 0, 1), m
+
+    cell = 4
+    cfg = scoring.ScoringConfig(ks=(2, 4), refine_passes=3, refine_quantile=0.5,
+                                refine_cell=cell, sigma_at_128=0.0)  # map = raw scores
+    out = scoring.score_image(restore, key, x, cfg)
+
+    def one_pass(r, susp):
+        res = scoring.single_pass(restore, jax.random.fold_in(key, r), x, jnp.asarray(susp),
+                                  cfg)
+        return np.asarray(res["raw"], np.float64)
+
+    susp = np.ones((S, S))
+    raw = first = one_pass(0, susp)
+    passes = [first]
+    for r in (1, 2):
+        cells = raw.reshape(S // cell, cell, S // cell, cell).mean(axis=(1, 3))
+        cell_susp = susp[::cell, ::cell] > 0.5
+        thr = np.quantile(cells[cell_susp], 0.5)
+        keep = cell_susp & (cells >= thr)
+        susp = np.kron(keep, np.ones((cell, cell)))
+        passes.append(one_pass(r, susp))
+        raw = np.where(susp > 0, passes[-1], raw)
+    np.testing.assert_array_equal(np.asarray(out["suspicious"]), susp)
+    np.testing.assert_allclose(np.asarray(out["map"]), raw, atol=1e-5)
+    # Each update keeps half of the still-suspicious cells: 1/4 after two; the defect stays.
+    assert susp.mean() == pytest.approx(0.25, abs=0.02)
+    assert susp[12:16, 14:18].min() == 1.0
+    # The rule is visible in the result: the passes differ, uncovered pixels keep the first
+    # pass's score, the still-suspicious ones take the third pass's.
+    assert np.abs(passes[2] - passes[0])[susp > 0].max() > 1e-3
+    m = np.asarray(out["map"])
+    first_cells = first.reshape(S // cell, cell, S // cell, cell).mean(axis=(1, 3))
+    uncovered_first = np.kron(first_cells < np.quantile(first_cells, 0.5),
+                              np.ones((cell, cell))) > 0
+    np.testing.assert_allclose(m[uncovered_first], first[uncovered_first], atol=1e-5)
+    np.testing.assert_allclose(m[susp > 0], passes[2][susp > 0], atol=1e-5)
 
 
 def test_threshold_rule_and_mask_head():
