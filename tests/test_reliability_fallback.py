@@ -219,3 +219,37 @@ def test_evaluate_reports_too_few_normals(reference_run, tmp_path):
     assert m["threshold_num_normals"] == 2 and m["threshold_min_normals"] == 100
     assert "too few" in m["threshold_warning"]
     assert sum("too few for threshold quantile" in ln for ln in res.stderr.splitlines()) == 1
+
+
+def test_progress_bar_only_on_a_terminal(caplog):
+    import io
+    import logging
+
+    from ssm_jax.progress import TrainProgress, format_duration
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert format_duration(3725) == "1h02m" and format_duration(75) == "1m15s"
+    pipe = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="ssm_jax"):
+        p = TrainProgress(0, 10, 8, stream=pipe)
+        p.begin()
+        for s in range(1, 11):
+            p.step(s)
+            if s % 5 == 0:
+                p.report(s, 0.5)
+        p.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["5/10", "10/10"] and pipe.getvalue() == ""
+    caplog.clear()
+    tty = Tty()
+    with caplog.at_level(logging.INFO, logger="ssm_jax"):
+        p = TrainProgress(0, 10, 8, stream=tty)
+        for s in range(1, 11):
+            p.step(s)
+        p.report(10, 0.25)
+        p.close()
+    assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
+    assert "10/10" in tty.getvalue() and "loss 0.2500" in tty.getvalue()
