@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.mask_head_weight = 0.0
     c.eval.sigma_at_128 = 7.0
     c.eval.image_score = "max"
+    c.eval.mask_draws = 1  # independent scoring-mask draws per k, maps averaged
     c.eval.k_weighting = "equal"  # equal | area (k^2, the published code's 1/N^2)
     c.eval.border = "edge"  # edge | zero (the published MS-GMS padding)
     # mse: image score + restoration MSE, each standardized by the held-out normals

@@ -36,7 +36,7 @@ def scoring_config(cfg: ml_collections.ConfigDict) -> scoring.ScoringConfig:
         refine_cell=int(e.refine_cell), refine_mask_head_weight=float(e.refine_mask_head_weight),
         mask_head_weight=float(e.mask_head_weight), sigma_at_128=float(e.sigma_at_128),
         image_score=e.image_score, k_weighting=e.k_weighting, border=e.border,
-        sigma_side=int(cfg.data.image_size))
+        sigma_side=int(cfg.data.image_size), mask_draws=int(e.mask_draws))
     sc.validate(cfg.data.image_size)
     return sc
 

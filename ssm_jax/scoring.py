@@ -70,6 +70,7 @@ class ScoringConfig:
     k_weighting: str = "equal"
     border: str = "edge"
     sigma_side: int = 0  # side that sets the smoothing sigma; 0 = the image's shorter side
+    mask_draws: int = 1  # independent draws of the scoring masks, maps averaged
 
     def validate(self, image_size: int) -> None:
         """Raises ConfigError for settings that cannot work at this image size."""
@@ -93,6 +94,8 @@ class ScoringConfig:
         if self.k_weighting not in K_WEIGHTINGS:
             raise ConfigError(f"eval.k_weighting must be one of {K_WEIGHTINGS}, "
                               f"got {self.k_weighting!r}")
+        if self.mask_draws < 1:
+            raise ConfigError(f"eval.mask_draws must be >= 1, got {self.mask_draws}")
         if self.border not in losses.BORDERS:
             raise ConfigError(f"eval.border must be one of {losses.BORDERS}, "
                               f"got {self.border!r}")
@@ -143,7 +146,10 @@ def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious:
     composite and the restoration MSE map (mean over k of the squared composite error).
     """
     h, w = x.shape[:2]
-    grid = masks.scoring_masks(key, (h, w), cfg.ks, cfg.num_masks)  # [K, n, H, W]
+    # Every draw is a full set of n complementary masks per k; all go through one forward
+    # pass and their maps are averaged (less mask-placement noise in the score).
+    ks = tuple(cfg.ks) * cfg.mask_draws
+    grid = masks.scoring_masks(key, (h, w), ks, cfg.num_masks)  # [K*D, n, H, W]
     hidden = (1.0 - grid) * suspicious
     eff = 1.0 - hidden
     nk, n = eff.shape[:2]
@@ -155,7 +161,8 @@ def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious:
     x_hat = losses.composite(restored, eff) + x * keep  # [K, H, W, C]
     per_k = losses.ms_gms_anomaly_map(jnp.broadcast_to(x, x_hat.shape), x_hat,
                                       border=cfg.border)
-    raw = jnp.tensordot(jnp.asarray(cfg.k_weights(), jnp.float32), per_k, axes=1)
+    weights = jnp.asarray(cfg.k_weights() * cfg.mask_draws, jnp.float32) / cfg.mask_draws
+    raw = jnp.tensordot(weights, per_k, axes=1)
     # Mask head: visible pixels should be predicted visible (1); the shortfall is a cue.
     head = jnp.sum(eff * (1.0 - pred), axis=(0, 1)) / jnp.maximum(eff.sum(axis=(0, 1)), 1.0)
     sq_err = jnp.mean((x_hat - x) ** 2, axis=(0, -1))

@@ -324,3 +324,21 @@ def test_shape_buckets_group_by_rounded_size():
     assert [g for g, _ in groups] == [(32, 48), (32, 80), (80, 32)]
     assert sorted(np.concatenate([i for _, i in groups]).tolist()) == [0, 1, 2, 3]
     assert folder.padded_shape([(32, 77), (72, 32)]) == (80, 80)
+
+
+def test_mask_draws_average_independent_mask_sets():
+    x = jnp.asarray(np.random.default_rng(6).uniform(size=(32, 32, 1)), jnp.float32)
+
+    def restore(masked, m):
+        num = losses.gaussian_blur(masked[..., 0], 1.5)
+        return (num / jnp.maximum(losses.gaussian_blur(m, 1.5), 1e-3))[..., None], m
+
+    key, ones = jax.random.PRNGKey(2), jnp.ones((32, 32))
+    two = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8),
+                                                                           mask_draws=2))
+    flat = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8, 4, 8)))
+    np.testing.assert_allclose(np.asarray(two["raw"]), np.asarray(flat["raw"]) / 2, rtol=1e-5)
+    one = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8)))
+    assert not np.allclose(np.asarray(one["raw"]), np.asarray(two["raw"]))
+    with pytest.raises(Exception, match="mask_draws"):
+        scoring.ScoringConfig(mask_draws=0).validate(32)
