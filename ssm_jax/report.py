@@ -151,8 +151,10 @@ def _pro_points(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = _PRO_FPR
 
     masks = np.asarray(masks) > 0.5
     maps = np.asarray(maps, np.float64)
-    maps = np.where(np.isnan(maps), -np.inf, maps)
-    normal_vals = np.sort(maps[~masks])
+    counted = ~np.isnan(maps)  # NaN marks padding: no normal pixel, no region pixel
+    masks = masks & counted
+    maps = np.where(counted, maps, -np.inf)
+    normal_vals = np.sort(maps[~masks & counted])
     if normal_vals.size == 0:
         return None
     thr = np.quantile(normal_vals[np.isfinite(normal_vals)], np.linspace(
@@ -272,10 +274,21 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     labels = np.asarray(test_set.labels).reshape(-1)
     masks = None if test_set.masks is None else np.asarray(test_set.masks)
     restored = out.get("restored")
+    sizes = getattr(test_set, "sizes", None)
+    if sizes is not None:  # padded images: draw and count only each image's valid region
+        rows = np.arange(maps.shape[1])[None, :, None] < sizes[:, 0, None, None]
+        cols = np.arange(maps.shape[2])[None, None, :] < sizes[:, 1, None, None]
+        maps = np.where(rows & cols, maps, np.nan)
+
+    def valid(a: np.ndarray | None, i: int) -> np.ndarray | None:
+        if a is None or sizes is None:
+            return None if a is None else a[i]
+        return a[i][:sizes[i][0], :sizes[i][1]]
+
     n = len(labels)
     has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
     pix_thr = _pixel_threshold(maps, labels, threshold)
-    vmin, vmax = heat_scale(pix_thr, maps)  # the threshold at a fixed colour
+    vmin, vmax = heat_scale(pix_thr, maps[np.isfinite(maps)])  # the threshold at a fixed colour
     scale_note = (f"heat maps: {vmin:.3g} (blue) to {vmax:.3g} (red); the pixel threshold "
                   f"is green, {SATURATE:g} x it and above is red" if vmin == 0.0 else
                   f"heat maps: {vmin:.3g} (blue) to {vmax:.3g} (red)")
@@ -296,19 +309,21 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     idx = _sample(labels, scores, num_overlays) if n else np.zeros(0, int)
     names = [f"{os.path.splitext(os.path.basename(str(test_set.paths[i])))[0]}_"
              f"{test_set.defect_types[i]}" for i in idx]
-    overlays = save_overlays(eval_dir, images[idx], maps[idx], names, vmin, vmax)
+    overlays = save_overlays(eval_dir, [valid(images, i) for i in idx],
+                             [valid(maps, i) for i in idx], names, vmin, vmax)
 
     # 2. Grid, one row per sampled image.
     if len(idx):
         cols = ["input", "restoration", "ground truth", "anomaly map", f"map > {pix_thr:.3g}"]
         fig, axes = plt.subplots(len(idx), 5, figsize=(10, 2.3 * len(idx)), squeeze=False)
         for r, i in enumerate(idx):
-            shape = maps[i].shape
-            gt = masks[i] if masks is not None else np.zeros(shape, np.float32)
-            rest = restored[i] if restored is not None else np.zeros(shape, np.float32)
-            panels = [_display(images[i]), _display(rest), (np.asarray(gt, np.float32), "gray"),
-                      (overlay(images[i], maps[i], vmin, vmax), None),
-                      ((maps[i] > pix_thr).astype(np.float32), "gray")]
+            img, amap = valid(images, i), valid(maps, i)
+            shape = amap.shape
+            gt = valid(masks, i) if masks is not None else np.zeros(shape, np.float32)
+            rest = valid(restored, i) if restored is not None else np.zeros(shape, np.float32)
+            panels = [_display(img), _display(rest), (np.asarray(gt, np.float32), "gray"),
+                      (overlay(img, amap, vmin, vmax), None),
+                      ((amap > pix_thr).astype(np.float32), "gray")]
             for c, (p, cmap) in enumerate(panels):
                 ax = axes[r, c]
                 ax.imshow(p, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
