@@ -96,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy.py: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
-    new = not os.path.isfile(args.results)
     summary: dict[str, dict[str, list[float]]] = {name: {} for name, _ in variants}
     with open(args.results, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
+        if f.tell() == 0:  # a new (or empty) file
             w.writeheader()
         for seed in seeds:
             cfg = config_utils.apply_overrides(base, [f"seed={seed}"])
