@@ -2,8 +2,9 @@
 
 The per-image scoring (all k, all masks, all refinement passes) is vmapped over a batch
 and the batch is sharded over the ``data`` mesh axis (``jax.shard_map``). The last batch
-is padded; padded rows are dropped before metrics. Image keys come from the image's index
-in the set, so scores do not depend on the device count or batch size.
+is padded; padded rows are dropped before metrics. An image's mask key comes from its
+pixels (CRC-32), so its score does not depend on the device count, batch size, its
+position or the other images of the set (``predict`` on one file = ``evaluate``).
 """
 
 from __future__ import annotations
@@ -76,13 +77,15 @@ def shape_buckets(sizes: np.ndarray, full: tuple[int, int],
 
 def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
                  progress: str | None = None, sizes: np.ndarray | None = None,
-                 bucket: int = 0) -> dict[str, np.ndarray]:
+                 bucket: int = 0, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Scores every image of [N, H, W, C]; returns numpy maps [N, H, W], scores [N],
     restoration MSEs [N] and restored images.
 
     ``sizes`` [N, 2]: valid (h, w) of padded images. With ``bucket`` > 0, images are scored
     in groups cropped to their valid size rounded up to ``bucket`` (see
-    :func:`shape_buckets`); each image's masks depend only on its index in the set.
+    :func:`shape_buckets`). Each image's masks depend only on its id: ``ids`` [N], by
+    default :func:`content_ids`, so an image scores the same alone, inside any folder or
+    set, at any batch size and position.
     """
     from tqdm import tqdm
 
@@ -95,6 +98,7 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     if sizes is None:
         sizes = np.tile(np.array(full, np.int32), (n, 1))
     sizes = np.asarray(sizes, np.int32)
+    ids = content_ids(images, sizes) if ids is None else np.asarray(ids, np.int32)
     groups = shape_buckets(sizes, full, bucket) if bucket else [(full, np.arange(n))]
     outs = {"map": np.zeros((n, *full), np.float32), "score": np.zeros(n, np.float32),
             "mse": np.zeros(n, np.float32), "restored": np.zeros_like(images, np.float32)}
@@ -107,7 +111,7 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
                 eval_batches(images[members, :gh, :gw], batch_size),
                 eval_batches(sizes[members], batch_size))):
             rows = members[start * batch_size:start * batch_size + real]
-            idx = np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])
+            idx = ids[np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])]
             images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
             idx_g = parallel.global_batch(mesh, parallel.host_rows(idx.astype(np.int32)))
             hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
@@ -126,6 +130,16 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     if bar is not None:
         bar.close()
     return outs
+
+
+def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+    """[N] int32 ids from each image's valid pixels (CRC-32): the key of its scoring masks."""
+    import zlib
+
+    if sizes is None:
+        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+    return np.array([zlib.crc32(np.ascontiguousarray(im[:h, :w]).tobytes()) & 0x7FFFFFFF
+                     for im, (h, w) in zip(images, sizes)], np.int32).reshape(-1)
 
 
 def shape_bucket(cfg: ml_collections.ConfigDict) -> int:

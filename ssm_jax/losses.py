@@ -103,7 +103,9 @@ def ms_gms_anomaly_map(x: jax.Array, y: jax.Array, scales: int = 4,
     for s in range(scales):
         if s:
             x, y = avg_pool2(x), avg_pool2(y)
-        m = 1.0 - gms_map(x, y, border=border)
+        # The valid-size Prewitt needs 3 pixels; a coarse scale of a tiny image uses edges.
+        small = min(x.shape[-3:-1]) < 3
+        m = 1.0 - gms_map(x, y, border="edge" if small else border)
         total = total + jax.image.resize(m, m.shape[:-2] + (h, w), method="bilinear")
     return total / scales
 

@@ -254,7 +254,8 @@ def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
                 sizes: jax.Array | None = None) -> dict[str, jax.Array]:
     """vmap of :func:`score_image` over a batch [B, H, W, C] (``sizes`` [B, 2]: valid h, w).
 
-    Each image's masks come from ``fold_in(key, index)``, so an image's score does not
+    Each image's masks come from ``fold_in(key, index)`` (callers pass a content id as the
+    index), so an image's score does not
     depend on the batch size, its position in the batch, or the device it lands on.
     """
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)

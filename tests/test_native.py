@@ -228,7 +228,7 @@ def test_area_k_weighting_matches_published_division():
 
 def test_zero_border_is_the_published_rule():
     rng = np.random.default_rng(5)
-    x = rng.uniform(size=(1, 12, 14, 1)).astype(np.float32)
+    x = rng.uniform(size=(1, 32, 36, 1)).astype(np.float32)
     y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
 
     def published_gms(a, b, c=losses.GMS_C):
@@ -241,10 +241,13 @@ def test_zero_border_is_the_published_rule():
         return (2 * ga * gb + c) / (ga ** 2 + gb ** 2 + c)
 
     got = np.asarray(losses.gms_map(jnp.asarray(x), jnp.asarray(y), border="zero"))[0]
-    assert got.shape == (10, 12)
+    assert got.shape == (30, 34)
     np.testing.assert_allclose(got, published_gms(x, y), rtol=1e-4, atol=1e-5)
     m = losses.ms_gms_anomaly_map(jnp.asarray(x), jnp.asarray(y), border="zero")
-    assert m.shape == (1, 12, 14)
+    assert m.shape == (1, 32, 36)
+    tiny = losses.ms_gms_anomaly_map(jnp.asarray(x[:, :12, :14]), jnp.asarray(y[:, :12, :14]),
+                                     border="zero")  # coarsest scale 1 px: edge rule there
+    assert tiny.shape == (1, 12, 14) and np.isfinite(np.asarray(tiny)).all()
     edge = losses.ms_gms_anomaly_map(jnp.asarray(x), jnp.asarray(y))
     assert not np.allclose(np.asarray(m), np.asarray(edge))
 
@@ -345,3 +348,27 @@ def test_mask_draws_average_independent_mask_sets():
     assert not np.allclose(np.asarray(one["raw"]), np.asarray(two["raw"]))
     with pytest.raises(Exception, match="mask_draws"):
         scoring.ScoringConfig(mask_draws=0).validate(32)
+
+
+def test_an_image_scores_the_same_alone_and_in_a_set():
+    from ssm_jax import parallel
+    from ssm_jax.evaluate import content_ids, score_images
+
+    mesh = parallel.data_mesh()
+
+    def restore(masked, m):
+        num = losses.gaussian_blur(masked[..., 0], 1.5)
+        return (num / jnp.maximum(losses.gaussian_blur(m, 1.5), 1e-3))[..., None], m
+
+    sc = scoring.ScoringConfig(ks=(4, 8))
+
+    def fn(variables, key, images, indices, sizes):
+        return scoring.score_batch(restore, key, images, indices, sc, sizes)
+
+    fn = jax.jit(fn)
+    images = np.random.default_rng(7).uniform(size=(5, 32, 32, 1)).astype(np.float32)
+    together = score_images(fn, {}, mesh, images, 4, seed=0)
+    alone = score_images(fn, {}, mesh, images[3:4], 4, seed=0)
+    assert float(alone["score"][0]) == pytest.approx(float(together["score"][3]), rel=1e-6)
+    ids = content_ids(images)
+    assert len(set(ids.tolist())) == 5 and content_ids(images[3:4])[0] == ids[3]
