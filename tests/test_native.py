@@ -3,8 +3,6 @@ k weighting, the published border rule, score fusion calibrated on held-out norm
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -252,12 +250,18 @@ def test_zero_border_is_the_published_rule():
     assert not np.allclose(np.asarray(m), np.asarray(edge))
 
 
-def _ssm(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-m", "ssm_jax", *args], capture_output=True,
-                         text=True, timeout=900, env=env)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
+def _ssm(*args, code=0):
+    """``ssm-jax ARGS`` in this process (what the console script calls); returns stderr."""
+    import contextlib
+    import io
+
+    from ssm_jax import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.run([str(a) for a in args])
+    assert rc == code, err.getvalue()[-4000:]
+    return err.getvalue()
 
 
 NATIVE = ["--config.data.image_size=32", "--config.data.keep_aspect=True",
@@ -308,18 +312,12 @@ def test_crop_training_then_full_image_scoring_on_synthetic(tmp_path):
 
 
 def test_bad_native_settings_are_one_line_errors(tmp_path, wide_folder):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-m", "ssm_jax", "train", "--config",
-                          "configs/quickstart.py", "--workdir", str(tmp_path / "x"),
-                          f"--config.data.path={wide_folder}", "--config.data.keep_aspect=True"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 2 and "crop_size" in res.stderr
-    assert "Traceback" not in res.stderr
-    res = subprocess.run([sys.executable, "-m", "ssm_jax", "train", "--config",
-                          "configs/quickstart.py", "--workdir", str(tmp_path / "y"),
-                          "--config.data.crop_size=24"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 2 and "crop_size=24" in res.stderr
+    err = _ssm("train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "x"),
+               f"--config.data.path={wide_folder}", "--config.data.keep_aspect=True", code=2)
+    assert "crop_size" in err and "Traceback" not in err
+    err = _ssm("train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "y"),
+               "--config.data.crop_size=24", code=2)
+    assert "crop_size=24" in err and "Traceback" not in err
 
 
 def test_shape_buckets_group_by_rounded_size():
