@@ -182,7 +182,7 @@ def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | No
         with np.load(path) as z:
             if str(z["fingerprint"]) != fingerprint:
                 return None
-            return {k: z[k] for k in ("mean", "scale", "fusion", "relative") if k in z}
+            return {k: z[k] for k in ("mean", "scale", "fusion") if k in z}
     except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable: recalibrate
         log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         return None
@@ -194,9 +194,7 @@ def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
     """Standardized maps and the image scores recomputed from them; fused with the
     standardized restoration MSE when the statistics hold a fusion."""
     out = dict(out)
-    if "relative" in stats:
-        out["map"] = normalization.standardize_relative(out["map"], stats, sizes)
-    elif "mean" in stats:
+    if "mean" in stats:
         out["map"] = normalization.standardize(out["map"], stats)
         out["score"] = np.asarray(scoring.image_scores(out["map"], sc.image_score,
                                                        sc.topk_fraction, sizes))
@@ -230,11 +228,6 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
         stats = normalization.fit(val_out["map"], val_sizes)
         val_scores = np.asarray(scoring.image_scores(
             normalization.standardize_leave_one_out(val_out["map"], val_sizes),
-            sc.image_score, sc.topk_fraction, val_sizes))
-    elif cfg.eval.map_normalization == "val_zscore_relative":
-        stats = normalization.fit_relative(val_out["map"], val_sizes)
-        val_scores = np.asarray(scoring.image_scores(
-            normalization.standardize_relative_leave_one_out(val_out["map"], val_sizes),
             sc.image_score, sc.topk_fraction, val_sizes))
     if cfg.eval.image_score_fusion == "mse":
         stats["fusion"] = normalization.fit_fusion(val_scores, val_out["mse"])

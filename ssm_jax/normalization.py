@@ -18,13 +18,6 @@ Padded images (``data.keep_aspect``): statistics use only the valid pixels of ea
 statistics of all valid pixels. Maps of another shape than the statistics (``predict`` on
 new sizes) see the statistics cropped or edge-extended to their shape.
 
-``val_zscore_relative``: the same standardization in coordinates relative to each image's
-own frame: every validation map's valid region is resized (bilinear) to a
-``RELATIVE_GRID`` square, the per-cell mean and std are taken there, and for a map they
-are resized back to its valid size. Sets of mixed shapes (portrait and landscape tiles with
-``data.keep_aspect``) then compare rim with rim; for one shape it is ``val_zscore`` at a
-coarser grid.
-
 Score fusion (``eval.image_score_fusion=mse``): the image score and the restoration MSE
 are each standardized by their mean and std over the validation images (leave-one-out
 for those images' own fused scores) and added.
@@ -36,8 +29,7 @@ import numpy as np
 
 from ssm_jax.errors import ConfigError
 
-MAP_NORMALIZATIONS = ("none", "val_zscore", "val_zscore_relative")
-RELATIVE_GRID = 64  # side of the reference grid of val_zscore_relative
+MAP_NORMALIZATIONS = ("none", "val_zscore")
 FLOOR_FRACTION = 0.1  # std floor as a fraction of the mean per-pixel std
 
 
@@ -51,8 +43,8 @@ def check_name(name: str) -> None:
 def check_normalization(name: str, num_val: int) -> None:
     """Raises ConfigError for an unknown rule or too few validation images."""
     check_name(name)
-    if name != "none" and num_val < 3:
-        raise ConfigError(f"eval.map_normalization={name!r} needs at least 3 validation "
+    if name == "val_zscore" and num_val < 3:
+        raise ConfigError(f"eval.map_normalization='val_zscore' needs at least 3 validation "
                           f"images, the split has {num_val} (raise data.val_fraction or set "
                           f"eval.map_normalization=none)")
 
@@ -134,66 +126,3 @@ def fuse_leave_one_out(scores: np.ndarray, mse: np.ndarray) -> np.ndarray:
         rest = np.arange(len(s)) != i
         out[i] = fuse(s[i], m[i], fit_fusion(s[rest], m[rest]))
     return out
-
-
-def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a 2-D float map to ``shape`` = (h, w)."""
-    from PIL import Image
-
-    if a.shape == tuple(shape):
-        return np.asarray(a, np.float32)
-    im = Image.fromarray(np.asarray(a, np.float32), mode="F")
-    return np.asarray(im.resize((int(shape[1]), int(shape[0])), Image.Resampling.BILINEAR))
-
-
-def _sizes_or_full(maps: np.ndarray, sizes: np.ndarray | None) -> np.ndarray:
-    if sizes is None:
-        return np.tile(np.array(maps.shape[-2:]), (len(maps), 1))
-    return np.asarray(sizes)
-
-
-def _to_grid(maps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    g = (RELATIVE_GRID, RELATIVE_GRID)
-    return np.stack([_resize(m[:h, :w], g) for m, (h, w) in zip(maps, sizes)]).astype(np.float64)
-
-
-def _apply_relative(maps: np.ndarray, sizes: np.ndarray, mean: np.ndarray,
-                    scale: np.ndarray) -> np.ndarray:
-    out = np.zeros(maps.shape, np.float32)
-    for i, (m, (h, w)) in enumerate(zip(maps, sizes)):
-        mu = _resize(mean if mean.ndim == 2 else mean[i], (h, w))
-        sd = _resize(scale if scale.ndim == 2 else scale[i], (h, w))
-        z = (m[:h, :w] - mu) / sd
-        out[i] = np.pad(z, ((0, m.shape[0] - h), (0, m.shape[1] - w)), mode="edge")
-    return out
-
-
-def fit_relative(val_maps: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """:func:`fit` on the relative grid (see the module docstring)."""
-    grid = _to_grid(np.asarray(val_maps), _sizes_or_full(val_maps, sizes))
-    std = grid.std(0)
-    return {"mean": grid.mean(0).astype(np.float32),
-            "scale": (std + FLOOR_FRACTION * std.mean() + 1e-12).astype(np.float32),
-            "relative": np.asarray(1)}
-
-
-def standardize_relative(maps: np.ndarray, stats: dict[str, np.ndarray],
-                         sizes: np.ndarray | None = None) -> np.ndarray:
-    """(map - mean) / scale with the grid statistics resized to each map's valid size."""
-    maps = np.asarray(maps, np.float32)
-    return _apply_relative(maps, _sizes_or_full(maps, sizes), stats["mean"], stats["scale"])
-
-
-def standardize_relative_leave_one_out(val_maps: np.ndarray,
-                                       sizes: np.ndarray | None = None) -> np.ndarray:
-    """Each validation map standardized by the grid statistics of the other N - 1."""
-    maps = np.asarray(val_maps, np.float32)
-    sizes = _sizes_or_full(maps, sizes)
-    grid = _to_grid(maps, sizes)
-    n = len(grid)
-    total, total_sq = grid.sum(0), (grid ** 2).sum(0)
-    mean = (total - grid) / (n - 1)
-    std = np.sqrt(np.maximum((total_sq - grid ** 2) / (n - 1) - mean ** 2, 0.0))
-    floor = FLOOR_FRACTION * std.mean(axis=(1, 2), keepdims=True) + 1e-12
-    return _apply_relative(maps, sizes, mean.astype(np.float32),
-                           (std + floor).astype(np.float32))
