@@ -8,7 +8,7 @@ from ssm_jax.errors import ConfigError
 
 
 def test_config_files_load(tmp_path):
-    for name in ("paper", "quickstart", "folder", "cpu"):
+    for name in ("paper", "quickstart", "folder", "cpu", "cpu_native"):
         cfg = config_utils.complete(config_utils.load_config_file(f"configs/{name}.py"))
         config_utils.validate(cfg)
     paper = config_utils.load_config_file("configs/paper.py")

@@ -1,0 +1,26 @@
+"""CPU config at native aspect ratio, for elongated or large parts (``--config.data.path=...``).
+
+``configs/cpu.py`` squashes every image to 64 x 64. Here each image keeps its aspect ratio
+with its shorter side at 128 px; the network trains on random 64 px crops (the same cost
+per step as cpu.py: about 15 minutes for the 1000 steps on an idle 2-core CPU) and scores
+whole images, which costs 4-6x cpu.py's evaluation time. See README "Native resolution".
+
+Measured (README, Results; 1000 steps, val_zscore maps): on kolektor (256 x ~645 images,
+thin cracks) pixel AUROC 0.836 +- 0.015 and AUPRO 0.451 +- 0.036 over seeds 0-2, against
+0.759 and 0.404 for cpu.py (seed 0); image AUROC 0.660 +- 0.079 (0.639). On magnetic_tile
+(tiles of mixed size and orientation) it is worse than cpu.py (seed 0: image AUROC 0.587
+vs 0.666, pixel AUROC 0.614 vs 0.675, AUPRO 0.433 vs 0.390), so cpu.py stays the default.
+"""
+
+import os
+
+from ssm_jax.config_utils import load_config_file
+
+
+def get_config():
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.py"))
+    c.data.keep_aspect = True
+    c.data.image_size = 128  # the shorter side
+    c.data.crop_size = 64
+    c.eval.batch_size = 8  # whole images are ~2.5-6x the pixels of a crop
+    return c
