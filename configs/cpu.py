@@ -14,7 +14,7 @@ Chosen by measurement on a 2-core CPU (README, Results; benchmarks/results/accur
 
 Second round (README, Results; seeds, native resolution, scoring options): kept as it is.
 configs/cpu_native.py (aspect ratio kept, shorter side 128, 64 px crops) raises kolektor's
-pixel AUROC from 0.759 to 0.836 +- 0.015 (3 seeds) but lowers magnetic_tile's image and
+pixel AUROC from 0.766 to 0.813 +- 0.012 (3 seeds) but lowers magnetic_tile's image and
 pixel AUROC (0.666 -> 0.587, 0.675 -> 0.614); the published scoring details (k^2 weights,
 MSE fusion, zero borders, smoothing) are not gains beyond the scoring-mask noise.
 
