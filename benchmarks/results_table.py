@@ -37,21 +37,21 @@ def _mean_sd(rows: list[dict], key: str) -> str:
     v = np.array([float(r[key]) for r in rows if r.get(key) not in (None, "")])
     if not v.size:
         return "-"
-    return f"{v.mean():.3f} +- {v.std(ddof=1) if v.size > 1 else 0.0:.3f}"
+    return f"{v.mean():.3f} +- {v.std(ddof=1):.3f}" if v.size > 1 else f"{v[0]:.3f}"
 
 
 def seeds_table(rows: list[dict]) -> None:
     """Mean +- sd over seeds per (data set, setting, training overrides, variant)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["dataset"], r["setting"], r["train_overrides"], r["variant"], r["overrides"])
+        train = " ".join(w for w in r["train_overrides"].split() if not w.startswith("seed="))
+        key = (r["dataset"], r["setting"], train, r["variant"], r["overrides"])
         groups.setdefault(key, []).append(r)
     print("| data set | setting (training overrides) | eval variant | seeds | image AUROC | "
           "pixel AUROC | AUPRO | eval s (mean) |")
     print("|---|---|---|---|---|---|---|---|")
     for (ds, setting, train, variant, overrides), g in sorted(groups.items()):
         seeds = ",".join(sorted({r["seed"] for r in g}))
-        train = " ".join(w for w in train.split() if not w.startswith("seed="))
         ev = sum(float(r["eval_seconds"]) for r in g) / len(g)
         print(f"| {ds} | {setting}" + (f" (`{train}`)" if train else "") + f" | {variant}"
               + (f" (`{overrides}`)" if overrides else "") + f" | {seeds} | "
