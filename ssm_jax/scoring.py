@@ -29,7 +29,7 @@ weights each by k^2 as the published code's division by N^2 = (S/k)^2 does), ``b
 Images need not be square. An image may also be padded: ``hw`` gives its valid height and
 width (top-left); masks, refinement cells and the image score see only the valid region,
 the padded part of the raw map is replaced by edge replication of the valid part before
-smoothing (so padding never changes a score), and the caller drops it from metrics.
+smoothing (so padded pixels never reach a score), and the caller drops it from metrics.
 """
 
 from __future__ import annotations
