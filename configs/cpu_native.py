@@ -6,10 +6,11 @@ per step as cpu.py: about 15 minutes for the 1000 steps on an idle 2-core CPU) a
 whole images, which costs 4-6x cpu.py's evaluation time. See README "Native resolution".
 
 Measured (README, Results; 1000 steps, val_zscore maps): on kolektor (256 x ~645 images,
-thin cracks) pixel AUROC 0.813 +- 0.012 over seeds 0-2 against 0.766 for cpu.py (seed 0); AUPRO
-0.409 +- 0.023 (0.400) and image AUROC 0.627 +- 0.074 (0.608) are within the spread. On magnetic_tile
-(tiles of mixed size and orientation) it is worse than cpu.py (seed 0: image AUROC 0.587
-vs 0.666, pixel AUROC 0.614 vs 0.675, AUPRO 0.433 vs 0.390), so cpu.py stays the default.
+thin cracks) pixel AUROC 0.813 +- 0.012 over seeds 0-2 against 0.766 for cpu.py (seed
+0); AUPRO 0.409 +- 0.023 (0.400) and image AUROC 0.627 +- 0.074 (0.608) are within the
+spread. On magnetic_tile (tiles of mixed size and orientation) it is worse than cpu.py
+(seed 0: image AUROC 0.588 vs 0.637, pixel AUROC 0.618 vs 0.669; AUPRO 0.436 vs 0.390),
+so cpu.py stays the default.
 """
 
 import os
