@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, train_step
+from ssm_jax.data.folder import full_sizes
 from ssm_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("ssm_jax")
@@ -96,7 +97,7 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
     n, full = len(images), images.shape[1:3]
     if sizes is None:
-        sizes = np.tile(np.array(full, np.int32), (n, 1))
+        sizes = full_sizes(images)
     sizes = np.asarray(sizes, np.int32)
     ids = content_ids(images, sizes) if ids is None else np.asarray(ids, np.int32)
     groups = shape_buckets(sizes, full, bucket) if bucket else [(full, np.arange(n))]
@@ -137,7 +138,7 @@ def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarr
     import zlib
 
     if sizes is None:
-        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+        sizes = full_sizes(images)
     return np.array([zlib.crc32(np.ascontiguousarray(im[:h, :w]).tobytes()) & 0x7FFFFFFF
                      for im, (h, w) in zip(images, sizes)], np.int32).reshape(-1)
 

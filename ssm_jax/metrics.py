@@ -332,16 +332,6 @@ def detection_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
             "precision": tp / (tp + fp) if tp + fp else None}
 
 
-def _valid(shape: tuple[int, int, int], sizes: np.ndarray) -> np.ndarray:
-    """[N, H, W] bool: the valid top-left (h, w) of each padded map."""
-    sizes = np.asarray(sizes)
-    if sizes.shape != (shape[0], 2):
-        raise ValueError(f"sizes must be [{shape[0]}, 2], got {sizes.shape}")
-    rows = np.arange(shape[1])[None, :, None] < sizes[:, 0, None, None]
-    cols = np.arange(shape[2])[None, None, :] < sizes[:, 1, None, None]
-    return rows & cols
-
-
 def _none_if_nan(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
@@ -364,11 +354,14 @@ def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
         return out
     m, s = _check_pixels(masks, maps)
     if sizes is not None:
-        m = m & _valid(m.shape, sizes)
-    region, n, weight = _regions(m)
-    if sizes is not None:
-        keep = _valid(m.shape, sizes).reshape(-1)
+        from ssm_jax.data.folder import valid_masks
+
+        valid = valid_masks(m.shape, sizes)
+        region, n, weight = _regions(m & valid)
+        keep = valid.reshape(-1)
         region, s = region[keep], s[keep]
+    else:
+        region, n, weight = _regions(m)
     sw = _sweep(s, region, weight)
     out["pixel_auroc"] = _none_if_nan(_auc_from_sweep(sw))
     out["pixel_f1_max"] = _none_if_nan(_f1_from_sweep(sw))

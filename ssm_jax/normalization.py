@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ssm_jax.data.folder import valid_masks
 from ssm_jax.errors import ConfigError
 
 MAP_NORMALIZATIONS = ("none", "val_zscore")
@@ -49,17 +50,6 @@ def check_normalization(name: str, num_val: int) -> None:
                           f"eval.map_normalization=none)")
 
 
-def valid_masks(shape: tuple[int, ...], sizes: np.ndarray | None) -> np.ndarray:
-    """[N, H, W] float64 masks of the valid top-left (h, w) of each map (all ones if None)."""
-    n, h, w = shape
-    if sizes is None:
-        return np.ones((n, h, w))
-    sizes = np.asarray(sizes)
-    rows = np.arange(h)[None, :, None] < sizes[:, 0, None, None]
-    cols = np.arange(w)[None, None, :] < sizes[:, 1, None, None]
-    return (rows & cols).astype(np.float64)
-
-
 def _mean_std(total, total_sq, count, fallback_mean, fallback_std):
     ok = count >= 2
     c = np.maximum(count, 1)
@@ -71,7 +61,7 @@ def _mean_std(total, total_sq, count, fallback_mean, fallback_std):
 def fit(val_maps: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-pixel mean and floored std of [N, H, W] normal maps (valid pixels only)."""
     maps = np.asarray(val_maps, np.float64)
-    v = valid_masks(maps.shape, sizes)
+    v = valid_masks(maps.shape, sizes).astype(np.float64)
     g = maps[v > 0]
     mean, std = _mean_std((maps * v).sum(0), (maps ** 2 * v).sum(0), v.sum(0), g.mean(), g.std())
     return {"mean": mean.astype(np.float32),
@@ -97,7 +87,7 @@ def standardize_leave_one_out(val_maps: np.ndarray,
     """Standardizes each of [N, H, W] maps by the statistics of the other N - 1 (exact
     where the other images cover the pixel at least twice)."""
     maps = np.asarray(val_maps, np.float64)
-    v = valid_masks(maps.shape, sizes)
+    v = valid_masks(maps.shape, sizes).astype(np.float64)
     mv = maps * v
     total, total_sq, count = mv.sum(0), (mv * maps).sum(0), v.sum(0)
     g = maps[v > 0]

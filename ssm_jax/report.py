@@ -276,9 +276,9 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     restored = out.get("restored")
     sizes = getattr(test_set, "sizes", None)
     if sizes is not None:  # padded images: draw and count only each image's valid region
-        rows = np.arange(maps.shape[1])[None, :, None] < sizes[:, 0, None, None]
-        cols = np.arange(maps.shape[2])[None, None, :] < sizes[:, 1, None, None]
-        maps = np.where(rows & cols, maps, np.nan)
+        from ssm_jax.data.folder import valid_masks
+
+        maps = np.where(valid_masks(maps.shape, sizes), maps, np.nan)
 
     def valid(a: np.ndarray | None, i: int) -> np.ndarray | None:
         if a is None or sizes is None:

@@ -72,9 +72,7 @@ class ImageSet:
 
     def valid_sizes(self) -> np.ndarray:
         """[N, 2] valid (height, width) of every image (the full array when unpadded)."""
-        if self.sizes is not None:
-            return self.sizes
-        return np.tile(np.array(self.images.shape[1:3], np.int32), (len(self), 1))
+        return full_sizes(self.images) if self.sizes is None else self.sizes
 
     def padded_to(self, shape: tuple[int, int]) -> ImageSet:
         """The set padded (edge replication, bottom/right) to ``shape`` = (H, W)."""
@@ -88,6 +86,23 @@ class ImageSet:
         return dataclasses.replace(
             self, images=np.pad(self.images, pad + ((0, 0),), mode="edge"), masks=masks,
             sizes=self.valid_sizes())
+
+
+def full_sizes(arrays: np.ndarray) -> np.ndarray:
+    """[N, 2] sizes saying every pixel of [N, H, W, ...] ``arrays`` is valid."""
+    return np.tile(np.array(arrays.shape[1:3], np.int32), (len(arrays), 1))
+
+
+def valid_masks(shape: tuple[int, int, int], sizes: np.ndarray | None) -> np.ndarray:
+    """[N, H, W] bool: the valid top-left (h, w) of each padded map (all True if None)."""
+    if sizes is None:
+        return np.ones(shape, bool)
+    sizes = np.asarray(sizes)
+    if sizes.shape != (shape[0], 2):
+        raise ValueError(f"sizes must be [{shape[0]}, 2], got {sizes.shape}")
+    rows = np.arange(shape[1])[None, :, None] < sizes[:, 0, None, None]
+    cols = np.arange(shape[2])[None, None, :] < sizes[:, 1, None, None]
+    return rows & cols
 
 
 def _is_image_name(name: str) -> bool:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ssm_jax.data.folder import full_sizes
 from ssm_jax.errors import DataError
 
 
@@ -76,7 +77,7 @@ def crop_batch(images: np.ndarray, offsets: np.ndarray, crop: int) -> np.ndarray
 def center_crops(images: np.ndarray, sizes: np.ndarray | None, crop: int) -> np.ndarray:
     """The centred ``crop`` square of each image's valid region (for validation losses)."""
     if sizes is None:
-        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+        sizes = full_sizes(images)
     offsets = (np.maximum(np.asarray(sizes) - crop, 0) // 2).astype(np.int64)
     return crop_batch(images, offsets, crop)
 
@@ -104,7 +105,7 @@ def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_s
     rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     source = _GlobalBatches(len(images), global_batch_size, seed)
     if sizes is None:
-        sizes = np.tile(np.array(images.shape[1:3]), (len(images), 1))
+        sizes = full_sizes(images)
 
     def rows_of(step: int, idx: np.ndarray) -> np.ndarray:
         if not crop_size:
