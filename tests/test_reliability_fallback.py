@@ -109,11 +109,16 @@ def test_nothing_restores_is_one_error_line_and_nothing_moves(reference_run, tmp
     assert not (wd / "damaged").exists()
 
 
-def test_damaged_best_falls_back_to_latest_good(reference_run, tmp_path):
-    ref, _ = reference_run
+def _copy_run(reference_run, tmp_path):
+    """A copy of the reference workdir and the step its best/ holds."""
     wd = tmp_path / "wd"
-    shutil.copytree(ref, wd)
+    shutil.copytree(reference_run[0], wd)
     (best_step,) = [p for p in os.listdir(wd / "best") if p.isdigit()]
+    return wd, best_step
+
+
+def test_damaged_best_falls_back_to_latest_good(reference_run, tmp_path):
+    wd, best_step = _copy_run(reference_run, tmp_path)
     _truncate(str(wd / "best" / best_step))
     _truncate(str(wd / "checkpoints" / "8"))
     res = _ssm("evaluate", "--workdir", str(wd))
@@ -131,10 +136,7 @@ def test_damaged_best_falls_back_to_latest_good(reference_run, tmp_path):
 
 
 def test_resume_training_replaces_a_damaged_best(reference_run, tmp_path):
-    ref, _ = reference_run
-    wd = tmp_path / "wd"
-    shutil.copytree(ref, wd)
-    (best_step,) = [p for p in os.listdir(wd / "best") if p.isdigit()]
+    wd, best_step = _copy_run(reference_run, tmp_path)
     _delete(str(wd / "best" / best_step))
     res = _train(wd, "--config.train.steps=12", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
