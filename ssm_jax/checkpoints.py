@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -70,6 +71,38 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.shar
             f"(model.width, data.grayscale or data.image_size differ?): "
             f"{str(e).splitlines()[0][:200]}") from e
     return out.state, dict(out.extra or {})
+
+
+def _is_failed_restore_echo(unraisable: Any) -> bool:
+    """Whether an unraisable exception is an echo of a restore that already failed.
+
+    When one array of a damaged step fails to read, orbax's ``asyncio.run`` ends while
+    tensorstore still completes the step's other reads: each of them then raises in a
+    callback (``Event loop is closed``) or in an abandoned orbax coroutine, and Python
+    prints those as hundreds of tracebacks although the failure was handled.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return True
+    where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+    return "orbax" in where or "Encountered error while reading array" in str(exc)
+
+
+def _quiet_failed_restore_echoes() -> None:
+    """Drops (and counts at debug level) the echoes of a handled restore failure; any
+    other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ssm_jax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _is_failed_restore_echo(unraisable):
+            log.debug("ignored after a failed restore: %s", unraisable.exc_value)
+            return
+        previous(unraisable)
+
+    hook._ssm_jax_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _reason(e: BaseException) -> str:
@@ -187,6 +220,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
         try:
             state, extra = restore(mngr, abstract_state, sharding, step)
         except Exception as e:  # noqa: BLE001 - any failure: this step is unusable
+            _quiet_failed_restore_echoes()
             if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
                 continue  # deleted meanwhile (e.g. by a run rotating its checkpoints)
             failed.append((step, _reason(e)))
