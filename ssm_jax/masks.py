@@ -1,32 +1,79 @@
-"""Random masks drawn on device.
+"""Random masks drawn on device, and the registry of mask families.
 
-Every generator here returns, for one example, ``n`` masks of shape ``[n, S, S]`` with
+Every family returns, for one example, ``n`` masks of shape ``[n, S, S]`` with
 1 = visible and 0 = hidden that *partition* the image: each pixel is hidden in exactly
 one of the ``n`` masks, so the composite ``sum_i f_i * (1 - M_i)`` restores every pixel
 exactly once. Batched versions are ``jax.vmap`` over per-example PRNG keys, so every
 example gets its own masks (the published code shares one mask set per batch).
 
-Families:
+Families (``mask.families``, mixed by ``mask.family_weights``):
   * ``grid``: the paper's masks. The image is cut into ``k x k`` cells and the cells are
-    split at random into ``n`` groups of (nearly) equal size. ``k`` is drawn per example.
+    split at random into ``n`` groups of (nearly) equal size. ``k`` is drawn per example
+    from ``mask.ks`` (weights over training: ``mask.k_schedule``).
   * ``blobs``: irregular, smooth shapes of varied size: ``n`` random low-resolution noise
     fields are upsampled and each pixel goes to the group whose field is largest.
   * ``voronoi``: polygons of varied size: random seed points, each given a random group;
     every pixel takes the group of its nearest seed.
+  * ``blobs_coarse_to_fine``: blobs whose size shrinks over training (a schedule): early
+    steps draw mostly large blobs, late steps mostly small ones.
+  * ``grid_to_blobs``: a family mix that changes over training: grid masks (as ``grid``)
+    at the start, blobs at the end, the probability of blobs growing linearly with the
+    training progress.
+
+Adding a family (or a schedule: a family that reads ``ctx.progress``) is one function
+plus :func:`register_family` (README, "Adding a masking schedule"). A family function is
+``fn(key, image_size, n, ctx) -> [n, S, S]`` float32 masks; it must be traceable (it runs
+inside the jit-compiled, vmapped training step) and must return a partition.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ssm_jax.errors import ConfigError
 
-FAMILIES = ("grid", "blobs", "voronoi")
 K_SCHEDULES = ("constant", "coarse_to_fine", "fine_to_coarse")
+
+
+class MaskContext(NamedTuple):
+    """What a family function may use besides its key, image size and ``n``."""
+
+    ks: tuple[int, ...]  # mask.ks, ascending
+    k_probs: jax.Array  # probabilities over ``ks`` at this step (mask.k_schedule)
+    progress: jax.Array  # training progress in [0, 1]: step / train.steps (0 outside)
+    choice_key: jax.Array  # a second key, for discrete choices (grid: which k)
+
+
+MaskFamily = Callable[[jax.Array, int, int, MaskContext], jax.Array]
+_REGISTRY: dict[str, MaskFamily] = {}
+
+
+def register_family(name: str) -> Callable[[MaskFamily], MaskFamily]:
+    """Decorator: makes ``fn(key, image_size, n, ctx) -> [n, S, S]`` the mask family
+    ``name`` (usable in ``mask.families``). Registration order fixes the order in which
+    families are drawn, so register new families after the built-in ones."""
+    def deco(fn: MaskFamily) -> MaskFamily:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"mask family {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def registered_families() -> tuple[str, ...]:
+    """Names of all mask families, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_family(name: str) -> MaskFamily:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown mask family {name!r}; choose from {registered_families()}")
+    return _REGISTRY[name]
 
 
 def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -59,14 +106,18 @@ def _groups_to_masks(groups: jax.Array, n: int) -> jax.Array:
 
 
 def blob_masks(key: jax.Array, image_size: int, n: int,
-               scales: Sequence[int] = (2, 4, 8, 16)) -> jax.Array:
+               scales: Sequence[int] = (2, 4, 8, 16),
+               scale_probs: jax.Array | None = None) -> jax.Array:
     """Irregular smooth masks: argmax over ``n`` upsampled noise fields, ``[n, S, S]``.
 
     The noise resolution (``scales``: number of noise cells per side) is drawn per
-    example, which varies the size of the shapes.
+    example (uniformly, or with ``scale_probs``), which varies the size of the shapes.
     """
     k_scale, k_noise = jax.random.split(key)
-    scale_idx = jax.random.randint(k_scale, (), 0, len(scales))
+    if scale_probs is None:
+        scale_idx = jax.random.randint(k_scale, (), 0, len(scales))
+    else:
+        scale_idx = jax.random.choice(k_scale, len(scales), p=scale_probs)
 
     def field(res: int) -> jax.Array:
         noise = jax.random.normal(k_noise, (n, res, res))
@@ -89,6 +140,54 @@ def voronoi_masks(key: jax.Array, image_size: int, n: int, max_seeds: int = 48,
     d2 = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
     d2 = jnp.where(jnp.arange(max_seeds) < count, d2, jnp.inf)
     return _groups_to_masks(seed_groups[jnp.argmin(d2, axis=-1)], n)
+
+
+# ---- the registered families (registration order = draw order; do not reorder) ----
+
+@register_family("grid")
+def _grid_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
+    k_idx = jax.random.choice(ctx.choice_key, len(ctx.ks), p=ctx.k_probs)
+    grids = jnp.stack([grid_masks_for_k(key, image_size, k, n) for k in ctx.ks])
+    return grids[k_idx]
+
+
+@register_family("blobs")
+def _blobs_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
+    return blob_masks(key, image_size, n)
+
+
+@register_family("voronoi")
+def _voronoi_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
+    return voronoi_masks(key, image_size, n)
+
+
+def linear_shift(progress: jax.Array, num: int, floor: float = 0.1) -> jax.Array:
+    """Probabilities over ``num`` options moving linearly from the first (progress 0) to
+    the last (progress 1); ``floor`` keeps every option in play."""
+    ramp = jnp.linspace(0.0, 1.0, num)
+    t = jnp.clip(progress, 0.0, 1.0)
+    w = (1.0 - t) * ramp[::-1] + t * ramp + floor
+    return w / w.sum()
+
+
+@register_family("blobs_coarse_to_fine")
+def _blobs_coarse_to_fine(key: jax.Array, image_size: int, n: int,
+                          ctx: MaskContext) -> jax.Array:
+    # Noise resolution 2 (large blobs) -> 16 (small blobs) over training.
+    return blob_masks(key, image_size, n, (2, 4, 8, 16), linear_shift(ctx.progress, 4))
+
+
+@register_family("grid_to_blobs")
+def _grid_to_blobs(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
+    k_pick, k_grid, k_blob = jax.random.split(key, 3)
+    p_blobs = jnp.clip(ctx.progress, 0.0, 1.0)
+    use_blobs = jax.random.uniform(k_pick) < p_blobs
+    return jnp.where(use_blobs, blob_masks(k_blob, image_size, n),
+                     _grid_family(k_grid, image_size, n, ctx))
+
+
+# Kept for callers of the former constant: the built-in families.
+FAMILIES = registered_families()
 
 
 def k_probabilities(step: jax.Array | int, total_steps: int, num_k: int,
@@ -123,8 +222,7 @@ def validate_mask_config(image_size: int, ks: Sequence[int], n: int,
         if k < 1 or k > image_size:
             raise ConfigError(f"mask cell size k={k} must be in [1, data.image_size={image_size}]")
     for fam in families:
-        if fam not in FAMILIES:
-            raise ConfigError(f"unknown mask family {fam!r}; choose from {FAMILIES}")
+        get_family(fam)
     if len(family_weights) != len(families) or min(family_weights, default=0) < 0 or \
             sum(family_weights) <= 0:
         raise ConfigError("mask.family_weights must be non-negative, one per family, not all 0")
@@ -132,35 +230,37 @@ def validate_mask_config(image_size: int, ks: Sequence[int], n: int,
 
 def sample_masks(key: jax.Array, image_size: int, ks: Sequence[int], n: int,
                  k_probs: jax.Array | None = None, families: Sequence[str] = ("grid",),
-                 family_weights: Sequence[float] = (1.0,)) -> jax.Array:
-    """Masks for one example, ``[n, S, S]``: family and k drawn from the given weights."""
+                 family_weights: Sequence[float] = (1.0,), step: jax.Array | int = 0,
+                 total_steps: int = 1) -> jax.Array:
+    """Masks for one example, ``[n, S, S]``: family and k drawn from the given weights.
+
+    ``step`` / ``total_steps`` is the training progress that schedule families read.
+    """
     ks = tuple(sorted(int(k) for k in ks))
     k_fam, k_k, k_mask = jax.random.split(key, 3)
-    candidates = []
-    if "grid" in families:
-        probs = jnp.full((len(ks),), 1.0 / len(ks)) if k_probs is None else k_probs
-        k_idx = jax.random.choice(k_k, len(ks), p=probs)
-        grids = jnp.stack([grid_masks_for_k(k_mask, image_size, k, n) for k in ks])
-        candidates.append(grids[k_idx])
-    if "blobs" in families:
-        candidates.append(blob_masks(k_mask, image_size, n))
-    if "voronoi" in families:
-        candidates.append(voronoi_masks(k_mask, image_size, n))
+    probs = jnp.full((len(ks),), 1.0 / len(ks)) if k_probs is None else k_probs
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps), 1), 0.0, 1.0)
+    ctx = MaskContext(ks=ks, k_probs=probs, progress=progress, choice_key=k_k)
+    names = [f for f in registered_families() if f in families]
+    for f in families:
+        get_family(f)  # unknown names fail here, not silently
+    candidates = [_REGISTRY[f](k_mask, image_size, n, ctx) for f in names]
     if len(candidates) == 1:
         return candidates[0]
-    weights = jnp.asarray([family_weights[list(families).index(f)]
-                           for f in FAMILIES if f in families], jnp.float32)
+    weights = jnp.asarray([family_weights[list(families).index(f)] for f in names],
+                          jnp.float32)
     fam_idx = jax.random.choice(k_fam, len(candidates), p=weights / weights.sum())
     return jnp.stack(candidates)[fam_idx]
 
 
 def sample_mask_batch(key: jax.Array, batch: int, image_size: int, ks: Sequence[int], n: int,
                       k_probs: jax.Array | None = None, families: Sequence[str] = ("grid",),
-                      family_weights: Sequence[float] = (1.0,)) -> jax.Array:
+                      family_weights: Sequence[float] = (1.0,), step: jax.Array | int = 0,
+                      total_steps: int = 1) -> jax.Array:
     """Independent masks per example, ``[B, n, S, S]``."""
     keys = jax.random.split(key, batch)
     return jax.vmap(lambda k: sample_masks(k, image_size, ks, n, k_probs, families,
-                                           family_weights))(keys)
+                                           family_weights, step, total_steps))(keys)
 
 
 def scoring_masks(key: jax.Array, image_size: int | Sequence[int], ks: Sequence[int],
