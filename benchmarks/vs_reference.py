@@ -156,7 +156,7 @@ def jax_worker(args: argparse.Namespace) -> None:
 
     from ssm_jax import parallel, train_step
     from ssm_jax.config_base import base_config
-    from ssm_jax.evaluate import make_score_fn, scoring_config
+    from ssm_jax.detector import make_score_fn, scoring_config
 
     s, b = args.image_size, args.batch
     cfg = base_config()

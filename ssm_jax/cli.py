@@ -107,13 +107,13 @@ def run(argv: Sequence[str]) -> int:
                 res = evaluate.evaluate(cfg, args.workdir)
                 print(json.dumps(res, indent=2))
         elif args.command == "evaluate":
-            from ssm_jax import evaluate
-            cfg = evaluate.load_workdir_config(args.workdir, overrides)
+            from ssm_jax import detector, evaluate
+            cfg = detector.load_workdir_config(args.workdir, overrides)
             res = evaluate.evaluate(cfg, args.workdir)
             print(json.dumps(res, indent=2))
         elif args.command == "predict":
-            from ssm_jax import evaluate, predict
-            cfg = evaluate.load_workdir_config(args.workdir, overrides)
+            from ssm_jax import detector, predict
+            cfg = detector.load_workdir_config(args.workdir, overrides)
             rows = predict.predict(cfg, args.workdir, args.input, args.output)
             n_bad = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")

@@ -1,325 +1,59 @@
-"""Scoring whole image sets on the device mesh, metrics, threshold calibration.
-
-The per-image scoring (all k, all masks, all refinement passes) is vmapped over a batch
-and the batch is sharded over the ``data`` mesh axis (``jax.shard_map``). The last batch
-is padded; padded rows are dropped before metrics. An image's mask key comes from its
-pixels (CRC-32), so its score does not depend on the device count, batch size, its
-position or the other images of the set (``predict`` on one file = ``evaluate``).
+"""Evaluation of a trained run: threshold from the held-out normals, the test split scored,
+metrics, ``eval/metrics.json`` and the report. Scoring itself lives in
+:mod:`ssm_jax.detector`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
 import jax
 import ml_collections
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, train_step
-from ssm_jax.data.folder import full_sizes
-from ssm_jax.errors import CheckpointError, ConfigError
-
-log = logging.getLogger("ssm_jax")
-
-# Keys that fix the parameter shapes: a checkpoint only fits the values it was trained with.
-MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
-
-
-def scoring_config(cfg: ml_collections.ConfigDict) -> scoring.ScoringConfig:
-    e = cfg.eval
-    sc = scoring.ScoringConfig(
-        ks=tuple(int(k) for k in e.ks), num_masks=int(cfg.mask.num_masks),
-        refine_passes=int(e.refine_passes), refine_rule=e.refine_rule,
-        refine_quantile=float(e.refine_quantile), refine_threshold=float(e.refine_threshold),
-        refine_cell=int(e.refine_cell), refine_mask_head_weight=float(e.refine_mask_head_weight),
-        mask_head_weight=float(e.mask_head_weight), sigma_at_128=float(e.sigma_at_128),
-        image_score=e.image_score, k_weighting=e.k_weighting, border=e.border,
-        sigma_side=int(cfg.data.image_size), mask_draws=int(e.mask_draws))
-    sc.validate(cfg.data.image_size)
-    return sc
-
-
-def make_score_fn(cfg: ml_collections.ConfigDict, mesh, sc: scoring.ScoringConfig):
-    """Returns jit(score(variables, key, images, indices, sizes) -> per-image outputs)."""
-    model = train_step.make_model(cfg)
-
-    def per_device(variables, key, images, indices, sizes):
-        def restore(masked, m):
-            return model.apply(variables, masked, m, train=False)
-
-        out = scoring.score_batch(restore, key, images, indices, sc, sizes)
-        return {k: out[k] for k in ("map", "score", "mse", "restored")}
-
-    spec = P(parallel.DATA_AXIS)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec, spec),
-                            out_specs=spec, check_vma=False)
-    return jax.jit(sharded)
-
-
-def shape_buckets(sizes: np.ndarray, full: tuple[int, int],
-                  multiple: int) -> list[tuple[tuple[int, int], np.ndarray]]:
-    """Groups images by valid size rounded up to ``multiple`` (capped at ``full``).
-
-    Returns [((H, W), image indices)] in a fixed order (the same on every host). Scoring
-    each group at its own shape costs one compilation per group but, for sets of mixed
-    shapes (portrait and landscape tiles), avoids scoring every image at the largest
-    shape of the set.
-    """
-    sizes = np.asarray(sizes, np.int64)
-    shapes = np.minimum(-(-sizes // multiple) * multiple, np.asarray(full))
-    keys = sorted({(int(h), int(w)) for h, w in shapes})
-    return [(k, np.flatnonzero((shapes[:, 0] == k[0]) & (shapes[:, 1] == k[1])))
-            for k in keys]
-
-
-def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
-                 progress: str | None = None, sizes: np.ndarray | None = None,
-                 bucket: int = 0, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Scores every image of [N, H, W, C]; returns numpy maps [N, H, W], scores [N],
-    restoration MSEs [N] and restored images.
-
-    ``sizes`` [N, 2]: valid (h, w) of padded images. With ``bucket`` > 0, images are scored
-    in groups cropped to their valid size rounded up to ``bucket`` (see
-    :func:`shape_buckets`). Each image's masks depend only on its id: ``ids`` [N], by
-    default :func:`content_ids`, so an image scores the same alone, inside any folder or
-    set, at any batch size and position.
-    """
-    from tqdm import tqdm
-
-    from ssm_jax.data.pipeline import eval_batches
-
-    n_dev = jax.device_count()
-    batch_size = max(batch_size // n_dev, 1) * n_dev
-    key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    n, full = len(images), images.shape[1:3]
-    if sizes is None:
-        sizes = full_sizes(images)
-    sizes = np.asarray(sizes, np.int32)
-    ids = content_ids(images, sizes) if ids is None else np.asarray(ids, np.int32)
-    groups = shape_buckets(sizes, full, bucket) if bucket else [(full, np.arange(n))]
-    outs = {"map": np.zeros((n, *full), np.float32), "score": np.zeros(n, np.float32),
-            "mse": np.zeros(n, np.float32), "restored": np.zeros_like(images, np.float32)}
-    total = sum(-(-len(idx) // batch_size) for _, idx in groups)
-    bar = tqdm(total=total, desc=progress, unit="batch") if (
-        progress and jax.process_index() == 0) else None
-    for g, ((gh, gw), members) in enumerate(groups):
-        compiled = None
-        for start, ((batch, real), (hw, _)) in enumerate(zip(
-                eval_batches(images[members, :gh, :gw], batch_size),
-                eval_batches(sizes[members], batch_size))):
-            rows = members[start * batch_size:start * batch_size + real]
-            idx = ids[np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])]
-            images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
-            idx_g = parallel.global_batch(mesh, parallel.host_rows(idx.astype(np.int32)))
-            hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
-            if compiled is None:
-                compiled = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
-                parallel.barrier(f"ssm_jax_score_compiled_{progress}_{g}")
-            out = parallel.to_host(compiled(variables, key, images_g, idx_g, hw_g))
-            pad = ((0, 0), (0, full[0] - gh), (0, full[1] - gw))
-            outs["map"][rows] = np.pad(np.asarray(out["map"])[:real], pad, mode="edge")
-            outs["restored"][rows] = np.pad(np.asarray(out["restored"])[:real],
-                                            pad + ((0, 0),), mode="edge")
-            outs["score"][rows] = np.asarray(out["score"])[:real]
-            outs["mse"][rows] = np.asarray(out["mse"])[:real]
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return outs
-
-
-def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-    """[N] int32 ids from each image's valid pixels (CRC-32): the key of its scoring masks."""
-    import zlib
-
-    if sizes is None:
-        sizes = full_sizes(images)
-    return np.array([zlib.crc32(np.ascontiguousarray(im[:h, :w]).tobytes()) & 0x7FFFFFFF
-                     for im, (h, w) in zip(images, sizes)], np.int32).reshape(-1)
-
-
-def shape_bucket(cfg: ml_collections.ConfigDict) -> int:
-    """Group size step for scoring padded images of mixed shapes (0: one shape)."""
-    return max(16, cfg.data.image_size // 2) if cfg.data.keep_aspect else 0
-
-
-MAP_STATS_FILE = "map_stats.npz"
-
-
-def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
-    """What a threshold or map statistics depend on: eval settings, data, checkpoint."""
-    keys = {k: cfg.eval[k] for k in cfg.eval if k not in ("batch_size", "num_overlays")}
-    keys.update({"step": step, "image_size": cfg.data.image_size, "path": cfg.data.path,
-                 "keep_aspect": cfg.data.keep_aspect,
-                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed})
-    return json.dumps(keys, sort_keys=True, default=str)
-
-
-def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str) -> None:
-    """Writes ``workdir/map_stats.npz`` atomically (tmp file + rename)."""
-    path = os.path.join(workdir, MAP_STATS_FILE)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, fingerprint=np.asarray(fingerprint), **stats)
-    os.replace(tmp, path)
-
-
-def needs_stats(cfg: ml_collections.ConfigDict) -> bool:
-    """Whether scoring needs statistics of the held-out normals beyond the threshold."""
-    return (cfg.eval.map_normalization != "none"
-            or cfg.eval.image_score_fusion != "none")
-
-
-def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | None:
-    """The saved map statistics if they were computed under ``fingerprint``, else None."""
-    path = os.path.join(workdir, MAP_STATS_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with np.load(path) as z:
-            if str(z["fingerprint"]) != fingerprint:
-                return None
-            return {k: z[k] for k in ("mean", "scale", "fusion") if k in z}
-    except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable: recalibrate
-        log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
-        return None
-
-
-def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
-                    sc: scoring.ScoringConfig,
-                    sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Standardized maps and the image scores recomputed from them; fused with the
-    standardized restoration MSE when the statistics hold a fusion."""
-    out = dict(out)
-    if "mean" in stats:
-        out["map"] = normalization.standardize(out["map"], stats)
-        out["score"] = np.asarray(scoring.image_scores(out["map"], sc.image_score,
-                                                       sc.topk_fraction, sizes))
-    if "fusion" in stats:
-        out["score"] = normalization.fuse(out["score"], out["mse"], stats["fusion"])
-    return out
-
-
-def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn, variables,
-              mesh, val_images: np.ndarray, progress: str | None = None,
-              val_sizes: np.ndarray | None = None):
-    """Threshold (and map / fusion statistics) from held-out normal images only.
-
-    Returns ``(threshold, stats)``; threshold is None without validation images, stats is
-    None unless ``eval.map_normalization`` or ``eval.image_score_fusion`` ask for them.
-    The validation images' own scores behind the threshold use leave-one-out statistics.
-    """
-    from ssm_jax import metrics as metrics_lib
-
-    normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
-    if cfg.eval.image_score_fusion != "none" and 0 < len(val_images) < 3:
-        raise ConfigError(f"eval.image_score_fusion needs at least 3 validation images, the "
-                          f"split has {len(val_images)}")
-    if not len(val_images):
-        return None, None
-    val_out = score_images(score_fn, variables, mesh, val_images, cfg.eval.batch_size,
-                           cfg.eval.seed, progress=progress, sizes=val_sizes,
-                           bucket=shape_bucket(cfg))
-    val_scores, stats = val_out["score"], {}
-    if cfg.eval.map_normalization == "val_zscore":
-        stats = normalization.fit(val_out["map"], val_sizes)
-        val_scores = np.asarray(scoring.image_scores(
-            normalization.standardize_leave_one_out(val_out["map"], val_sizes),
-            sc.image_score, sc.topk_fraction, val_sizes))
-    if cfg.eval.image_score_fusion == "mse":
-        stats["fusion"] = normalization.fit_fusion(val_scores, val_out["mse"])
-        val_scores = normalization.fuse_leave_one_out(val_scores, val_out["mse"])
-    stats = stats or None
-    threshold = metrics_lib.threshold_from_normal_scores(val_scores,
-                                                         cfg.eval.threshold_quantile)
-    few = metrics_lib.threshold_sample_check(len(val_scores), cfg.eval.threshold_quantile)
-    if few["threshold_warning"]:
-        log.warning("threshold: %s", few["threshold_warning"])
-    return threshold, stats
-
-
-def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
-    """Restores the best checkpoint (else the latest) as replicated model variables."""
-    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
-    # Falls back (with a warning) from a damaged best/ to the newest good checkpoint.
-    state, _ = checkpoints.restore_for_inference(workdir, abstract, parallel.replicated(mesh))
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return variables, int(parallel.to_host(state.step))
-
-
-def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
-    from ssm_jax.train import CONFIG_FILE
-
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
-                              f"directory, or training has not started)")
-    with open(path) as f:
-        trained = config_utils.from_json(f.read())
-    cfg = config_utils.apply_overrides(trained, overrides)
-    for key in MODEL_SHAPE_KEYS:
-        section, name = key.split(".")
-        if cfg[section][name] != trained[section][name]:
-            raise CheckpointError(
-                f"the checkpoint in {workdir} was trained with {key}={trained[section][name]!r}; "
-                f"it cannot be used with {key}={cfg[section][name]!r}")
-    config_utils.validate(cfg)
-    return cfg
+from ssm_jax import normalization
+from ssm_jax.detector import Detector
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images."""
+    """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images,
+    and the threshold and map statistics for later ``predict`` / ``Detector.load``."""
     from ssm_jax import metrics as metrics_lib
     from ssm_jax import report
     from ssm_jax.data import load_dataset_for
 
-    mesh = parallel.data_mesh()
-    sc = scoring_config(cfg)
-    variables, step = load_variables(cfg, workdir, mesh)
+    det = Detector.from_config(cfg, workdir, read_calibration=False)
     data = load_dataset_for(cfg)
-    score_fn = make_score_fn(cfg, mesh, sc)
     t0 = time.time()
-    val = data["val"]
-    threshold, stats = calibrate(cfg, sc, score_fn, variables, mesh, val.images,
-                                 "scoring validation", val_sizes=val.sizes)
-    test = data["test"]
+    val, test = data["val"], data["test"]
+    if len(val):
+        det.calibrate(val.images, val.sizes, "scoring validation")
+    else:  # no threshold; settings that need validation images are refused here
+        normalization.check_normalization(cfg.eval.map_normalization, 0)
+    threshold = det.threshold
     t1 = time.time()
-    out = score_images(score_fn, variables, mesh, test.images, cfg.eval.batch_size,
-                       cfg.eval.seed, progress="scoring test", sizes=test.sizes,
-                       bucket=shape_bucket(cfg))
-    if stats is not None:
-        out = apply_map_stats(out, stats, sc, test.sizes)
+    scored = det.score(test.images, test.sizes, progress="scoring test")
+    out = {"score": scored["scores"], "map": scored["maps"], "mse": scored["mse"],
+           "restored": scored["restored"]}
     test_seconds = time.time() - t1
     result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"],
                                      sizes=test.sizes)
     result.update({
         "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
-        "images_per_second": len(test) / max(test_seconds, 1e-9), "checkpoint_step": step,
-        "refine_passes": sc.refine_passes, "threshold": threshold,
-        "map_normalization": cfg.eval.map_normalization,
+        "images_per_second": len(test) / max(test_seconds, 1e-9),
+        "checkpoint_step": det.step, "refine_passes": det.sc.refine_passes,
+        "threshold": threshold, "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     if threshold is not None:
         result.update(metrics_lib.threshold_sample_check(len(val), cfg.eval.threshold_quantile))
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:
-        fingerprint = scoring_fingerprint(cfg, step)
         eval_dir = os.path.join(workdir, "eval")
         os.makedirs(eval_dir, exist_ok=True)
         with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
-        if threshold is not None:
-            path = os.path.join(workdir, "threshold.json")
-            with open(path + ".tmp", "w") as f:  # replaced atomically: never half-written
-                json.dump({"threshold": threshold, "quantile": cfg.eval.threshold_quantile,
-                           "num_val_images": len(val), "checkpoint_step": step,
-                           "scoring": fingerprint}, f, indent=2)
-            os.replace(path + ".tmp", path)
-        if stats is not None:
-            save_map_stats(workdir, stats, fingerprint)
+        det.save_calibration()
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
     return result

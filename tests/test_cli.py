@@ -90,21 +90,21 @@ def test_predict(trained, tmp_path, capsys):
 def test_evaluate_and_predict_agree(trained, tmp_path, monkeypatch, capsys):
     """The same images, through `evaluate` (test split of a folder) and `predict` (that
     folder's test/ directory): the same scores and the same threshold."""
-    from ssm_jax import evaluate
+    from ssm_jax import detector
     from ssm_jax.data.synthetic import write_synthetic_folder
 
     root = tmp_path / "data"
     write_synthetic_folder(root, image_size=32, grayscale=True, num_train=12, num_test_good=3,
                            num_test_anomalous=4, seed=7)
     seen = []
-    original = evaluate.score_images
+    original = detector.score_images
 
     def recording(*args, **kwargs):
         out = original(*args, **kwargs)
         seen.append(out["score"])
         return out
 
-    monkeypatch.setattr(evaluate, "score_images", recording)
+    monkeypatch.setattr(detector, "score_images", recording)
     data = f"--config.data.path={root}"
     ssm("evaluate", "--workdir", trained, data)
     assert len(seen) == 2  # validation (threshold), then test
@@ -122,18 +122,18 @@ def test_evaluate_and_predict_agree(trained, tmp_path, monkeypatch, capsys):
 def test_scores_do_not_depend_on_eval_batch_size(trained):
     """The trained model through the sharded scoring function: batch 1 vs 16 over 18
     images (the last batch of 16 padded with 14 rows) gives the same maps and scores."""
-    from ssm_jax import evaluate, parallel
+    from ssm_jax import detector, parallel
     from ssm_jax.data.synthetic import make_synthetic
 
-    cfg = evaluate.load_workdir_config(str(trained))
+    cfg = detector.load_workdir_config(str(trained))
     mesh = parallel.data_mesh()
-    variables, _ = evaluate.load_variables(cfg, str(trained), mesh)
-    sc = evaluate.scoring_config(cfg)
-    fn = evaluate.make_score_fn(cfg, mesh, sc)
+    variables, _ = detector.load_variables(cfg, str(trained), mesh)
+    sc = detector.scoring_config(cfg)
+    fn = detector.make_score_fn(cfg, mesh, sc)
     _, test = make_synthetic(32, True, num_train=1, num_test_good=8, num_test_anomalous=10,
                              seed=9)
-    a = evaluate.score_images(fn, variables, mesh, test.images, 1, cfg.eval.seed)
-    b = evaluate.score_images(fn, variables, mesh, test.images, 16, cfg.eval.seed)
+    a = detector.score_images(fn, variables, mesh, test.images, 1, cfg.eval.seed)
+    b = detector.score_images(fn, variables, mesh, test.images, 16, cfg.eval.seed)
     assert a["score"].shape == (18,) and np.ptp(a["score"]) > 0
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["map"], b["map"], rtol=1e-5, atol=1e-6)

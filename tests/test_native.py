@@ -321,7 +321,7 @@ def test_bad_native_settings_are_one_line_errors(tmp_path, wide_folder):
 
 
 def test_shape_buckets_group_by_rounded_size():
-    from ssm_jax.evaluate import shape_buckets
+    from ssm_jax.detector import shape_buckets
 
     sizes = np.array([[32, 80], [32, 77], [72, 32], [32, 40]])
     groups = shape_buckets(sizes, (80, 80), 16)
@@ -350,7 +350,7 @@ def test_mask_draws_average_independent_mask_sets():
 
 def test_an_image_scores_the_same_alone_and_in_a_set():
     from ssm_jax import parallel
-    from ssm_jax.evaluate import content_ids, score_images
+    from ssm_jax.detector import content_ids, score_images
 
     mesh = parallel.data_mesh()
 

@@ -56,12 +56,12 @@ def test_checks():
 
 
 def test_saved_stats_round_trip_and_unreadable_file(tmp_path):
-    from ssm_jax import evaluate
+    from ssm_jax import detector
 
     stats = normalization.fit(np.random.default_rng(2).random((5, 4, 4)))
-    evaluate.save_map_stats(str(tmp_path), stats, "settings A")
-    got = evaluate.load_map_stats(str(tmp_path), "settings A")
+    detector.save_map_stats(str(tmp_path), stats, "settings A")
+    got = detector.load_map_stats(str(tmp_path), "settings A")
     np.testing.assert_array_equal(got["scale"], stats["scale"])
-    assert evaluate.load_map_stats(str(tmp_path), "settings B") is None  # other settings
-    (tmp_path / evaluate.MAP_STATS_FILE).write_bytes(b"not an npz")
-    assert evaluate.load_map_stats(str(tmp_path), "settings A") is None  # recalibrate
+    assert detector.load_map_stats(str(tmp_path), "settings B") is None  # other settings
+    (tmp_path / detector.MAP_STATS_FILE).write_bytes(b"not an npz")
+    assert detector.load_map_stats(str(tmp_path), "settings A") is None  # recalibrate

@@ -99,17 +99,17 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, killed_and_resu
 def test_same_seed_same_scores(reference_run, killed_and_resumed):
     """Two runs from the same seed (one of them killed and resumed) score every test
     image identically."""
-    from ssm_jax import evaluate, parallel
+    from ssm_jax import detector, parallel
     from ssm_jax.data.synthetic import make_synthetic
 
     _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=3)
     mesh = parallel.data_mesh()
     scores = []
     for wd in (reference_run, killed_and_resumed[0]):
-        cfg = evaluate.load_workdir_config(str(wd))
-        variables, step = evaluate.load_variables(cfg, str(wd), mesh)
-        fn = evaluate.make_score_fn(cfg, mesh, evaluate.scoring_config(cfg))
-        out = evaluate.score_images(fn, variables, mesh, test.images, 8, cfg.eval.seed)
+        cfg = detector.load_workdir_config(str(wd))
+        variables, step = detector.load_variables(cfg, str(wd), mesh)
+        fn = detector.make_score_fn(cfg, mesh, detector.scoring_config(cfg))
+        out = detector.score_images(fn, variables, mesh, test.images, 8, cfg.eval.seed)
         scores.append((step, out["score"], out["map"]))
     assert scores[0][0] == scores[1][0]
     np.testing.assert_array_equal(scores[0][1], scores[1][1])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssm_jax import cli, config_utils, evaluate, masks, parallel, train, train_step
+from ssm_jax import cli, config_utils, detector, masks, parallel, train, train_step
 from ssm_jax.config_base import base_config
 
 SMALL = ["data.image_size=32", "data.grayscale=true", "model.width=4", "train.batch_size=8",
@@ -185,9 +185,9 @@ def test_variants_through_a_step_and_scoring(override):
     variables = {"params": host.params, "batch_stats": host.batch_stats}
 
     def score(c):
-        sc = evaluate.scoring_config(c)
-        fn = evaluate.make_score_fn(c, mesh, sc)
-        return evaluate.score_images(fn, variables, mesh, batch[:3], 8, c.eval.seed)
+        sc = detector.scoring_config(c)
+        fn = detector.make_score_fn(c, mesh, sc)
+        return detector.score_images(fn, variables, mesh, batch[:3], 8, c.eval.seed)
 
     out = score(cfg)
     assert np.all(np.isfinite(out["score"])) and np.all(np.isfinite(out["map"]))
