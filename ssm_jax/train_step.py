@@ -146,27 +146,37 @@ def _example_keys(step_key: jax.Array, local_batch: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(idx)
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
-                    lr_decay_steps: list[int | None] | None = None):
-    """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
+def draw_train_masks(cfg: ml_collections.ConfigDict, state: TrainState,
+                     images: jax.Array) -> jax.Array:
+    """The masks of one training step, ``[local_B, n, S, S]``: per example, from
+    ``fold_in(fold_in(rng, step), global_example_index)`` (inside the ``data`` mesh axis)."""
+    ms = mask_settings(cfg)
+    local_b = images.shape[0]
+    s = images.shape[1]  # data.image_size, or data.crop_size when training on crops
+    step_key = jax.random.fold_in(state.rng, state.step)
+    k_probs = masks.k_probabilities(state.step, cfg.train.steps, len(ms["ks"]),
+                                    cfg.mask.k_schedule)
+    keys = _example_keys(step_key, local_b)
+    return jax.vmap(lambda k: masks.sample_masks(
+        k, s, ms["ks"], ms["n"], k_probs, ms["families"], ms["family_weights"],
+        state.step, cfg.train.steps))(keys)
 
-    ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
-    replicated. The state buffers are donated.
-    """
+
+def make_per_device_step(cfg: ml_collections.ConfigDict,
+                         lr_decay_steps: list[int | None] | None = None, mask_fn=None):
+    """The per-device body of the training step, ``(state, local_images) -> (state,
+    metrics)``, to run inside ``shard_map`` over ``data`` (``make_train_step``; vmapped
+    over models by ``ssm_jax.multi_model``). ``mask_fn(state, images)`` replaces
+    ``draw_train_masks``."""
     model = make_model(cfg, axis_name=DATA_AXIS)
     tx = make_optimizer(cfg, lr_decay_steps)
     schedule = lr_schedule(cfg, lr_decay_steps)
-    ms = mask_settings(cfg)
+    if mask_fn is None:
+        def mask_fn(state, images):
+            return draw_train_masks(cfg, state, images)
 
     def per_device(state: TrainState, images: jax.Array):
-        local_b = images.shape[0]
-        s = images.shape[1]  # data.image_size, or data.crop_size when training on crops
-        step_key = jax.random.fold_in(state.rng, state.step)
-        k_probs = masks.k_probabilities(state.step, cfg.train.steps, len(ms["ks"]),
-                                        cfg.mask.k_schedule)
-        keys = _example_keys(step_key, local_b)
-        mask_batch = jax.vmap(lambda k: masks.sample_masks(
-            k, s, ms["ks"], ms["n"], k_probs, ms["families"], ms["family_weights"]))(keys)
+        mask_batch = mask_fn(state, images)
 
         def loss_fn(params):
             return _loss_and_updates(model, cfg, params, state.batch_stats, images,
@@ -187,6 +197,17 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), parts
 
+    return per_device
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
+                    lr_decay_steps: list[int | None] | None = None):
+    """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
+
+    ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
+    replicated. The state buffers are donated.
+    """
+    per_device = make_per_device_step(cfg, lr_decay_steps)
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                             out_specs=(P(), P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=(0,))
