@@ -3,6 +3,7 @@
     ssm-jax train --config configs/quickstart.py --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax evaluate --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax predict --workdir runs/q --input IMAGE_OR_FOLDER --output OUT
+    ssm-jax sweep --config CONFIG --workdir DIR --seeds 0,1,2 --cell NAME "KEY=VALUE ..." ...
 
 User errors (bad data, bad config, missing checkpoint, divergence) print one line and
 exit with status 2; ``--debug`` shows the traceback.
@@ -68,6 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="an image file or a folder of images")
     r.add_argument("--output", required=True, help="output folder")
 
+    w = sub.add_parser("sweep", help="train + evaluate a grid of config cells x seeds; "
+                                     "results.csv, summary.csv (paired CIs), summary.png")
+    w.add_argument("--config", required=True, help="base config file (configs/*.py)")
+    w.add_argument("--workdir", required=True, help="sweep directory (runs/, results)")
+    w.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    w.add_argument("--cell", nargs=2, action="append", required=True,
+                   metavar=("NAME", "OVERRIDES"),
+                   help='a cell: name and space-separated KEY=VALUE overrides ("" = the '
+                        "base config); the first cell is the baseline")
+    w.add_argument("--sequential", action="store_true",
+                   help="train one run at a time (default: a cell's seeds as one vmapped "
+                        "group)")
+    w.add_argument("--no-plot", action="store_true", help="skip summary.png")
+    w.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    w.epilog = "Base config values: --config.KEY=VALUE (apply to every cell)"
+
     for sp in (t, e, r):
         sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
         sp.epilog = "Config values: --config.KEY=VALUE, e.g. --config.train.steps=100"
@@ -117,6 +134,11 @@ def run(argv: Sequence[str]) -> int:
             rows = predict.predict(cfg, args.workdir, args.input, args.output)
             n_bad = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
+        elif args.command == "sweep":
+            from ssm_jax import sweep
+            sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),
+                            [tuple(c) for c in args.cell], overrides,
+                            vmap=not args.sequential, plot=not args.no_plot)
         return 0
     except SSMError as e:
         if debug:
