@@ -1,9 +1,10 @@
-"""The ``ssm-jax`` command: train, evaluate, predict.
+"""The ``ssm-jax`` command: train, evaluate, predict, export.
 
     ssm-jax train --config configs/quickstart.py --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax evaluate --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax predict --workdir runs/q --input IMAGE_OR_FOLDER --output OUT
     ssm-jax sweep --config CONFIG --workdir DIR --seeds 0,1,2 --cell NAME "KEY=VALUE ..." ...
+    ssm-jax export --workdir runs/q --output runs/q/detector.ssm
 
 User errors (bad data, bad config, missing checkpoint, divergence) print one line and
 exit with status 2; ``--debug`` shows the traceback.
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="an image file or a folder of images")
     r.add_argument("--output", required=True, help="output folder")
 
+    x = sub.add_parser("export", help="write the trained detector as one file that scores "
+                                      "with jax alone (ssm_jax.serving)")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--output", required=True, help="artifact file to write, e.g. det.ssm")
+    x.add_argument("--platforms", default="cpu,cuda",
+                   help="comma-separated jax.export platforms (default: cpu,cuda)")
+    x.add_argument("--image-shape", default=None,
+                   help="H,W to export for (only for data.keep_aspect runs)")
+
     w = sub.add_parser("sweep", help="train + evaluate a grid of config cells x seeds; "
                                      "results.csv, summary.csv (paired CIs), summary.png")
     w.add_argument("--config", required=True, help="base config file (configs/*.py)")
@@ -85,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     w.epilog = "Base config values: --config.KEY=VALUE (apply to every cell)"
 
-    for sp in (t, e, r):
+    for sp in (t, e, r, x):
         sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
         sp.epilog = "Config values: --config.KEY=VALUE, e.g. --config.train.steps=100"
     return p
@@ -134,6 +144,22 @@ def run(argv: Sequence[str]) -> int:
             rows = predict.predict(cfg, args.workdir, args.input, args.output)
             n_bad = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
+        elif args.command == "export":
+            from ssm_jax import detector, export
+            shape = None
+            if args.image_shape:
+                try:
+                    shape = tuple(int(v) for v in args.image_shape.replace("x", ",").split(","))
+                except ValueError:
+                    shape = ()
+                if len(shape) != 2:
+                    from ssm_jax.errors import ConfigError
+                    raise ConfigError(f"--image-shape must be H,W; got {args.image_shape!r}")
+            det = detector.Detector.load(args.workdir, overrides)
+            meta = export.export_detector(det, args.output, args.platforms.split(","), shape)
+            h, w = meta["image_shape"]
+            print(f"wrote {args.output}: {h}x{w}x{meta['channels']} images, threshold "
+                  f"{meta['threshold']:.6g}, platforms {','.join(meta['platforms'])}")
         elif args.command == "sweep":
             from ssm_jax import sweep
             sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),

@@ -405,7 +405,7 @@ class Detector:
         x, sizes = self.check_images(images, sizes)
         out = self._raw_scores(x, sizes, progress)
         if needs_stats(self.cfg):
-            self._require_calibration()
+            self.require_calibration()
             out = apply_map_stats(out, self.stats, self.sc, sizes)
         return {"scores": out["score"], "maps": out["map"], "mse": out["mse"],
                 "restored": out["restored"], "sizes": sizes}
@@ -413,7 +413,7 @@ class Detector:
     def predict(self, images: Any, sizes: Any = None,
                 progress: str | None = None) -> dict[str, np.ndarray]:
         """:meth:`score` plus ``anomalous`` [B] (score > threshold) and ``threshold``."""
-        self._require_calibration()
+        self.require_calibration()
         out = self.score(images, sizes, progress)
         out["anomalous"] = out["scores"] > self.threshold
         out["threshold"] = self.threshold
@@ -455,7 +455,9 @@ class Detector:
         if self.stats is not None:
             save_map_stats(self.workdir, self.stats, fingerprint)
 
-    def _require_calibration(self) -> None:
+    def require_calibration(self) -> None:
+        """Calibrates on the validation split unless a threshold (and the statistics the
+        settings need) are already held."""
         if self.threshold is None or (needs_stats(self.cfg) and self.stats is None):
             self.calibrate_on_validation_split()
 

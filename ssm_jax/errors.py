@@ -27,3 +27,7 @@ class MissingDependency(SSMError, ImportError):
 
 class WorkdirLocked(SSMError):
     """Another training run holds the workdir's lock."""
+
+
+class ExportError(SSMError):
+    """An exported detector that cannot be written, read or used here."""

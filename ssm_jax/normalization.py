@@ -68,7 +68,7 @@ def fit(val_maps: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np.n
             "scale": (std + FLOOR_FRACTION * std.mean() + 1e-12).astype(np.float32)}
 
 
-def _to_shape(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def to_shape(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """[H, W] statistics cropped or edge-extended (bottom/right) to ``shape``."""
     a = a[:shape[0], :shape[1]]
     return np.pad(a, ((0, shape[0] - a.shape[0]), (0, shape[1] - a.shape[1])), mode="edge")
@@ -78,7 +78,7 @@ def standardize(maps: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     """(maps - mean) / scale, broadcast over the leading axis."""
     maps = np.asarray(maps, np.float32)
     shape = maps.shape[-2:]
-    mean, scale = _to_shape(stats["mean"], shape), _to_shape(stats["scale"], shape)
+    mean, scale = to_shape(stats["mean"], shape), to_shape(stats["scale"], shape)
     return ((maps - mean) / scale).astype(np.float32)
 
 

@@ -1,0 +1,143 @@
+"""Scoring with an exported detector (``ssm-jax export``), with jax and numpy only.
+
+    from ssm_jax import serving
+    m = serving.load("detector.ssm")
+    out = m.score(images)   # float32 [B, H, W, C] in [0, 1] at the exported size
+    out["scores"], out["maps"], out["anomalous"]
+
+This module imports nothing beyond jax, numpy and the standard library (and
+``ssm_jax.errors``, which imports nothing): flax, optax, orbax, grain, clu, ml_collections
+and TensorFlow need not be installed. Scores equal the trained run's ``Detector`` scores to
+float tolerance: each image's masks are keyed by the CRC-32 of its pixels, as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import zipfile
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+from ssm_jax.errors import DataError, ExportError
+
+FORMAT = "ssm_jax.exported_detector"  # = ssm_jax.export.FORMAT (not imported: flax-free)
+FORMAT_VERSION = 1
+
+
+def content_ids(images: np.ndarray) -> np.ndarray:
+    """[B] int32 mask keys from each image's pixels (as ``ssm_jax.detector.content_ids``)."""
+    return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) & 0x7FFFFFFF
+                     for im in images], np.int32).reshape(-1)
+
+
+@dataclasses.dataclass
+class ExportedDetector:
+    """A loaded artifact: ``meta`` (its meta.json) and :meth:`score`."""
+
+    meta: dict
+    path: str
+    _call: Any
+    _weights: list
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        h, w = self.meta["image_shape"]
+        return int(h), int(w), int(self.meta["channels"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    def check_images(self, images: Any) -> np.ndarray:
+        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled); one DataError otherwise."""
+        x = np.asarray(images)
+        h, w, c = self.image_shape
+        if x.ndim == 3 and c == 1:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[0] == 0 or x.shape[1:] != (h, w, c):
+            raise DataError(f"images must be a non-empty batch [B, {h}, {w}, {c}] (the "
+                            f"exported size); got shape {x.shape}")
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        if not np.issubdtype(x.dtype, np.floating):
+            raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise DataError(f"image values must be finite and in [0, 1]; got "
+                            f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        return x
+
+    def score(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B] and ``anomalous`` [B] (scores
+        above the exported threshold). Images go through in chunks of ``batch_size``
+        (default: the run's eval.batch_size), the last one padded, so one compilation
+        serves any number of images."""
+        x = self.check_images(images)
+        ids = content_ids(x)
+        bs = int(batch_size or self.meta.get("batch_size", 32))
+        parts = []
+        for start in range(0, len(x), bs):
+            xb, ib = x[start:start + bs], ids[start:start + bs]
+            real = len(xb)
+            if real < bs and len(x) > bs:  # same shape as the full chunks: no recompile
+                xb = np.concatenate([xb, np.repeat(xb[-1:], bs - real, 0)])
+                ib = np.concatenate([ib, np.repeat(ib[-1:], bs - real, 0)])
+            out = self._call(self._weights, xb, ib)
+            parts.append({k: np.asarray(v)[:real] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _read(path: str) -> tuple[dict, bytes, list[np.ndarray]]:
+    if not os.path.isfile(path):
+        raise ExportError(f"no exported detector at {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("meta.json"))
+            scorer = z.read("scorer.jax_export")
+            with np.load(io.BytesIO(z.read("weights.npz"))) as npz:
+                weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise ExportError(f"{path} is not a readable ssm-jax export ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an ssm-jax export (format {meta.get('format')!r})")
+    return meta, scorer, weights
+
+
+def load(path: str) -> ExportedDetector:
+    """Reads an artifact written by ``ssm-jax export``; one ExportError line if it cannot
+    be used here (unreadable, newer format, a jax that cannot run it, another platform)."""
+    meta, scorer, weights = _read(path)
+    made_with = meta.get("versions", {}).get("jax", "?")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ExportError(f"{path} has format version {meta['format_version']}; this ssm_jax "
+                          f"reads up to {FORMAT_VERSION} (upgrade ssm_jax)")
+    ccv = int(meta.get("calling_convention_version", -1))
+    lo, hi = (jax_export.minimum_supported_calling_convention_version,
+              jax_export.maximum_supported_calling_convention_version)
+    if not lo <= ccv <= hi:
+        raise ExportError(f"{path} was exported with jax {made_with} (calling convention "
+                          f"{ccv}); jax {jax.__version__} runs {lo}-{hi}: export it again "
+                          f"with this jax, or install a jax close to {made_with}")
+    try:
+        exported = jax_export.deserialize(bytearray(scorer))
+    except Exception as e:  # noqa: BLE001 - any failure: not usable with this jax
+        raise ExportError(f"{path} (exported with jax {made_with}) cannot be read by jax "
+                          f"{jax.__version__}: {str(e).splitlines()[0][:200]}") from e
+    platform = jax.default_backend()
+    platform = "cuda" if platform == "gpu" else platform
+    if platform not in exported.platforms:
+        raise ExportError(f"{path} was exported for {', '.join(exported.platforms)}; this "
+                          f"machine runs {platform} (export with --platforms {platform})")
+    if len(weights) != int(meta.get("num_weights", -1)):
+        raise ExportError(f"{path} holds {len(weights)} weight arrays, its meta.json says "
+                          f"{meta.get('num_weights')}: the file is damaged")
+    device_weights = [jax.device_put(w) for w in weights]
+    return ExportedDetector(meta=meta, path=path, _call=jax.jit(exported.call),
+                            _weights=device_weights)

@@ -1,0 +1,187 @@
+"""The Python API (``Detector``), ``ssm-jax export`` and serving with jax alone."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from ssm_jax import cli, export, serving
+from ssm_jax.data.synthetic import make_synthetic
+from ssm_jax.detector import Detector
+from ssm_jax.errors import CheckpointError, DataError, ExportError
+
+TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
+        "--config.data.synthetic_num_train=40", "--config.mask.ks=(4,8)",
+        "--config.eval.ks=(8,)", "--config.eval.batch_size=4", "--config.train.log_every=2",
+        "--config.train.checkpoint_every=3", "--config.train.eval_every=3",
+        "--config.eval.num_overlays=0"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("det") / "wd"
+    assert cli.run(["train", "--config", "configs/quickstart.py", "--workdir", str(wd), *TINY,
+                    "--config.train.steps=3"]) == 0
+    return str(wd)
+
+
+@pytest.fixture(scope="module")
+def images():
+    _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=4,
+                             seed=5)
+    return test.images
+
+
+@pytest.fixture(scope="module")
+def detector(workdir):
+    return Detector.load(workdir)
+
+
+def test_score_any_batch_and_calibrated_predict(detector, images):
+    out = detector.score(images)
+    assert out["scores"].shape == (7,) and out["maps"].shape == (7, 32, 32)
+    assert np.ptp(out["scores"]) > 0
+    one = detector.score(images[2:3])  # alone = inside a batch
+    np.testing.assert_allclose(one["scores"], out["scores"][2:3], rtol=1e-5)
+    assert detector.threshold is None  # nothing saved yet: predict calibrates first
+    pred = detector.predict(images)
+    assert detector.threshold is not None
+    np.testing.assert_array_equal(pred["anomalous"], pred["scores"] > detector.threshold)
+    np.testing.assert_allclose(pred["scores"], out["scores"], rtol=1e-5)
+
+
+def test_calibrate_on_given_normals(detector, images):
+    normals = images[:3]
+    t = detector.calibrate(normals)
+    # eval.threshold_quantile of the normals' own scores (map_normalization none)
+    scores = detector.score(normals)["scores"]
+    assert scores.min() <= t <= scores.max() + 1e-6
+    assert detector.threshold == t
+
+
+def test_overrides_by_section(workdir, images):
+    det = Detector.load(workdir, eval={"image_score": "mean_topk"})
+    assert det.cfg.eval.image_score == "mean_topk"
+    with pytest.raises(CheckpointError, match="model.width"):
+        Detector.load(workdir, model={"width": 8})
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((2, 32, 32, 3), np.float32), "channel"),
+    (np.zeros((2, 64, 64, 1), np.float32), "32x32"),
+    (np.full((1, 32, 32, 1), 2.0, np.float32), r"\[0, 1\]"),
+    (np.zeros((0, 32, 32, 1), np.float32), "non-empty"),
+    (np.zeros((1, 32, 32, 1), np.int64), "dtype"),
+])
+def test_bad_images_one_line(detector, bad, match):
+    with pytest.raises(DataError, match=match):
+        detector.score(bad)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("exp") / "sub" / "det.ssm")
+    assert cli.run(["export", "--workdir", workdir, "--output", path]) == 0
+    return path
+
+
+def test_export_matches_detector(exported, workdir, images):
+    m = serving.load(exported)
+    assert m.meta["image_shape"] == [32, 32] and m.meta["channels"] == 1
+    assert set(m.meta["platforms"]) == {"cpu", "cuda"}
+    det = Detector.load(workdir)
+    det.threshold = m.threshold  # the one the export calibrated on the validation split
+    ref = det.predict(images)
+    for bs in (3, 16):  # padded last chunk; a single chunk
+        out = m.score(images, batch_size=bs)
+        np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out["maps"], ref["maps"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(out["anomalous"], ref["anomalous"])
+    with pytest.raises(DataError, match=r"\[B, 32, 32, 1\]"):
+        m.score(images[:, :16, :16])
+    assert not [f for f in os.listdir(os.path.dirname(exported)) if ".tmp" in f]
+
+
+def test_export_with_map_statistics(workdir, images, tmp_path):
+    det = Detector.load(workdir, eval={"map_normalization": "val_zscore",
+                                       "image_score_fusion": "mse"})
+    path = str(tmp_path / "z.ssm")
+    meta = export.export_detector(det, path, platforms=("cpu",))
+    assert meta["map_normalization"] == "val_zscore" and det.stats is not None
+    out = serving.load(path).score(images)
+    ref = det.predict(images)
+    np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["maps"], ref["maps"], rtol=1e-4, atol=1e-4)
+
+
+JAX_ONLY = r"""
+import importlib.abc, sys
+BLOCKED = ("flax", "orbax", "optax", "grain", "clu", "ml_collections", "tensorflow",
+           "tensorflow_datasets")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from ssm_jax import serving
+m = serving.load(sys.argv[1])
+out = m.score(np.load(sys.argv[2]))
+np.save(sys.argv[3], out["scores"])
+loaded = sorted(k for k in sys.modules if k.split(".")[0] in BLOCKED + ("PIL", "matplotlib"))
+print("LOADED", loaded)
+"""
+
+
+def test_serving_runs_with_jax_alone(exported, workdir, images, tmp_path):
+    np.save(tmp_path / "x.npy", images)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["JAX_PLATFORMS"] = "cpu"
+    res = subprocess.run([sys.executable, "-c", JAX_ONLY, exported, str(tmp_path / "x.npy"),
+                          str(tmp_path / "s.npy")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "LOADED []" in res.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"),
+                               serving.load(exported).score(images)["scores"], rtol=1e-6)
+
+
+def test_export_and_load_errors(exported, tmp_path, capsys):
+    # a run directory without a checkpoint
+    (tmp_path / "empty").mkdir()
+    assert cli.run(["export", "--workdir", str(tmp_path / "empty"),
+                    "--output", str(tmp_path / "e.ssm")]) == 2
+    assert "ssm-jax: error:" in capsys.readouterr().err
+    assert not (tmp_path / "e.ssm").exists()
+    # made by a jax whose calling convention this one cannot run
+    bad = tmp_path / "old.ssm"
+    with zipfile.ZipFile(exported) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name == "meta.json":
+                meta = json.loads(data)
+                meta["calling_convention_version"] = 99
+                meta["versions"]["jax"] = "9.9.9"
+                data = json.dumps(meta)
+            dst.writestr(name, data)
+    with pytest.raises(ExportError, match="jax 9.9.9"):
+        serving.load(str(bad))
+    (tmp_path / "junk.ssm").write_bytes(b"not a zip")
+    with pytest.raises(ExportError, match="not a readable"):
+        serving.load(str(tmp_path / "junk.ssm"))
+    with pytest.raises(ExportError, match="no exported detector"):
+        serving.load(str(tmp_path / "missing.ssm"))
+
+
+def test_export_crash_leaves_no_file(detector, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", boom)
+    with pytest.raises(OSError):
+        export.export_detector(detector, str(tmp_path / "d.ssm"), platforms=("cpu",))
+    assert os.listdir(tmp_path) == []
