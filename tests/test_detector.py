@@ -185,3 +185,23 @@ def test_export_crash_leaves_no_file(detector, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export.export_detector(detector, str(tmp_path / "d.ssm"), platforms=("cpu",))
     assert os.listdir(tmp_path) == []
+
+
+def test_readme_python_api_runs_as_written(workdir, tmp_path, capsys):
+    """README "Python API": its python blocks and its export command, run in order with
+    the quickstart workdir replaced by this module's run."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")[1::2]
+    assert [b.split("\n", 1)[0] for b in blocks] == ["python", "bash", "python"]
+    wd = str(tmp_path / "wd")
+    import shutil
+    shutil.copytree(workdir, wd)
+    ns = {}
+    exec(blocks[0].split("\n", 1)[1].replace("runs/quickstart", wd), ns)
+    argv = blocks[1].split("\n", 1)[1].strip().replace("runs/quickstart", wd).split()
+    assert argv[0] == "ssm-jax" and cli.run(argv[1:]) == 0
+    exec(blocks[2].split("\n", 1)[1].replace("runs/quickstart", wd), ns)
+    np.testing.assert_allclose(ns["served"]["scores"], ns["det"].score(ns["test"].images)
+                               ["scores"], rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
