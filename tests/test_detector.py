@@ -151,11 +151,15 @@ def test_serving_runs_with_jax_alone(exported, workdir, images, tmp_path):
 
 
 def test_export_and_load_errors(exported, tmp_path, capsys):
-    # a run directory without a checkpoint
+    # a run directory with its config but no checkpoint
     (tmp_path / "empty").mkdir()
+    with zipfile.ZipFile(exported) as z:
+        config = json.loads(z.read("meta.json"))["config"]
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(config))
     assert cli.run(["export", "--workdir", str(tmp_path / "empty"),
                     "--output", str(tmp_path / "e.ssm")]) == 2
-    assert "ssm-jax: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ssm-jax: error:" in err and "checkpoint" in err, err
     assert not (tmp_path / "e.ssm").exists()
     # made by a jax whose calling convention this one cannot run
     bad = tmp_path / "old.ssm"
