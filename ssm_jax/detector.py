@@ -283,7 +283,6 @@ def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict
     return cfg
 
 
-
 def _overrides_from_sections(sections: dict[str, dict[str, Any]]) -> list[str]:
     """``eval={"refine_passes": 3}`` -> ["eval.refine_passes=3"]."""
     out = []
