@@ -29,9 +29,10 @@ width 64 where the truth was about 0.7x):
 * Each side runs in its own process, one process per (side, configuration). A process
   that is not being measured is frozen with SIGSTOP, so none of its threads (OpenMP
   spin-waits, XLA's Eigen pool) run during the other side's measurement.
-* The published code is measured with both OpenMP wait policies (``OMP_WAIT_POLICY=
-  ACTIVE``, libgomp's default spin-wait, and ``PASSIVE``) in two processes, and the
-  faster of the two counts in each round (``--torch-wait`` picks one). That was the
+* The published code runs in two processes at first, one per OpenMP wait policy
+  (``OMP_WAIT_POLICY=ACTIVE``, libgomp's default spin-wait, and ``PASSIVE``); one
+  measurement of each decides, and the faster one is measured in the rounds
+  (``--torch-wait`` picks one instead). That was the
   harness's error: on a machine loaded by other jobs, torch's two spin-waiting OpenMP
   threads lose 2-3x (NOTES.md), so the published code was measured far below what it
   does with passive waits, and the ratio depended on the machine's load.
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=2, help="steps / batches per measurement")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--torch-wait", choices=("best", "active", "passive"), default="best",
-                   help="OpenMP wait policy of the published code (best: both, faster counts)")
+                   help="OpenMP wait policy of the published code (best: the faster of both)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--parts", default="train,eval")
     p.add_argument("--patch", default="", help="benchmarks/patches.py names for the JAX side")
@@ -324,8 +325,21 @@ def measure_config(args: argparse.Namespace, size: int, width: int) -> dict:
         workers["jax"] = Worker("jax", sys.executable, common, jenv)
         print(f"{tag} ready: " + ", ".join(f"{n} {w.setup_s:.0f}s" for n, w in workers.items()),
               flush=True)
-        sec: dict = {(n, p): [] for n in workers for p in parts}
         out: dict = {"image_size": size, "width": width, "load": []}
+        if len(policies) > 1:
+            # One measurement of each part per wait policy; the faster policy is kept.
+            calib = {pol: sum(workers[f"torch-{pol}"].measure(p) for p in parts)
+                     for pol in policies}
+            best = min(calib, key=calib.get)
+            out["torch_wait_calibration_s"] = calib
+            for pol in policies:
+                if pol != best:
+                    workers.pop(f"torch-{pol}").close()
+            policies = (best,)
+            print(f"{tag} OpenMP wait policy: {best} ("
+                  + ", ".join(f"{k} {v:.1f}s" for k, v in calib.items()) + ")", flush=True)
+        out["torch_wait"] = policies[0]
+        sec: dict = {(n, p): [] for n in workers for p in parts}
         for r in range(args.rounds):
             for part in parts:
                 tnames = [f"torch-{pol}" for pol in policies]
@@ -350,22 +364,19 @@ def measure_config(args: argparse.Namespace, size: int, width: int) -> dict:
         out[f"{part}_jax_img_per_s"] = args.batch / statistics.median(j)
         out[f"{part}_ratio"] = statistics.median(a / b for a, b in zip(tbest, j))
         out[f"{part}_ratio_all"] = [round(a / b, 3) for a, b in zip(tbest, j)]
-        for pol in policies:
-            out[f"{part}_torch_{pol}_img_per_s"] = (
-                args.batch / statistics.median(sec[(f"torch-{pol}", part)]))
     return out
 
 
 def table(rows: list[dict], parts: list[str]) -> str:
-    head = "| px | width |"
-    sep = "| --- | --- |"
+    head = "| px | width | published OMP wait |"
+    sep = "| --- | --- | --- |"
     for part in parts:
         name = "training" if part == "train" else "scoring"
         head += f" {name}: published img/s | ssm_jax img/s | ratio (rounds) |"
         sep += " --- | --- | --- |"
     lines = [head, sep]
     for r in rows:
-        line = f"| {r['image_size']} | {r['width']} |"
+        line = f"| {r['image_size']} | {r['width']} | {r['torch_wait']} |"
         for part in parts:
             rr = ", ".join(f"{v:.2f}" for v in r[f"{part}_ratio_all"])
             line += (f" {r[f'{part}_torch_img_per_s']:.2f} | {r[f'{part}_jax_img_per_s']:.2f} |"
