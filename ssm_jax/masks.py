@@ -105,6 +105,9 @@ def _groups_to_masks(groups: jax.Array, n: int) -> jax.Array:
     return (groups[None] != jnp.arange(n)[:, None, None]).astype(jnp.float32)
 
 
+groups_to_masks = _groups_to_masks  # for family functions outside this module
+
+
 def blob_masks(key: jax.Array, image_size: int, n: int,
                scales: Sequence[int] = (2, 4, 8, 16),
                scale_probs: jax.Array | None = None) -> jax.Array:
