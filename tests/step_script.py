@@ -2,7 +2,9 @@
 
 Shared by test_parallel (1 vs 4 devices) and test_multihost (2 processes vs 1), which
 compare the outputs of :func:`two_steps` run with different device/process counts. Run
-in-process (``two_steps(path)``) or in a subprocess (``python -c SCRIPT path``).
+in-process (``two_steps(path)``) or in a subprocess (``python -c SCRIPT path [ssm-jax
+ARGS]``): a subprocess may go on with one ``ssm-jax`` command (``cli.run``) in the same
+process, so that one launch of the multi-process runtime serves two tests.
 
 The optimizer is swapped for plain SGD: Adam normalizes each gradient by its running
 magnitude, so a gradient reduced with the wrong scale (a psum instead of a pmean) or not
@@ -18,7 +20,20 @@ import numpy as np
 
 LR = 0.05
 SCRIPT = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-          "from step_script import two_steps; two_steps(sys.argv[1])")
+          "from step_script import main; main(sys.argv[1:])")
+
+
+def main(argv: list[str]) -> None:
+    """``two_steps(argv[0])``, then ``ssm-jax argv[1:]`` (if given) in this process."""
+    import sys
+
+    two_steps(argv[0])
+    if len(argv) > 1:
+        from ssm_jax import cli, distributed
+
+        # jax.distributed is initialized once per process, and two_steps did it.
+        distributed.maybe_initialize = lambda: False
+        sys.exit(cli.run(argv[1:]))
 
 
 def two_steps(out: str) -> None:

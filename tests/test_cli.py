@@ -10,16 +10,14 @@ import os
 import subprocess
 import sys
 
+import cli_runs
 import numpy as np
 import pytest
 
 from ssm_jax import cli
 
-TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
-        "--config.data.synthetic_num_train=24", "--config.mask.ks=(4,8)",
-        "--config.eval.ks=(8,)", "--config.eval.batch_size=16", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=3", "--config.train.eval_every=3",
-        "--config.eval.num_overlays=2"]
+# The shared run's settings (cli_runs): its compiled programs are in the session's cache.
+TINY = cli_runs.TINY + cli_runs.STEPS
 
 
 def ssm(*args, capsys=None, code=0):
@@ -41,15 +39,17 @@ def _info_logs(caplog):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_run, tmp_path_factory):
+    """A copy of the session's shared 8-step run (conftest.tiny_run), this module's own."""
+    import shutil
+
     wd = tmp_path_factory.mktemp("run") / "wd"
-    ssm("train", "--config", "configs/quickstart.py", "--workdir", wd, *TINY,
-        "--config.train.steps=3")
+    shutil.copytree(tiny_run[0], wd)
     return wd
 
 
 def test_train_writes_checkpoint_and_info(trained):
-    assert (trained / "checkpoints" / "3").is_dir()
+    assert (trained / "checkpoints" / "4").is_dir() and (trained / "checkpoints" / "8").is_dir()
     assert (trained / "best").is_dir()
     info = json.loads((trained / "run_info.json").read_text())
     assert info["seed"] == 0 and "jax" in info["versions"]
@@ -59,15 +59,15 @@ def test_train_writes_checkpoint_and_info(trained):
 def test_resume_and_evaluate(trained, caplog):
     # Same command with more steps resumes (needs --resume since train.steps changed).
     ssm("train", "--config", "configs/quickstart.py", "--workdir", trained, *TINY,
-        "--config.train.steps=5", "--resume")
-    assert "resumed from" in caplog.text and "at step 3" in caplog.text
-    assert (trained / "checkpoints" / "5").is_dir()
+        "--config.train.steps=12", "--resume")
+    assert "resumed from" in caplog.text and "at step 8" in caplog.text
+    assert (trained / "checkpoints" / "12").is_dir()
     ssm("evaluate", "--workdir", trained)
     m = json.loads((trained / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "num_images", "seconds"):
         assert key in m
     assert m["num_images"] > 0 and 0.0 <= m["image_auroc"] <= 1.0
-    assert m["checkpoint_step"] in (3, 5)
+    assert m["checkpoint_step"] in (4, 8, 12)  # best/: the lowest validation loss
     assert any(p.endswith("_overlay.png") for p in os.listdir(trained / "eval"))
     assert (trained / "threshold.json").is_file()
 

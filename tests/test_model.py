@@ -8,7 +8,9 @@ import pytest
 from ssm_jax.model import SSMUNet
 
 
-@pytest.mark.parametrize("channels,width", [(1, 4), (3, 4), (1, 8), (3, 8)])
+# Each case compiles the network three times; two cases cover both channel counts and
+# both widths (the shapes checked depend on each alone).
+@pytest.mark.parametrize("channels,width", [(1, 4), (3, 8)])
 def test_output_shapes_and_ranges(channels, width):
     net = SSMUNet(channels=channels, width=width)
     k = jax.random.PRNGKey(0)

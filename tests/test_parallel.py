@@ -5,10 +5,10 @@ import json
 import step_script
 
 
-def test_one_vs_four_devices(four_device_steps, tmp_path):
+def test_one_vs_four_devices(distributed_runs, tmp_path):
     one = str(tmp_path / "p1.npy")
     step_script.two_steps(one)  # this process: 1 CPU device
     a = json.loads(open(one + ".json").read())
-    b = json.loads(open(four_device_steps + ".json").read())
+    b = json.loads(open(distributed_runs.four + ".json").read())
     assert a["devices"] == 1 and b["devices"] == 4
-    step_script.assert_same_steps(one, four_device_steps)
+    step_script.assert_same_steps(one, distributed_runs.four)

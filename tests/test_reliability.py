@@ -12,17 +12,15 @@ import sys
 import threading
 import time
 
+import cli_runs
 import numpy as np
 import pytest
 
 from ssm_jax import cli
 
-BASE = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
-        "--config.data.synthetic_num_train=24", "--config.mask.ks=(4,8)",
-        "--config.eval.ks=(8,)", "--config.train.log_every=1", "--config.eval.num_overlays=0"]
-# 12 steps, checkpoints at 4, 8, 12: a run killed once step 4 is on disk has work left.
-STEPS = ["--config.train.steps=12", "--config.train.checkpoint_every=4",
-         "--config.train.eval_every=4"]
+# The shared run's settings (cli_runs: 8 steps, checkpoints at 4 and 8).
+BASE = cli_runs.TINY
+STEPS = cli_runs.STEPS
 
 
 def _args(wd, *extra):
@@ -54,20 +52,30 @@ def _info_logs(caplog):
     caplog.set_level(logging.INFO, logger="ssm_jax")
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("ref") / "wd"
-    assert cli.run(_args(wd, *STEPS)) == 0
-    return wd
+@pytest.fixture
+def reference_run(tiny_run):
+    """The undisturbed run (conftest.tiny_run), read only."""
+    return tiny_run[0]
+
+
+# The killed run saves after every step (keeping the newest 2): the kill, once a step >= 4
+# is on disk, leaves several steps of work, and the resume starts wherever it landed.
+EVERY_STEP = [*STEPS, "--config.train.checkpoint_every=1"]
+
+
+def _saved_from_4(wd):
+    return (wd / "checkpoints").is_dir() and any(s >= 4 for s in _steps(wd))
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """A run SIGKILLed as soon as checkpoint 4 exists, then the same command again."""
+    """A run SIGKILLed as soon as a checkpoint of step >= 4 exists, then the same command
+    again."""
     wd = tmp_path_factory.mktemp("kill") / "wd"
-    proc = subprocess.Popen(_cmd(wd, *STEPS), env=_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(wd, *EVERY_STEP), env=_env(), stderr=subprocess.PIPE,
+                            text=True)
     t0 = time.time()
-    while not (wd / "checkpoints" / "4").is_dir():
+    while not _saved_from_4(wd):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() - t0 < 600
         time.sleep(0.02)
@@ -82,7 +90,7 @@ def killed_and_resumed(tmp_path_factory):
     level = logs.level
     logs.setLevel(logging.INFO)
     try:
-        assert cli.run(_args(wd, *STEPS)) == 0
+        assert cli.run(_args(wd, *EVERY_STEP)) == 0
     finally:
         logs.removeHandler(handler)
         logs.setLevel(level)
@@ -91,9 +99,9 @@ def killed_and_resumed(tmp_path_factory):
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, killed_and_resumed):
     wd, killed_at, log = killed_and_resumed
-    assert killed_at and max(killed_at) < 12, killed_at  # killed with work left
+    assert killed_at and max(killed_at) < 8, killed_at  # killed with work left
     assert f"resumed from {wd}/checkpoints at step {max(killed_at)}" in log
-    np.testing.assert_array_equal(_params(reference_run, 12), _params(wd, 12))
+    np.testing.assert_array_equal(_params(reference_run, 8), _params(wd, 8))
 
 
 def test_same_seed_same_scores(reference_run, killed_and_resumed):
@@ -122,13 +130,13 @@ def test_half_written_checkpoint_is_ignored(reference_run, tmp_path, caplog):
     wd = tmp_path / "wd"
     shutil.copytree(reference_run, wd)
     # A write killed mid-way leaves orbax's temporary folder, never a finished step.
-    shutil.rmtree(wd / "checkpoints" / "12")
-    tmp = wd / "checkpoints" / "12.orbax-checkpoint-tmp-123"
+    shutil.rmtree(wd / "checkpoints" / "8")
+    tmp = wd / "checkpoints" / "8.orbax-checkpoint-tmp-123"
     tmp.mkdir()
     (tmp / "garbage").write_bytes(b"\0" * 10)
     assert cli.run(_args(wd, *STEPS)) == 0
-    assert "resumed from" in caplog.text and "at step 8" in caplog.text
-    np.testing.assert_array_equal(_params(reference_run, 12), _params(wd, 12))
+    assert "resumed from" in caplog.text and "at step 4" in caplog.text
+    np.testing.assert_array_equal(_params(reference_run, 8), _params(wd, 8))
 
 
 def test_sigterm_writes_final_checkpoint(tmp_path):
@@ -163,18 +171,31 @@ def test_sigterm_writes_final_checkpoint(tmp_path):
     assert len(steps) == 1 and 0 < steps[0] < 100000
 
 
-def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys):
+def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
+    """The shared run's settings (its compiled step), saving every step; the batch of step 6
+    holds a NaN pixel, so the loss and then the parameters become NaN there."""
+    from ssm_jax.data import pipeline
+
+    original = pipeline.train_batches
+
+    def poisoned(*args, **kwargs):
+        for step, batch in enumerate(original(*args, **kwargs),
+                                     start=kwargs.get("start_step", 0) + 1):
+            if step == 6:
+                batch = batch.copy()
+                batch[0, 5, 5, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", poisoned)
     wd = tmp_path / "wd"
-    rc = cli.run(_args(wd, "--config.train.steps=40", "--config.train.checkpoint_every=1",
-                       "--config.train.eval_every=1000", "--config.train.learning_rate=1e30",
-                       "--config.train.lr_decay_fractions=()"))
+    rc = cli.run(_args(wd, *EVERY_STEP))
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("ssm-jax: error: loss became") and "at step" in last
+    assert last.startswith("ssm-jax: error: loss became") and "at step 6" in last
     assert "Traceback" not in err
     good = _steps(wd)
-    assert good, "no checkpoint survived"
+    assert good == [4, 5], good  # keep_checkpoints=2; step 6 was not saved
     # The message names the last good checkpoint, and it holds finite parameters.
     assert f"last good checkpoint: step {max(good)}" in last
     for s in good:

@@ -116,39 +116,43 @@ MULTI = textwrap.dedent("""
     from ssm_jax.errors import WorkdirLocked
     distributed.maybe_initialize()
     import jax
-    wd = sys.argv[1]
-    out = {"process": jax.process_index()}
-    try:
-        with workdir_lock.RunLock(wd) as run:
-            out["holds"] = run.lock is not None and run.lock.held
-            parallel.barrier("locked")
-            out["lock_pid"] = json.load(open(os.path.join(wd, workdir_lock.LOCK_FILE)))["pid"]
-            out["my_pid"] = os.getpid()
-            parallel.barrier("read")
-    except WorkdirLocked as e:
-        out["error"] = str(e)
-    print("RESULT " + json.dumps(out), flush=True)
+    for wd in sys.argv[1:]:
+        out = {"process": jax.process_index()}
+        try:
+            with workdir_lock.RunLock(wd) as run:
+                out["holds"] = run.lock is not None and run.lock.held
+                parallel.barrier("locked")
+                out["lock_pid"] = json.load(open(os.path.join(wd, workdir_lock.LOCK_FILE)))["pid"]
+                out["my_pid"] = os.getpid()
+                parallel.barrier("read")
+        except WorkdirLocked as e:
+            out["error"] = str(e)
+        print("RESULT " + json.dumps(out), flush=True)
 """)
 
 
-def _launch(tmp_path, wd):
+def _launch(tmp_path, *wds):
+    """One launch of 2 processes; each takes RunLock on each workdir in turn. Returns, per
+    workdir, what processes 0 and 1 saw."""
     env = dict(os.environ, SSM_LOG_PREFIX=str(tmp_path / "proc"))
     res = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2",
-                          "1", sys.executable, "-c", MULTI, str(wd)], env=env,
+                          "1", sys.executable, "-c", MULTI, *map(str, wds)], env=env,
                          capture_output=True, text=True, timeout=300)
     logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
     assert res.returncode == 0, "\n".join(logs)[-4000:]
-    return [json.loads(next(ln for ln in log.splitlines() if ln.startswith("RESULT "))[7:])
-            for log in logs]
+    results = [[json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")]
+               for log in logs]
+    assert all(len(r) == len(wds) for r in results), results
+    return list(zip(*results))
 
 
 def test_multi_process_run_holds_one_lock(tmp_path):
-    wd = tmp_path / "wd"
-    p0, p1 = _launch(tmp_path, wd)
+    free, foreign = tmp_path / "wd", tmp_path / "locked"
+    # A live foreign lock on the second workdir.
+    _write_lock(foreign, age_s=0)
+    (p0, p1), (q0, q1) = _launch(tmp_path, free, foreign)
     assert p0["holds"] and not p1["holds"]
     assert p0["lock_pid"] == p1["lock_pid"] == p0["my_pid"] != p1["my_pid"]
-    assert not (wd / workdir_lock.LOCK_FILE).exists()
-    # A live foreign lock stops both processes with the error (none goes on alone).
-    _write_lock(wd, age_s=0)
-    p0, p1 = _launch(tmp_path, wd)
-    assert "another-host.example" in p0["error"] and "in use" in p1["error"]
+    assert not (free / workdir_lock.LOCK_FILE).exists()
+    # The live foreign lock stops both processes with the error (none goes on alone).
+    assert "another-host.example" in q0["error"] and "in use" in q1["error"]
