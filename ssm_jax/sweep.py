@@ -15,9 +15,10 @@ cell and metric: mean, sd, n, and the difference to the baseline paired by seed 
 Resuming: run the same command again. Finished runs (with ``sweep_result.json``) are not
 redone; an interrupted run resumes from its latest checkpoint. ``DIR/sweep.json`` records
 the grid (config file, base overrides, resolved base config, cells, seeds). A rerun may
-*add* cells or seeds (the record grows); anything else (another config, other base
-overrides, a cell whose overrides changed, a cell or seed left out, another baseline)
-stops with one line before anything runs.
+*add* cells or seeds (the record grows); anything else (other base config values, from
+the file or ``--config`` overrides; a cell whose overrides changed; a cell or seed left
+out; another baseline) stops with one line before anything runs. A run stopped by SIGTERM
+(it saves a checkpoint) stops the sweep, unevaluated; the next invocation resumes it.
 
 The seeds of a cell train together as one vmapped group (``ssm_jax.multi_model``: one
 compiled program, parameters stacked on a leading axis) when they all start fresh or
@@ -39,7 +40,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from ssm_jax import config_utils
-from ssm_jax.errors import ConfigError
+from ssm_jax.errors import ConfigError, SSMError
 
 log = logging.getLogger("ssm_jax")
 
@@ -100,7 +101,7 @@ def run_dir(workdir: str, cell: str, seed: int) -> str:
 def _grid_record(config_path: str, base_overrides: Sequence[str],
                  base: ml_collections.ConfigDict, cells: Sequence[tuple[str, str]],
                  seeds: Sequence[int]) -> dict:
-    return {"config": os.path.normpath(config_path), "config_overrides": list(base_overrides),
+    return {"config": config_path, "config_overrides": list(base_overrides),
             "base_config": json.loads(config_utils.to_json(base)),
             "cells": [[n, " ".join(o.split())] for n, o in cells], "seeds": list(seeds)}
 
@@ -115,16 +116,13 @@ def check_grid(workdir: str, new: dict) -> dict:
     with open(path) as f:
         old = json.load(f)
     where = f"sweep directory {workdir} was made by a different grid"
-    for key, what in (("config", "config file"), ("config_overrides", "--config overrides")):
-        if old.get(key) != new[key]:
-            raise ConfigError(f"{where}: {what} {old.get(key)!r} -> {new[key]!r} (use a new "
-                              f"--workdir)")
+    # The resolved base config decides (the file's path or how overrides are spelled not).
     if old.get("base_config") != new["base_config"]:
         a = train_flat(old.get("base_config", {}))
         b = train_flat(new["base_config"])
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ConfigError(f"{where}: the base config changed ({', '.join(diff[:5])}) "
-                          f"(use a new --workdir)")
+        raise ConfigError(f"{where}: the base config (config file + --config overrides) "
+                          f"changed: {', '.join(diff[:5])} (use a new --workdir)")
     old_cells, new_cells = dict(map(tuple, old["cells"])), dict(map(tuple, new["cells"]))
     if old["cells"] and new["cells"] and old["cells"][0][0] != new["cells"][0][0]:
         raise ConfigError(f"{where}: baseline cell {old['cells'][0][0]!r} -> "
@@ -196,7 +194,9 @@ def _train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | 
         from ssm_jax import multi_model
         if multi_model.can_train_together(cfgs, rdirs):
             t0 = time.time()
-            multi_model.train_group(cfgs, rdirs)
+            outs = multi_model.train_group(cfgs, rdirs)
+            for cfg, r, out in zip(cfgs, rdirs, outs):
+                _check_finished(cfg, r, out)
             per = (time.time() - t0) / len(cfgs)
             for r in rdirs:
                 _write_json(_train_seconds_path(r), {"seconds": per, "group_size": len(cfgs)})
@@ -204,10 +204,21 @@ def _train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | 
     seconds = []
     for cfg, r in zip(cfgs, rdirs):
         t0 = time.time()
-        train.train(cfg, r, resume=True)
+        _check_finished(cfg, r, train.train(cfg, r, resume=True))
         seconds.append(time.time() - t0)
         _write_json(_train_seconds_path(r), {"seconds": seconds[-1], "group_size": 1})
     return seconds, 1
+
+
+class SweepStopped(SSMError):
+    """A run stopped before its last step (SIGTERM): the sweep stops, resumable."""
+
+
+def _check_finished(cfg, rdir: str, out: dict) -> None:
+    if int(out.get("step", cfg.train.steps)) < cfg.train.steps:
+        raise SweepStopped(f"run {rdir} stopped at step {out['step']} of {cfg.train.steps} "
+                           f"(SIGTERM; checkpoint saved): rerun the same sweep command to "
+                           f"continue")
 
 
 def _recorded_train_seconds(rdir: str) -> float | None:
