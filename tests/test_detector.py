@@ -14,19 +14,11 @@ from ssm_jax.data.synthetic import make_synthetic
 from ssm_jax.detector import Detector
 from ssm_jax.errors import CheckpointError, DataError, ExportError
 
-TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
-        "--config.data.synthetic_num_train=40", "--config.mask.ks=(4,8)",
-        "--config.eval.ks=(8,)", "--config.eval.batch_size=4", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=3", "--config.train.eval_every=3",
-        "--config.eval.num_overlays=0"]
-
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("det") / "wd"
-    assert cli.run(["train", "--config", "configs/quickstart.py", "--workdir", str(wd), *TINY,
-                    "--config.train.steps=3"]) == 0
-    return str(wd)
+def workdir(tiny_run):
+    """The session's shared tiny run (conftest); these tests only read it."""
+    return str(tiny_run[0])
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +100,8 @@ def test_export_matches_detector(exported, workdir, images):
 
 def test_export_with_map_statistics(workdir, images, tmp_path):
     det = Detector.load(workdir, eval={"map_normalization": "val_zscore",
-                                       "image_score_fusion": "mse"})
+                                       "image_score_fusion": "mse"},
+                        data={"val_fraction": 0.25})  # >= 3 normals for the statistics
     path = str(tmp_path / "z.ssm")
     meta = export.export_detector(det, path, platforms=("cpu",))
     assert meta["map_normalization"] == "val_zscore" and det.stats is not None
