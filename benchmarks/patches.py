@@ -9,6 +9,10 @@ components.py uses it. See NOTES.md for the measured effect of each.
   nearest downsampling in ``MaskBlock`` by strided slicing. Same values, same params.
 * ``median_network``: the 3x3 median of ``losses.median3x3`` by a 19 compare-exchange
   min/max network instead of ``jnp.median`` over 9 stacked views (a sort). Same values.
+  (ssm_jax does this itself since issue 14.)
+* ``sort_median``, ``conv_ssim``: the code before issue 14, for A/B runs against the
+  current one: ``jnp.median`` over 9 stacked views, and SSIM's Gaussian window as an
+  11x11 depthwise convolution instead of two banded matrix products.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PATCHES = ("upsample_repeat", "median_network")
+PATCHES = ("upsample_repeat", "median_network", "sort_median", "conv_ssim")
 
 
 def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -39,12 +43,12 @@ def downsample_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
     return mask[:, fh // 2::fh, fw // 2::fw]
 
 
-def median3x3_network(x: jax.Array) -> jax.Array:
-    """3x3 median over the last two axes (edge padding) by a min/max network."""
-    from ssm_jax.losses import _pad_edge
+def median3x3_network(x: jax.Array, border: str = "edge") -> jax.Array:
+    """3x3 median over the last two axes (edge or zero padding) by a min/max network."""
+    from ssm_jax.losses import _pad
 
     h, w = x.shape[-2:]
-    xp = _pad_edge(x, 1)
+    xp = _pad(x, 1, border)
     p = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
 
     def op(a: int, b: int) -> None:
@@ -84,6 +88,46 @@ def _patch_median() -> None:
     losses.median3x3 = median3x3_network
 
 
+def median3x3_sort(x: jax.Array, border: str = "edge") -> jax.Array:
+    """The 3x3 median before issue 14: jnp.median (a sort) over the 9 stacked views."""
+    from ssm_jax.losses import _pad
+
+    h, w = x.shape[-2:]
+    xp = _pad(x, 1, border)
+    views = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    return jnp.median(jnp.stack(views), axis=0)
+
+
+def ssim_conv(x: jax.Array, y: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
+    """SSIM before issue 14: the 11x11 Gaussian window as a depthwise convolution."""
+    from ssm_jax.losses import SSIM_C1, SSIM_C2
+
+    c = x.shape[-1]
+    t = jnp.arange(window, dtype=jnp.float32) - (window - 1) / 2
+    g = jnp.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    kern = jnp.outer(g, g)[:, :, None, None] * jnp.ones((1, 1, 1, c))
+
+    def blur(z: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            z, kern, (1, 1), "SAME", feature_group_count=c,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    num = (2 * mx * my + SSIM_C1) * (2 * sxy + SSIM_C2)
+    den = (mx * mx + my * my + SSIM_C1) * (sxx + syy + SSIM_C2)
+    return jnp.mean(num / den)
+
+
+def _set_loss(name: str, fn) -> None:
+    from ssm_jax import losses
+
+    setattr(losses, name, fn)
+
+
 def apply(names) -> list[str]:
     """Applies the named patches (iterable or comma string); returns the names applied."""
     if isinstance(names, str):
@@ -91,5 +135,7 @@ def apply(names) -> list[str]:
     for name in names:
         if name not in PATCHES:
             raise SystemExit(f"unknown patch {name!r}; choose from {PATCHES}")
-        {"upsample_repeat": _patch_upsample, "median_network": _patch_median}[name]()
+        {"upsample_repeat": _patch_upsample, "median_network": _patch_median,
+         "sort_median": lambda: _set_loss("median3x3", median3x3_sort),
+         "conv_ssim": lambda: _set_loss("ssim", ssim_conv)}[name]()
     return list(names)

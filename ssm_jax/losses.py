@@ -43,12 +43,23 @@ def _pad(x: jax.Array, p: int, border: str) -> jax.Array:
     return jnp.pad(x, pads)
 
 
+# Paeth's 19 compare-exchange network for the median of 9 (result in slot 4).
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8),
+            (0, 3), (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
 def median3x3(x: jax.Array, border: str = "edge") -> jax.Array:
-    """3x3 median filter over the last two axes (edge or zero padding)."""
+    """3x3 median filter over the last two axes (edge or zero padding).
+
+    A min/max network over the 9 shifted views: the same values as ``jnp.median`` of the
+    stacked views, without its sort (issue 14: 20x faster on XLA CPU, forward and backward).
+    """
     h, w = x.shape[-2:]
     xp = _pad(x, 1, border)
-    views = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
-    return jnp.median(jnp.stack(views), axis=0)
+    v = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9:
+        v[a], v[b] = jnp.minimum(v[a], v[b]), jnp.maximum(v[a], v[b])
+    return v[4]
 
 
 def prewitt_magnitude(x: jax.Array, border: str = "edge") -> jax.Array:
@@ -148,23 +159,33 @@ def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
     return out.reshape(lead + x.shape[-2:])
 
 
+def _band_matrix(n: int, taps: jax.Array) -> jax.Array:
+    """[n, n] matrix T with (T @ v)[i] = sum_t taps[t] v[i + t - r], zero outside [0, n)."""
+    r = (taps.shape[0] - 1) // 2
+    d = jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + r
+    inside = (d >= 0) & (d < taps.shape[0])
+    return jnp.where(inside, taps[jnp.clip(d, 0, taps.shape[0] - 1)], 0.0)
+
+
 def ssim(x: jax.Array, y: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
-    """Mean SSIM of [B, H, W, C] image pairs (Gaussian window, zero padding)."""
+    """Mean SSIM of [B, H, W, C] image pairs (Gaussian window, zero padding).
+
+    The 2-D Gaussian window is applied as two banded matrix products (along H, then W),
+    all five blurred maps at once: the same sums as an 11x11 depthwise convolution with
+    zero padding, but 50x faster on XLA CPU (issue 14), forward and backward.
+    """
     b, h, w, c = x.shape
     t = jnp.arange(window, dtype=jnp.float32) - (window - 1) / 2
     g = jnp.exp(-0.5 * (t / sigma) ** 2)
     g = g / g.sum()
-    kern = jnp.outer(g, g)[:, :, None, None] * jnp.ones((1, 1, 1, c))
-
-    def blur(z: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(
-            z, kern, (1, 1), "SAME", feature_group_count=c,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
+    z = jnp.stack([x, y, x * x, y * y, x * y])  # [5, B, H, W, C]
+    hi = jax.lax.Precision.HIGHEST
+    z = jnp.einsum("ih,kbhwc->kbiwc", _band_matrix(h, g), z, precision=hi)
+    z = jnp.einsum("jw,kbiwc->kbijc", _band_matrix(w, g), z, precision=hi)
+    mx, my, bxx, byy, bxy = z
+    sxx = bxx - mx * mx
+    syy = byy - my * my
+    sxy = bxy - mx * my
     num = (2 * mx * my + SSIM_C1) * (2 * sxy + SSIM_C2)
     den = (mx * mx + my * my + SSIM_C1) * (sxx + syy + SSIM_C2)
     return jnp.mean(num / den)
