@@ -88,9 +88,12 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=("NAME", "OVERRIDES"),
                    help='a cell: name and space-separated KEY=VALUE overrides ("" = the '
                         "base config); the first cell is the baseline")
-    w.add_argument("--sequential", action="store_true",
-                   help="train one run at a time (default: a cell's seeds as one vmapped "
-                        "group)")
+    g = w.add_mutually_exclusive_group()
+    g.add_argument("--vmap", action="store_true",
+                   help="train a cell's seeds as one vmapped group (default on GPU/TPU)")
+    g.add_argument("--sequential", action="store_true",
+                   help="train one run at a time (default on CPU, where batched "
+                        "convolutions are slower than separate ones)")
     w.add_argument("--no-plot", action="store_true", help="skip summary.png")
     w.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     w.epilog = "Base config values: --config.KEY=VALUE (apply to every cell)"
@@ -164,7 +167,8 @@ def run(argv: Sequence[str]) -> int:
             from ssm_jax import sweep
             sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),
                             [tuple(c) for c in args.cell], overrides,
-                            vmap=not args.sequential, plot=not args.no_plot)
+                            vmap=True if args.vmap else (False if args.sequential else None),
+                            plot=not args.no_plot)
         return 0
     except SSMError as e:
         if debug:

@@ -22,8 +22,9 @@ out; another baseline) stops with one line before anything runs. A run stopped b
 
 The seeds of a cell train together as one vmapped group (``ssm_jax.multi_model``: one
 compiled program, parameters stacked on a leading axis) when they all start fresh or
-resume at the same step; otherwise, or with ``vmap=False`` (``--sequential``), one at a
-time. Either way each run's checkpoints and results are those of a separate run.
+resume at the same step and ``vmap`` is on (``--vmap``; the default on GPU/TPU, not on
+CPU, where a vmapped group is slower); otherwise one at a time. Either way each run's
+checkpoints and results are those of a separate run.
 """
 
 from __future__ import annotations
@@ -231,10 +232,19 @@ def _recorded_train_seconds(rdir: str) -> float | None:
 
 def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
               cells: Sequence[tuple[str, str]], base_overrides: Sequence[str] = (),
-              vmap: bool = True, plot: bool = True) -> list[dict]:
+              vmap: bool | None = None, plot: bool = True) -> list[dict]:
     """Trains and evaluates every (cell, seed) not finished yet; writes results.csv,
-    summary.csv, summary.png. Returns the result rows (cell order, then seed order)."""
+    summary.csv, summary.png. Returns the result rows (cell order, then seed order).
+
+    ``vmap``: train a cell's seeds as one vmapped group; None = on accelerators only (on
+    XLA CPU the batched convolutions of a vmapped group are slower than separate runs:
+    benchmarks/multi_model.py)."""
+    import jax
+
     from ssm_jax import workdir_lock
+
+    if vmap is None:
+        vmap = jax.default_backend() != "cpu"
 
     seeds = list(seeds)
     cells = [(n, " ".join(o.split())) for n, o in cells]

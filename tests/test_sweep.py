@@ -33,7 +33,7 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     """Two cells x two seeds on the synthetic set; each cell's seeds train as one vmapped
     group; a rerun redoes nothing."""
     wd = tmp_path / "sw"
-    assert _sweep(wd, ("base", ""), ("k8", "mask.ks=(8,)")) == 0
+    assert _sweep(wd, ("base", ""), ("k8", "mask.ks=(8,)"), extra=["--vmap"]) == 0
     out = capsys.readouterr().out
     assert "[4/4]" in out and "diff vs baseline" in out
     rows = _csv(wd / "results.csv")
