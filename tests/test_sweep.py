@@ -30,36 +30,35 @@ def _sweep(wd, *cells, seeds="0,1", extra=()):
 
 
 def test_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
-    """Two cells x two seeds on the synthetic set; each cell's seeds train as one vmapped
-    group; a rerun redoes nothing."""
+    """One cell x two seeds on the synthetic set, the seeds trained as one vmapped group
+    and evaluated from their own run directories; a rerun redoes nothing. (Cells, paired
+    differences and resuming are covered below with stand-in runs.)"""
     wd = tmp_path / "sw"
-    assert _sweep(wd, ("base", ""), ("k8", "mask.ks=(8,)"), extra=["--vmap"]) == 0
+    assert _sweep(wd, ("base", ""), extra=["--vmap"]) == 0
     out = capsys.readouterr().out
-    assert "[4/4]" in out and "diff vs baseline" in out
+    assert "[2/2]" in out and "diff vs baseline" in out
     rows = _csv(wd / "results.csv")
-    assert [(r["cell"], r["seed"]) for r in rows] == [("base", "0"), ("base", "1"),
-                                                       ("k8", "0"), ("k8", "1")]
+    assert [(r["cell"], r["seed"]) for r in rows] == [("base", "0"), ("base", "1")]
     assert {r["group_size"] for r in rows} == {"2"}
     for r in rows:
         assert 0.0 <= float(r["image_auroc"]) <= 1.0 and r["checkpoint_step"] == "2"
         assert os.path.isdir(os.path.join(r["workdir"], "best"))
+        assert os.path.isdir(os.path.join(r["workdir"], "checkpoints", "2"))
     summary = _csv(wd / "summary.csv")
-    assert len(summary) == 2 * len(sweep.METRICS)
-    k8 = [r for r in summary if r["cell"] == "k8"]
-    assert all(r["n_pairs"] == "2" and r["ci95_low"] and r["ci95_high"] for r in k8)
+    assert [r["metric"] for r in summary] == list(sweep.METRICS)
+    assert all(r["n"] == "2" and r["sd"] for r in summary if r["metric"] != "aupro")
     assert os.path.getsize(wd / "summary.png") > 1000
     grid = json.loads((wd / "sweep.json").read_text())
-    assert grid["seeds"] == [0, 1] and grid["cells"][1] == ["k8", "mask.ks=(8,)"]
+    assert grid["seeds"] == [0, 1] and grid["cells"] == [["base", ""]]
     # The two seeds are two different models.
-    assert rows[0]["image_auroc"] != rows[1]["image_auroc"] or \
-        rows[0]["pixel_auroc"] != rows[1]["pixel_auroc"]
+    assert rows[0]["pixel_auroc"] != rows[1]["pixel_auroc"]
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(sweep, "_train_runs", no_training)
-    assert _sweep(wd, ("base", ""), ("k8", "mask.ks=(8,)")) == 0
-    assert "4 already finished" in capsys.readouterr().out
+    assert _sweep(wd, ("base", ""), extra=["--vmap"]) == 0
+    assert "2 already finished" in capsys.readouterr().out
 
 
 @pytest.fixture
