@@ -8,7 +8,7 @@ port=${SSM_PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < nproc_; i++)); do
   SSM_COORDINATOR="localhost:${port}" SSM_NUM_PROCESSES="$nproc_" SSM_PROCESS_ID="$i" \
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${ndev}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${ndev}" \
     "$@" > "${SSM_LOG_PREFIX:-/tmp/ssm_proc}${i}.log" 2>&1 &
   pids+=($!)
 done

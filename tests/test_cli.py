@@ -204,7 +204,8 @@ def test_evaluate_without_checkpoint(tmp_path, capsys):
 def test_batch_not_divisible_by_devices_exit_status(tmp_path):
     """The real command (a fresh process with 3 CPU devices): exit status 2 and one line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=3")
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=3")
     res = subprocess.run([sys.executable, "-m", "ssm_jax", "train", "--config",
                           "configs/quickstart.py", "--workdir", str(tmp_path / "w"), *TINY,
                           "--config.train.steps=1"], env=env, capture_output=True, text=True,
