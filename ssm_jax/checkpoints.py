@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -103,6 +104,9 @@ def _quiet_failed_restore_echoes() -> None:
 
     hook._ssm_jax_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # ... and the reads it abandoned are reported as never-awaited coroutines at exit.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
 
 
 def _reason(e: BaseException) -> str:

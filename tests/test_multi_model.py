@@ -63,7 +63,9 @@ def test_vmapped_models_equal_separate_runs():
                     close += int(np.sum(np.abs(a - b) <= 1e-5 + 1e-4 * np.abs(a)))
                     total += a.size
             if t == 0:  # after one update all but a sliver of the numbers agree to rounding
-                assert close / total > 0.999, (i, close / total)
+                # (0.9989-0.9995 measured, by XLA optimization level; a model given another
+                # model's seed or masks leaves nearly all numbers apart)
+                assert close / total > 0.995, (i, close / total)
             # (later updates spread the +-lr steps through Adam's moments; the losses and
             # the bound above still hold)
     # The models did not collapse onto one another.
