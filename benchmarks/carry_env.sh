@@ -1,14 +1,15 @@
 # Sourced by the device scripts and benchmarks/jax_only_check.sh (bash):
 #   . benchmarks/carry_env.sh SITE_DIR
 # Installs, from the carried benchmarks/wheels/ (see fetch_wheels.sh), each package that
-# ssm-jax train/evaluate need and this python lacks (grain, array_record, portpicker, clu,
-# ml_collections) into SITE_DIR, and puts the repository and SITE_DIR on PYTHONPATH (the
-# package is used in place: `python -m ssm_jax ...`). Returns 2 with one line if it cannot.
+# ssm-jax train/evaluate/export need and this python lacks (grain, array_record,
+# portpicker, clu, ml_collections, flatbuffers) into SITE_DIR, and puts the repository
+# and SITE_DIR on PYTHONPATH (the package is used in place: `python -m ssm_jax ...`).
+# Returns 2 with one line if it cannot.
 carry_install() {
   local root site need=() m
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   site="$1"
-  for m in grain array_record portpicker clu ml_collections; do
+  for m in grain array_record portpicker clu ml_collections flatbuffers; do
     python -c "import $m" 2>/dev/null || need+=("$m")
   done
   if (( ${#need[@]} )); then

@@ -17,7 +17,8 @@ mkdir -p "$dest"
 local_py="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 PY_VERSIONS="${PY_VERSIONS:-3.12 $local_py}"
 # Versions pinned to pyproject.toml's ranges (the ones CI installs).
-WHEELS=(grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 clu==0.0.12 ml_collections==1.1.0)
+WHEELS=(grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 clu==0.0.12 ml_collections==1.1.0
+        flatbuffers==25.12.19)
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
          manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

@@ -31,7 +31,7 @@ import numpy as np
 
 from ssm_jax import __version__, config_utils, normalization, parallel, scoring, train_step
 from ssm_jax.detector import Detector
-from ssm_jax.errors import ConfigError, ExportError
+from ssm_jax.errors import ConfigError, ExportError, MissingDependency
 
 FORMAT = "ssm_jax.exported_detector"
 FORMAT_VERSION = 1
@@ -113,6 +113,11 @@ def export_detector(det: Detector, output: str,
     except Exception as e:  # noqa: BLE001 - e.g. an unknown platform name
         raise ExportError(f"jax.export failed for platforms {','.join(platforms)}: "
                           f"{str(e).splitlines()[0][:300]}") from e
+    try:
+        serialized = bytes(exported.serialize())
+    except ImportError as e:  # jax's serializer needs the flatbuffers package
+        raise MissingDependency(f"ssm-jax export needs the flatbuffers package ({e}): "
+                                f"pip install flatbuffers") from e
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "image_shape": list(shape), "channels": channels,
@@ -140,7 +145,7 @@ def export_detector(det: Detector, output: str,
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(META_FILE, json.dumps(meta, indent=2))
-            z.writestr(SCORER_FILE, bytes(exported.serialize()))
+            z.writestr(SCORER_FILE, serialized)
             z.writestr(WEIGHTS_FILE, weights_buf.getvalue())
         os.replace(tmp, output)
     finally:

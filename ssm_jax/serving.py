@@ -7,8 +7,10 @@
 
 This module imports nothing beyond jax, numpy and the standard library (and
 ``ssm_jax.errors``, which imports nothing): flax, optax, orbax, grain, clu, ml_collections
-and TensorFlow need not be installed. Scores equal the trained run's ``Detector`` scores to
-float tolerance: each image's masks are keyed by the CRC-32 of its pixels, as there.
+and TensorFlow need not be installed. jax's export deserializer needs the small
+``flatbuffers`` package (a missing one is reported in one line). Scores equal the trained
+run's ``Detector`` scores to float tolerance: each image's masks are keyed by the CRC-32
+of its pixels, as there.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
-from ssm_jax.errors import DataError, ExportError
+from ssm_jax.errors import DataError, ExportError, MissingDependency
 
 FORMAT = "ssm_jax.exported_detector"  # = ssm_jax.export.FORMAT (not imported: flax-free)
 FORMAT_VERSION = 1
@@ -127,6 +129,9 @@ def load(path: str) -> ExportedDetector:
                           f"with this jax, or install a jax close to {made_with}")
     try:
         exported = jax_export.deserialize(bytearray(scorer))
+    except ImportError as e:  # jax's deserializer needs the flatbuffers package
+        raise MissingDependency(f"reading {path} needs the flatbuffers package ({e}): "
+                                f"pip install flatbuffers") from e
     except Exception as e:  # noqa: BLE001 - any failure: not usable with this jax
         raise ExportError(f"{path} (exported with jax {made_with}) cannot be read by jax "
                           f"{jax.__version__}: {str(e).splitlines()[0][:200]}") from e
