@@ -105,7 +105,7 @@ def _quiet_failed_restore_echoes() -> None:
     hook._ssm_jax_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
     # ... and the reads it abandoned are reported as never-awaited coroutines at exit.
-    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
                             category=RuntimeWarning)
 
 
@@ -216,6 +216,9 @@ def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
     if not steps:
         raise CheckpointError(f"no checkpoint in {mngr.directory}")
     failed: list[tuple[int, str]] = []
+    # Before the first attempt: a failing read's echoes can fire in tensorstore's threads
+    # while the exception is still on its way out of orbax.
+    _quiet_failed_restore_echoes()
     for step in steps:
         problem = _metadata_problem(str(mngr.directory), step)
         if problem:
@@ -224,7 +227,6 @@ def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
         try:
             state, extra = restore(mngr, abstract_state, sharding, step)
         except Exception as e:  # noqa: BLE001 - any failure: this step is unusable
-            _quiet_failed_restore_echoes()
             if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
                 continue  # deleted meanwhile (e.g. by a run rotating its checkpoints)
             failed.append((step, _reason(e)))
