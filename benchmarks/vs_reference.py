@@ -1,7 +1,7 @@
 """ssm_jax vs the published PyTorch SSM code: training and scoring images/s at equal work.
 
 The full table (widths 8, 16, 32, 64 at 64 px; 64 and 128 px at width 16; training and
-scoring; 3 alternating rounds), estimated 30-40 min on an idle 2-core CPU (about 1 h at load 9)::
+scoring; 3 alternating rounds), 6 min on a quiet 2-core CPU (measured; far longer under load)::
 
     SSM_REFERENCE_DIR=/work/ssm_ref python benchmarks/vs_reference.py \\
         --torch-python /work/torchvenv/bin/python
