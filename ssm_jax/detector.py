@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, train_step
+from ssm_jax import checkpoints, config_utils, normalization, parallel, scoring, serving, train_step
 from ssm_jax.data.folder import full_sizes
 from ssm_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -146,13 +146,9 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
 
 
 def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-    """[N] int32 ids from each image's valid pixels (CRC-32): the key of its scoring masks."""
-    import zlib
-
-    if sizes is None:
-        sizes = full_sizes(images)
-    return np.array([zlib.crc32(np.ascontiguousarray(im[:h, :w]).tobytes()) & 0x7FFFFFFF
-                     for im, (h, w) in zip(images, sizes)], np.int32).reshape(-1)
+    """[N] int32 ids from each image's valid pixels (CRC-32): the key of its scoring masks
+    (one definition, :func:`ssm_jax.serving.content_ids`, so exported scores match)."""
+    return serving.content_ids(images, sizes)
 
 
 def shape_bucket(cfg: ml_collections.ConfigDict) -> int:
@@ -360,14 +356,7 @@ class Detector:
         if x.shape[-1] != self.channels:
             raise DataError(f"images have {x.shape[-1]} channel(s); this run was trained on "
                             f"{self.channels} (data.grayscale={self.cfg.data.grayscale})")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        if not np.issubdtype(x.dtype, np.floating):
-            raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise DataError(f"image values must be finite and in [0, 1]; got "
-                            f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        x = serving.unit_float_images(x)
         size = int(self.cfg.data.image_size)
         if sizes is not None:
             sizes = np.asarray(sizes, np.int32).reshape(len(x), 2)

@@ -33,10 +33,29 @@ FORMAT = "ssm_jax.exported_detector"  # = ssm_jax.export.FORMAT (not imported: f
 FORMAT_VERSION = 1
 
 
-def content_ids(images: np.ndarray) -> np.ndarray:
-    """[B] int32 mask keys from each image's pixels (as ``ssm_jax.detector.content_ids``)."""
+def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+    """[B] int32 keys of each image's scoring masks: the CRC-32 of its pixels (of its
+    valid top-left (h, w) when ``sizes`` [B, 2] is given, for padded images)."""
+    if sizes is None:
+        valid = images
+    else:
+        valid = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
     return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) & 0x7FFFFFFF
-                     for im in images], np.int32).reshape(-1)
+                     for im in valid], np.int32).reshape(-1)
+
+
+def unit_float_images(x: np.ndarray) -> np.ndarray:
+    """float32 copy of ``x`` in [0, 1] (uint8 is scaled by 1/255); one DataError for
+    another dtype or values that are not finite or outside [0, 1]."""
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise DataError(f"image values must be finite and in [0, 1]; got "
+                        f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+    return x
 
 
 @dataclasses.dataclass
@@ -66,15 +85,7 @@ class ExportedDetector:
         if x.ndim != 4 or x.shape[0] == 0 or x.shape[1:] != (h, w, c):
             raise DataError(f"images must be a non-empty batch [B, {h}, {w}, {c}] (the "
                             f"exported size); got shape {x.shape}")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        if not np.issubdtype(x.dtype, np.floating):
-            raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise DataError(f"image values must be finite and in [0, 1]; got "
-                            f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
-        return x
+        return unit_float_images(x)
 
     def score(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B] and ``anomalous`` [B] (scores
