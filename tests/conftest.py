@@ -8,6 +8,7 @@ tests that compile the same programs (same shapes, batch sizes, ks and train.ste
 schedule is part of the step) share their compilation.
 """
 
+import functools
 import os
 import shutil
 import subprocess
@@ -41,8 +42,47 @@ def device_flags(n: int) -> str:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE is not None:
+    if _OWN_CACHE is not None:  # only the process that made it (xdist workers inherit it)
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# With `pytest -n N` (pytest-xdist, README), the files that use one of these session
+# fixtures go to one worker as one unit, so that the fixture runs once, not once per worker;
+# every other test is a unit of its own. (xdist's own --dist loadgroup does not group under
+# pytest 9: it renames node ids through an attribute pytest no longer reads.)
+SHARED_FIXTURES = ("tiny_run", "distributed_runs")
+
+
+@functools.cache
+def _shared_fixture_used_by(test_file: str) -> str | None:
+    try:
+        with open(os.path.join(ROOT, test_file)) as f:
+            text = f.read()
+    except OSError:
+        return None
+    return next((name for name in SHARED_FIXTURES if name in text), None)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the CPUs this process may use (xdist would count physical cores when
+    psutil is installed: 1 on a 2-vCPU CI machine), at most 8: beyond that the shared-fixture
+    units are the critical path and more workers only add jax imports.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _shared_fixture_used_by(nodeid.split("::", 1)[0]) or nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
