@@ -27,11 +27,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# XLA's CPU backend optimizations cost about 3x the compile CPU of these tiny programs and
-# buy nothing at their sizes (tests/test_model.py + test_scoring.py: 109 s -> 38 s of CPU);
-# results agree with the optimized build to float rounding. Subprocesses inherit it:
-# fixtures that add device counts append to XLA_FLAGS (see device_flags).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Compile time dominates these tiny programs; the flags below cut it and change nothing a
+# test checks (results agree with the default build to float rounding):
+# * XLA's CPU backend optimizations cost about 3x the compile CPU and buy nothing at these
+#   sizes (tests/test_model.py + test_scoring.py: 109 s -> 38 s of CPU);
+# * the fusion emitters (the newer MLIR code generator for fusions) and parallel codegen
+#   splitting add more: the tiny training step compiles in 8.3 s with opt level 0 alone,
+#   4.5 s with these off too (scoring 1.5 s -> 0.9 s; running time unchanged).
+# Subprocesses inherit them: fixtures that add device counts append (see device_flags).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                "--xla_cpu_parallel_codegen_split_count=1")
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
