@@ -190,6 +190,7 @@ def main(argv=None) -> dict:
     ev_images = parallel.global_batch(mesh, rng.uniform(size=(eval_batch, s, s, c))
                                       .astype(np.float32))
     ev_idx = parallel.global_batch(mesh, np.arange(eval_batch, dtype=np.int32))
+    ev_sizes = parallel.global_batch(mesh, np.full((eval_batch, 2), s, np.int32))  # unpadded
     for name, passes in (("eval", 1), ("eval_refined", args.refine_passes)):
         if (name == "eval" and "eval" in skip) or (name == "eval_refined" and "refine" in skip):
             continue
@@ -197,13 +198,13 @@ def main(argv=None) -> dict:
         sc = scoring_config(cfg)
         fn = make_score_fn(cfg, mesh, sc)
         t0 = time.perf_counter()
-        compiled = fn.lower(variables, key, ev_images, ev_idx).compile()
+        compiled = fn.lower(variables, key, ev_images, ev_idx, ev_sizes).compile()
         result[f"{name}_compile_s"] = time.perf_counter() - t0
         # XLA counts a while-loop body once: the R>1 figure undercounts, R=1 is exact.
         result[f"{name}_flops_per_image"] = _flops(compiled) / eval_batch
 
         def run_eval(compiled=compiled):
-            jax.block_until_ready(compiled(variables, key, ev_images, ev_idx))
+            jax.block_until_ready(compiled(variables, key, ev_images, ev_idx, ev_sizes))
 
         run_eval()
         t, times = _median_time(run_eval, args.repeats, args.iters)
