@@ -171,6 +171,19 @@ def test_sigterm_writes_final_checkpoint(tmp_path):
     assert len(steps) == 1 and 0 < steps[0] < 100000
 
 
+def test_overflowed_parameters_stop_even_with_a_finite_loss():
+    """The loss is computed before the update, so a step can overflow the parameters while
+    reporting a finite loss: the step's ``params_finite`` flag alone must stop training."""
+    from ssm_jax import train
+    from ssm_jax.errors import TrainingDiverged
+
+    train._check_finite({"loss": np.float32(0.3), "params_finite": np.float32(1.0)}, 6, 5,
+                        "wd")
+    with pytest.raises(TrainingDiverged, match=r"parameters overflowed\) at step 6.*step 5"):
+        train._check_finite({"loss": np.float32(0.3), "params_finite": np.float32(0.0)}, 6,
+                            5, "wd")
+
+
 def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
     """The shared run's settings (its compiled step), saving every step; the batch of step 6
     holds a NaN pixel, so the loss and then the parameters become NaN there."""
