@@ -9,6 +9,7 @@ schedule is part of the step) share their compilation.
 """
 
 import functools
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -34,9 +35,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # * the fusion emitters (the newer MLIR code generator for fusions) and parallel codegen
 #   splitting add more: the tiny training step compiles in 8.3 s with opt level 0 alone,
 #   4.5 s with these off too (scoring 1.5 s -> 0.9 s; running time unchanged).
+#   These two are only given to the jaxlib they were checked with: XLA aborts the process
+#   on a flag it does not know, and newer ones may drop them.
 # Subprocesses inherit them: fixtures that add device counts append (see device_flags).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
-                "--xla_cpu_parallel_codegen_split_count=1")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if importlib.metadata.version("jaxlib").startswith("0.10."):
+    FAST_COMPILE += (" --xla_cpu_use_fusion_emitters=false"
+                     " --xla_cpu_parallel_codegen_split_count=1")
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
@@ -70,13 +75,15 @@ def _shared_fixture_used_by(test_file: str) -> str | None:
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: the CPUs this process may use (xdist would count physical cores when
-    psutil is installed: 1 on a 2-vCPU CI machine), at most 8: beyond that the shared-fixture
+    """`-n auto`: the CPUs this process may use (xdist counts physical cores when psutil is
+    installed, which can be 1 on a 2-vCPU machine), at most 8: beyond that the shared-fixture
     units are the critical path and more workers only add jax imports.
     PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)
+    return max(1, min(8, usable))
 
 
 @pytest.hookimpl(optionalhook=True)
