@@ -284,8 +284,7 @@ def train_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 
 def _train_group(cfgs, workdirs, model_shards, sigterm, stack_) -> list[dict] | None:
     from ssm_jax import train
-    from ssm_jax.data import load_dataset_for
-    from ssm_jax.data.pipeline import center_crops, train_batches
+    from ssm_jax.data.pipeline import train_batches
     from ssm_jax.progress import TrainProgress
 
     cfg0 = cfgs[0]
@@ -299,13 +298,8 @@ def _train_group(cfgs, workdirs, model_shards, sigterm, stack_) -> list[dict] | 
                           f"data axis ({n_data} devices)")
     if m % model_shards:
         raise ConfigError(f"{m} models cannot be split over model_shards={model_shards}")
-    data = load_dataset_for(cfg0)
-    train_set, val_set = data["train"], data["val"]
+    train_set, val_set, val_images = train.load_training_data(cfg0)
     crop = cfg0.data.crop_size
-    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
-                                                              crop)
-    if len(train_set) < 1:
-        raise ConfigError("no training images left after holding out the validation split")
     latest = [checkpoints.manager(wd, "checkpoints", c.train.keep_checkpoints)
               for c, wd in zip(cfgs, workdirs)]
     best = [checkpoints.manager(wd, "best", 1) for wd in workdirs]

@@ -175,14 +175,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
         return _train(cfg, workdir, resume, overwrite, sigterm)
 
 
+def load_training_data(cfg: ml_collections.ConfigDict):
+    """(train set, validation set, validation images): the images validation scores are the
+    validation set's center crops when training on crops. An empty train split (everything
+    held out) is a ConfigError."""
+    from ssm_jax.data import load_dataset_for
+    from ssm_jax.data.pipeline import center_crops
+
+    data = load_dataset_for(cfg)
+    train_set, val_set = data["train"], data["val"]
+    crop = cfg.data.crop_size
+    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
+                                                              crop)
+    if len(train_set) < 1:
+        raise ConfigError("no training images left after holding out the validation split")
+    return train_set, val_set, val_images
+
+
 def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite: bool,
            sigterm: _SigtermFlag) -> dict:
     from ssm_jax import tb_writer  # before clu: its metric writers without TensorFlow
     tb_writer.metric_writers()
     from clu import parameter_overview, periodic_actions
 
-    from ssm_jax.data import load_dataset_for
-    from ssm_jax.data.pipeline import center_crops, train_batches
+    from ssm_jax.data.pipeline import train_batches
 
     config_utils.validate(cfg)
     prepare_workdir(cfg, workdir, resume=resume, overwrite=overwrite)
@@ -191,13 +207,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool, overwrite
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"number of devices ({n_dev})")
     mesh = parallel.data_mesh()
-    data = load_dataset_for(cfg)
-    train_set, val_set = data["train"], data["val"]
+    train_set, val_set, val_images = load_training_data(cfg)
     crop = cfg.data.crop_size
-    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
-                                                              crop)
-    if len(train_set) < 1:
-        raise ConfigError("no training images left after holding out the validation split")
 
     writer = tb_writer.create_writer(workdir, just_logging=jax.process_index() > 0)
     latest_mngr = checkpoints.manager(workdir, "checkpoints", cfg.train.keep_checkpoints)
