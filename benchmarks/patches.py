@@ -64,7 +64,9 @@ def median3x3_network(x: jax.Array, border: str = "edge") -> jax.Array:
     return p[4]
 
 
-def _patch_upsample() -> None:
+def _use_up_block(resize) -> None:
+    """Replaces model.UpBlock with one that resizes with ``resize(h, out_h, out_w)``, then
+    runs the 1x1 conv, the concatenation and the two 3x3 convs."""
     import flax.linen as nn
 
     from ssm_jax import model
@@ -72,7 +74,7 @@ def _patch_upsample() -> None:
     class UpBlock(model.UpBlock):  # same class name: same parameter names
         @nn.compact
         def __call__(self, h, skip, train):
-            h = upsample_nearest(h, skip.shape[1], skip.shape[2])
+            h = resize(h, skip.shape[1], skip.shape[2])
             h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
             h = jnp.concatenate([h, skip], axis=-1)
             h = model.ConvBNReLU(self.features, axis_name=self.axis_name,
@@ -82,28 +84,20 @@ def _patch_upsample() -> None:
 
     UpBlock.__name__ = UpBlock.__qualname__ = "UpBlock"
     model.UpBlock = UpBlock
+
+
+def _patch_upsample() -> None:
+    from ssm_jax import model
+
+    _use_up_block(upsample_nearest)
     model._resize_nearest = downsample_nearest
 
 
 def _patch_upsample_then_1x1() -> None:
-    import flax.linen as nn
+    def resize(h, out_h, out_w):
+        return jax.image.resize(h, (h.shape[0], out_h, out_w, h.shape[3]), method="nearest")
 
-    from ssm_jax import model
-
-    class UpBlock(model.UpBlock):  # same class name: same parameter names
-        @nn.compact
-        def __call__(self, h, skip, train):
-            b, hh, ww, c = h.shape
-            h = jax.image.resize(h, (b, skip.shape[1], skip.shape[2], c), method="nearest")
-            h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
-            h = jnp.concatenate([h, skip], axis=-1)
-            h = model.ConvBNReLU(self.features, axis_name=self.axis_name,
-                                 dtype=self.dtype)(h, train)
-            return model.ConvBNReLU(self.features, axis_name=self.axis_name,
-                                    dtype=self.dtype)(h, train)
-
-    UpBlock.__name__ = UpBlock.__qualname__ = "UpBlock"
-    model.UpBlock = UpBlock
+    _use_up_block(resize)
 
 
 def _patch_median() -> None:
