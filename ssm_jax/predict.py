@@ -52,11 +52,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
         names = [os.path.splitext(os.path.relpath(p, input_path)
                                   if os.path.isdir(input_path) else os.path.basename(p))[0]
                  for p in paths]
-        vmin, vmax = report.heat_scale(threshold, out["maps"])  # threshold at a fixed colour
-        if sizes is not None:  # overlays of the valid region only
-            for i, (h, w) in enumerate(sizes):
-                report.save_overlays(output_dir, images[i:i + 1, :h, :w],
-                                     out["maps"][i:i + 1, :h, :w], names[i:i + 1], vmin, vmax)
-        else:
-            report.save_overlays(output_dir, images, out["maps"], names, vmin, vmax)
+        # <name>_overlay.png per image (valid region), index.html and per_image.csv.
+        report.write_predict_report(output_dir, paths, names, images, out["maps"],
+                                    out["scores"], threshold, sizes)
     return rows

@@ -10,6 +10,14 @@ Sample choice (overlays and grid rows): half anomalous, half normal where possib
 class fills any shortfall). Within each class the images are ranked by image score, highest
 first, and picked evenly spaced along that ranking, so the sample always contains the
 highest- and the lowest-scoring image of each class and is deterministic.
+
+Per-image section (:func:`image_table`): every image gets a row (thumbnail, file name, defect
+type, image score, its margin to the threshold, the decision and, with ground truth, whether
+it was right), misclassified images first, and a link to its own overlay. Overlays and
+thumbnails are written for every image (``images/`` beside the page): PNG encoding of a
+64 px image costs about a millisecond, small against scoring it (see README "Report"). The
+same rows go to ``per_image.csv``. ``ssm-jax predict`` writes the same page without the
+ground-truth columns (:func:`write_predict_report`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,26 +102,59 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "image"
 
 
-def save_overlays(out_dir: str, images: Sequence[np.ndarray] | np.ndarray,
-                  maps: Sequence[np.ndarray] | np.ndarray, names: list[str], vmin: float,
-                  vmax: float) -> list[str]:
-    """Writes ``<name>_overlay.png`` per image (names sanitized, duplicates numbered) into
-    ``out_dir``; returns the paths."""
-    from PIL import Image
-
-    if not len(images) == len(maps) == len(names):
-        raise ValueError(f"{len(images)} images, {len(maps)} maps and {len(names)} names")
-    os.makedirs(out_dir, exist_ok=True)
-    paths: list[str] = []
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """File-name-safe stems for ``names`` (sanitized; duplicates numbered _2, _3, ...)."""
+    stems: list[str] = []
     used: set[str] = set()
-    for img, amap, name in zip(images, maps, names):
+    for name in names:
         base = stem = _safe(name)
         k = 2
         while stem in used:
             stem, k = f"{base}_{k}", k + 1
         used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    """Writes a uint8 [H, W] or [H, W, 3] array as PNG atomically (temp file + rename; fast
+    zlib level: these are report images, written by the thousand)."""
+    from PIL import Image
+
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (a temp file in the same folder, renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_",
+                               suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_overlays(out_dir: str, images: Sequence[np.ndarray] | np.ndarray,
+                  maps: Sequence[np.ndarray] | np.ndarray, names: list[str], vmin: float,
+                  vmax: float) -> list[str]:
+    """Writes ``<name>_overlay.png`` per image (names sanitized, duplicates numbered) into
+    ``out_dir``; returns the paths."""
+    if not len(images) == len(maps) == len(names):
+        raise ValueError(f"{len(images)} images, {len(maps)} maps and {len(names)} names")
+    os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    for img, amap, stem in zip(images, maps, unique_stems(names)):
         p = os.path.join(out_dir, f"{stem}_overlay.png")
-        Image.fromarray(overlay(img, amap, vmin, vmax)).save(p)
+        save_png(overlay(img, amap, vmin, vmax), p)
         paths.append(p)
     return paths
 
@@ -175,6 +217,209 @@ def _pro_points(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = _PRO_FPR
     pro = np.mean([1.0 - np.searchsorted(v, thr, side="right") / v.size for v in regions],
                   axis=0)
     return np.r_[0.0, fpr], np.r_[0.0, pro]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image results: every image one row, misclassified first
+
+THUMB_SIDE = 96  # longer side of the thumbnails, pixels
+IMAGES_DIR = "images"  # overlays and thumbnails of every image, beside the page
+PER_IMAGE_CSV = "per_image.csv"
+_OUTCOMES = {(True, True): "true positive", (False, True): "false positive",
+             (True, False): "false negative", (False, False): "true negative"}
+
+
+def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+    """uint8 [h, w, 3] of ``image`` [H, W, C] in [0, 1], longer side at most ``side``."""
+    from PIL import Image
+
+    rgb = (_rgb(image) * 255.0).round().astype(np.uint8)
+    h, w = rgb.shape[:2]
+    if max(h, w) <= side:
+        return rgb
+    f = side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def write_image_files(out_dir: str, images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                      stems: Sequence[str], vmin: float, vmax: float, overlay_dir: str = IMAGES_DIR,
+                      thumb_dir: str = IMAGES_DIR) -> list[tuple[str, str]]:
+    """``<stem>_overlay.png`` (full size) and ``<stem>_thumb.png`` of every image (each
+    already cropped to its valid region) under ``out_dir``; returns their paths relative to
+    ``out_dir``. PNG encoding releases the GIL, so a few threads write them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for d in {overlay_dir, thumb_dir}:
+        os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+    rel = [(os.path.join(overlay_dir, f"{s}_overlay.png"),
+            os.path.join(thumb_dir, f"{s}_thumb.png")) for s in stems]
+
+    def one(i: int) -> None:
+        save_png(overlay(images[i], maps[i], vmin, vmax), os.path.join(out_dir, rel[i][0]))
+        save_png(thumbnail(images[i]), os.path.join(out_dir, rel[i][1]))
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(len(rel))))
+    return [(a.replace(os.sep, "/"), b.replace(os.sep, "/")) for a, b in rel]
+
+
+def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarray,
+                   threshold: float | None, files_rel: Sequence[tuple[str, str]],
+                   labels: np.ndarray | None = None,
+                   defect_types: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per image, in report order: false positives (highest score first), false
+    negatives (lowest score first: the worst misses), then every other image by score,
+    highest first. ``labels`` None: no ground-truth columns (``predict``)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    has_thr = threshold is not None and math.isfinite(threshold)
+    rows = []
+    for i, (file, path, score, (ovl, thumb)) in enumerate(zip(files, paths, scores, files_rel)):
+        flagged = bool(score > threshold) if has_thr else None
+        row: dict[str, Any] = {"rank": 0, "file": file}
+        if labels is not None:
+            truth = bool(labels[i] == 1)
+            row["defect_type"] = defect_types[i] if defect_types is not None else ""
+            row["truth"] = "anomalous" if truth else "normal"
+        row.update({"score": float(score), "threshold": float(threshold) if has_thr else None,
+                    "margin": float(score - threshold) if has_thr else None,
+                    "decision": "n/a" if flagged is None else
+                    ("anomalous" if flagged else "normal")})
+        if labels is not None:
+            row["correct"] = "n/a" if flagged is None else ("yes" if flagged == truth else "no")
+            row["outcome"] = "n/a" if flagged is None else _OUTCOMES[(truth, flagged)]
+        row.update({"overlay": ovl, "thumbnail": thumb, "path": str(path)})
+        rows.append(row)
+
+    def order(i: int) -> tuple[int, float]:
+        s = scores[i] if math.isfinite(scores[i]) else -np.inf
+        outcome = rows[i].get("outcome")
+        if outcome == "false positive":
+            return 0, -s
+        if outcome == "false negative":
+            return 1, s
+        return 2, -s
+
+    ranked = [rows[i] for i in sorted(range(len(rows)), key=order)]
+    for r, row in enumerate(ranked, 1):
+        row["rank"] = r
+    return ranked
+
+
+def write_rows_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    """The rows as CSV (atomically); scores with full precision, empty for None."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_text(path, buf.getvalue())
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out = {"false positive": 0, "false negative": 0}
+    for r in rows:
+        if r.get("outcome") in out:
+            out[r["outcome"]] += 1
+    return out
+
+
+def rows_summary_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
+    """One paragraph for the top of the page: how many images and mistakes, linking to the
+    per-image table (misclassified rows come first there)."""
+    n = len(rows)
+    link = f"<a href='#per-image'>every image ({n} rows)</a>"
+    if not rows or rows[0]["threshold"] is None:
+        return (f"<p class='summary'><b>Per-image results</b>: {link}, by score (no "
+                f"threshold: no decisions).</p>\n")
+    if not has_truth:
+        flagged = sum(r["decision"] == "anomalous" for r in rows)
+        return (f"<p class='summary'><b>Per-image results</b>: {link}; <a href='#img-1'>"
+                f"{flagged} flagged anomalous</a> (score above the threshold "
+                f"{rows[0]['threshold']:.4g}), listed first.</p>\n")
+    c = _counts(rows)
+    wrong = c["false positive"] + c["false negative"]
+    what = (f"<a href='#img-1'>{wrong} misclassified: {c['false positive']} false "
+            f"positive(s) (normal, flagged), {c['false negative']} false negative(s) "
+            f"(anomalous, missed)</a>, listed first" if wrong else "none misclassified")
+    return (f"<p class='summary'><b>Per-image results</b>: {link} at the threshold "
+            f"{rows[0]['threshold']:.4g}; {what}. Also in "
+            f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a>.</p>\n")
+
+
+def rows_table_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
+    """The per-image section: a table, one row per image, each linking to its overlay."""
+    esc = html.escape
+    head = ["#", "image", "overlay", "file"] + (["defect type", "truth"] if has_truth else [])
+    head += ["score", "score - threshold", "decision"] + (["result"] if has_truth else [])
+    out = ["<h2 id='per-image'>Per-image results</h2>\n",
+           f"<p>Misclassified images first (false positives by score, highest first; then "
+           f"false negatives, lowest first), then by score. Click an image for its overlay. "
+           f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a></p>\n" if has_truth else
+           f"<p>By score, highest first. Click an image for its overlay. "
+           f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a></p>\n",
+           "<table class='images' border='1'>\n<tr>",
+           "".join(f"<th>{esc(h)}</th>" for h in head), "</tr>\n"]
+    for r in rows:
+        ovl, thumb, file = esc(r["overlay"]), esc(r["thumbnail"]), esc(r["file"])
+        wrong = r.get("correct") == "no"
+        cls = ("wrong" if wrong else "flagged" if r["decision"] == "anomalous" else "ok")
+        cells = [str(r["rank"]),
+                 f"<a href='{ovl}'><img src='{thumb}' alt='{file}' loading='lazy'></a>",
+                 f"<a href='{ovl}'><img src='{ovl}' alt='overlay of {file}' "
+                 f"loading='lazy'></a>",
+                 f"<a href='{ovl}'>{file}</a>"]
+        if has_truth:
+            cells += [esc(str(r["defect_type"])), esc(r["truth"])]
+        cells += [f"{r['score']:.4g}", "" if r["margin"] is None else f"{r['margin']:+.4g}",
+                  esc(r["decision"])]
+        if has_truth:
+            cells.append(esc(r["outcome"]))
+        out.append(f"<tr id='img-{r['rank']}' class='{cls}'>"
+                   + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n")
+    out.append("</table>\n")
+    return "".join(out)
+
+
+_STYLE = ("body{font-family:sans-serif}td{padding:2px 8px}figure{display:inline-block;"
+          "margin:4px}figcaption{font-size:small}table.images img{max-width:96px;"
+          "max-height:96px}tr.wrong{background:#fdd}tr.flagged{background:#ffe}"
+          "p.summary{font-size:larger}")
+
+
+def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str],
+                         images: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+                         threshold: float | None, sizes: np.ndarray | None = None,
+                         title: str = "ssm_jax predictions") -> list[dict[str, Any]]:
+    """``ssm-jax predict``'s report: ``<name>_overlay.png`` per image in ``out_dir``,
+    thumbnails in ``out_dir/images``, ``per_image.csv`` and ``index.html`` (the evaluation
+    report's per-image section without the ground-truth columns). Returns the rows."""
+    vmin, vmax = heat_scale(threshold, maps)  # the threshold at a fixed colour
+    if sizes is None:
+        crops_i, crops_m = list(images), list(maps)
+    else:  # each image drawn at its own (valid) shape
+        crops_i = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
+        crops_m = [m[:h, :w] for m, (h, w) in zip(maps, sizes)]
+    os.makedirs(out_dir, exist_ok=True)
+    files_rel = write_image_files(out_dir, crops_i, crops_m, unique_stems(names), vmin, vmax,
+                                  overlay_dir="", thumb_dir=IMAGES_DIR)
+    files = [str(n) for n in names]
+    rows = per_image_rows(files, paths, scores, threshold, files_rel)
+    write_rows_csv(os.path.join(out_dir, PER_IMAGE_CSV), rows)
+    esc = html.escape
+    thr = "none" if threshold is None else f"{threshold:.4g}"
+    page = ["<!DOCTYPE html>\n<html><head><meta charset='utf-8'>",
+            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>\n",
+            f"<h1>{esc(title)}</h1>\n<p>{len(rows)} image(s); threshold {thr}; heat maps: "
+            f"{vmin:.3g} (blue) to {vmax:.3g} (red)"
+            + (f", the threshold is green, {SATURATE:g} x it and above is red" if vmin == 0.0
+               else "") + ".</p>\n",
+            rows_summary_html(rows, False), rows_table_html(rows, False), "</body></html>\n"]
+    write_text(os.path.join(out_dir, "index.html"), "".join(page))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +504,11 @@ def _colour_bar(fig: Any, vmin: float, vmax: float, threshold: float,
 
 def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                  threshold: float | None, num_overlays: int) -> str:
-    """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png`` and
+    """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png``, every
+    image's overlay and thumbnail (``images/``), ``per_image.csv`` and
     ``index.md``/``index.html`` into ``eval_dir`` (see the module docstring for the sample
-    choice). Plots that cannot be drawn are skipped with a note. Returns the index.html path."""
+    choice and the row order). Plots that cannot be drawn are skipped with a note. Returns
+    the index.html path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,6 +558,17 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
              f"{test_set.defect_types[i]}" for i in idx]
     overlays = save_overlays(eval_dir, [valid(images, i) for i in idx],
                              [valid(maps, i) for i in idx], names, vmin, vmax)
+
+    # 1b. Every image: overlay + thumbnail, one row each (page and per_image.csv).
+    all_names = [f"{os.path.splitext(os.path.basename(str(p)))[0]}_{d}"
+                 for p, d in zip(test_set.paths, test_set.defect_types)]
+    files_rel = write_image_files(eval_dir, [valid(images, i) for i in range(n)],
+                                  [valid(maps, i) for i in range(n)], unique_stems(all_names),
+                                  vmin, vmax)
+    files = ["/".join(str(p).replace(os.sep, "/").split("/")[-2:]) for p in test_set.paths]
+    rows = per_image_rows(files, test_set.paths, scores, threshold, files_rel, labels,
+                          test_set.defect_types)
+    write_rows_csv(os.path.join(eval_dir, PER_IMAGE_CSV), rows)
 
     # 2. Grid, one row per sampled image.
     if len(idx):
@@ -396,15 +654,15 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     caps = [f"{test_set.defect_types[i]} ({kind(i)}), score {scores[i]:.4g}" for i in idx]
     has_json = os.path.isfile(os.path.join(eval_dir, "metrics.json"))
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>\n"
-                   for k, v in result.items())
+    metric_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>\n"
+                          for k, v in result.items())
     parts = ["<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-             "<title>ssm_jax evaluation</title><style>body{font-family:sans-serif}"
-             "td{padding:2px 8px}figure{display:inline-block;margin:4px}"
-             "figcaption{font-size:small}</style></head><body>\n<h1>Evaluation</h1>\n",
+             f"<title>ssm_jax evaluation</title><style>{_STYLE}</style></head><body>\n"
+             "<h1>Evaluation</h1>\n",
              f"<p>{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
-             f"{pix_thr:.4g}; {esc(scale_note)}.</p>\n<h2>Metrics</h2>\n<table border='1'>\n"
-             f"<tr><th>metric</th><th>value</th></tr>\n{rows}</table>\n"]
+             f"{pix_thr:.4g}; {esc(scale_note)}.</p>\n", rows_summary_html(rows, True),
+             f"<h2>Metrics</h2>\n<table border='1'>\n"
+             f"<tr><th>metric</th><th>value</th></tr>\n{metric_rows}</table>\n"]
     if has_json:
         parts.append("<p><a href='metrics.json'>metrics.json</a></p>\n")
     parts += [f"<p><em>{esc(t)}</em></p>\n" for t in notes]
@@ -415,10 +673,10 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
         parts += [f"<figure><a href='{esc(f)}'><img src='{esc(f)}' width='192' "
                   f"alt='{esc(f)}'></a><figcaption>{esc(c)}</figcaption></figure>\n"
                   for f, c in zip(ovl, caps)]
+    parts.append(rows_table_html(rows, True))
     parts.append("</body></html>\n")
     page = os.path.join(eval_dir, "index.html")
-    with open(page, "w", encoding="utf-8") as f:
-        f.write("".join(parts))
+    write_text(page, "".join(parts))
 
     md = ["# Evaluation", "",
           f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
@@ -431,6 +689,9 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     md += [f"\n## {t}\n\n![{t}]({f})" for t, f in figures]
     if ovl:
         md += ["\n## Overlays\n"] + [f"![{c}]({f})" for f, c in zip(ovl, caps)]
-    with open(os.path.join(eval_dir, "index.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
+    c = _counts(rows)
+    md += ["\n## Per-image results\n", f"[{PER_IMAGE_CSV}]({PER_IMAGE_CSV}): {n} rows, "
+           f"{c['false positive']} false positive(s) and {c['false negative']} false "
+           f"negative(s) first (index.html shows them with thumbnails)."]
+    write_text(os.path.join(eval_dir, "index.md"), "\n".join(md) + "\n")
     return page

@@ -151,3 +151,104 @@ def test_report_all_normal_and_single_image(tmp_path):
         assert (d / "grid.png").exists() and (d / "scores_hist.png").exists()
         assert not (d / "roc.png").exists()
         assert (d / "pro.png").exists() == (not all_normal)  # PRO needs regions, not normals
+
+
+def _rows_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_image_has_a_row_misclassified_first(tmp_path):
+    ts, out = _set(n=8)
+    # labels 1,0,1,0,...; threshold 1.5: image 1 (normal) is a false positive, image 0
+    # (anomalous) a false negative, image 2 a true positive, and so on (2 FP, 2 FN).
+    scores = np.array([1.2, 1.9, 1.95, 0.3, 1.6, 0.5, 0.9, 1.7])
+    out["score"] = scores
+    report.write_report(str(tmp_path), ts, out, {"image_auroc": 0.5}, 1.5, 2)
+    page = _check_pngs(tmp_path)
+    rows = _rows_csv(tmp_path / "per_image.csv")
+    assert len(rows) == 8 and [r["rank"] for r in rows] == [str(i) for i in range(1, 9)]
+    labels = ts.labels
+    expect = {i: ("false positive" if labels[i] == 0 and s > 1.5 else
+                  "false negative" if labels[i] == 1 and s <= 1.5 else
+                  "true positive" if labels[i] == 1 else "true negative")
+              for i, s in enumerate(scores)}
+    by_path = {r["path"]: r for r in rows}
+    for i, p in enumerate(ts.paths):
+        r = by_path[p]
+        assert r["outcome"] == expect[i] and float(r["score"]) == pytest.approx(scores[i])
+        assert r["correct"] == ("yes" if expect[i].startswith("true") else "no")
+        assert float(r["margin"]) == pytest.approx(scores[i] - 1.5)
+        assert r["defect_type"] == ts.defect_types[i]
+        for key in ("overlay", "thumbnail"):  # every image's own files, decodable
+            with Image.open(tmp_path / r[key]) as im:
+                assert im.size == (16, 16)
+    outcomes = [r["outcome"] for r in rows]
+    n_fp, n_fn = outcomes.count("false positive"), outcomes.count("false negative")
+    assert n_fp == 2 and n_fn == 2
+    assert outcomes[:4] == ["false positive"] * 2 + ["false negative"] * 2
+    fp_scores = [float(r["score"]) for r in rows[:2]]
+    fn_scores = [float(r["score"]) for r in rows[2:4]]
+    rest = [float(r["score"]) for r in rows[4:]]
+    assert fp_scores == sorted(fp_scores, reverse=True) and fn_scores == sorted(fn_scores)
+    assert rest == sorted(rest, reverse=True)
+    # The page: the summary at the top links to the first (misclassified) row; every row
+    # links its thumbnail and file name to the image's overlay.
+    top = page.index("<h2>Metrics</h2>")
+    assert "href='#img-1'" in page[:top] and "2 false positive(s)" in page[:top]
+    trs = re.findall(r"<tr id='img-(\d+)' class='(\w+)'>(.*?)</tr>", page)
+    assert [int(t[0]) for t in trs] == list(range(1, 9))
+    for (_, cls, cells), r in zip(trs, rows):
+        assert f"href='{r['overlay']}'" in cells and f"src='{r['thumbnail']}'" in cells
+        assert (cls == "wrong") == (r["correct"] == "no")
+    assert "per_image.csv" in (tmp_path / "index.md").read_text()
+
+
+def test_rows_without_threshold_are_by_score(tmp_path):
+    ts, out = _set(n=5)
+    report.write_report(str(tmp_path), ts, out, {}, None, 0)
+    rows = _rows_csv(tmp_path / "per_image.csv")
+    assert [float(r["score"]) for r in rows] == sorted(out["score"].tolist(), reverse=True)
+    assert all(r["decision"] == "n/a" and r["threshold"] == "" for r in rows)
+    assert "no threshold" in (tmp_path / "index.html").read_text()
+
+
+def test_per_image_files_keep_each_images_shape(tmp_path):
+    """Padded (native-resolution) sets: every overlay and thumbnail is the valid region."""
+    ts, out = _set(n=4, s=32)
+    ts.sizes = np.array([[32, 16], [16, 32], [20, 28], [32, 32]])
+    report.write_report(str(tmp_path), ts, out, {}, 1.0, 2)
+    rows = _rows_csv(tmp_path / "per_image.csv")
+    shape = {r["path"]: r for r in rows}
+    for p, (h, w) in zip(ts.paths, ts.sizes):
+        with Image.open(tmp_path / shape[p]["overlay"]) as im:
+            assert im.size == (w, h)
+        with Image.open(tmp_path / shape[p]["thumbnail"]) as im:
+            assert im.size == (w, h)
+    big = report.thumbnail(np.zeros((300, 150, 1), np.float32))
+    assert big.shape == (report.THUMB_SIDE, report.THUMB_SIDE // 2, 3)
+
+
+def test_predict_report_has_no_ground_truth(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.random((5, 16, 16, 3)).astype(np.float32)
+    maps = rng.random((5, 16, 16)).astype(np.float32)
+    scores = np.array([0.2, 0.9, 0.5, 0.95, 0.1])
+    names = ["a/x", "a/x", "b", "c", "d"]  # duplicate names get their own files
+    rows = report.write_predict_report(str(tmp_path), [f"in/{n}.png" for n in names], names,
+                                       images, maps, scores, 0.6)
+    assert [r["score"] for r in rows] == sorted(scores.tolist(), reverse=True)
+    assert [r["decision"] for r in rows] == ["anomalous"] * 2 + ["normal"] * 3
+    csv_rows = _rows_csv(tmp_path / "per_image.csv")
+    assert len(csv_rows) == 5 and not {"truth", "correct", "outcome", "defect_type"} & set(
+        csv_rows[0])
+    assert len({r["overlay"] for r in csv_rows}) == 5
+    assert sorted(p.name for p in tmp_path.glob("*_overlay.png")) == [
+        "a_x_2_overlay.png", "a_x_overlay.png", "b_overlay.png", "c_overlay.png",
+        "d_overlay.png"]
+    page = (tmp_path / "index.html").read_text()
+    assert "2 flagged anomalous" in page and "<th>truth</th>" not in page
+    for ref in re.findall(r"(?:src|href)='([^'#]+)'", page):
+        assert (tmp_path / ref).is_file(), ref
