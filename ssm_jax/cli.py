@@ -125,7 +125,8 @@ def run(argv: Sequence[str]) -> int:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
         _setup_logging()
-        from ssm_jax import distributed
+        from ssm_jax import compile_cache, distributed
+        compile_cache.setup()  # before the first compilation (SSM_JAX_COMPILATION_CACHE=0: off)
         distributed.maybe_initialize()
         if args.command == "train":
             from ssm_jax import evaluate, train
