@@ -46,8 +46,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     import jax
 
+    from ssm_jax import batch_scoring, detector, evaluate, metrics, report
     from ssm_jax import data as data_pkg
-    from ssm_jax import detector, evaluate, metrics, report
 
     t_import = time.perf_counter() - t_start
     spent: dict[str, float] = collections.defaultdict(float)
@@ -117,9 +117,9 @@ def main(argv=None) -> dict:
         def __call__(self, *a):  # not used by score_images; kept for completeness
             return self.lower(*a).compile()(*a)
 
-    make = detector.make_score_fn
-    detector.make_score_fn = lambda *a, **k: TimedFn(make(*a, **k))
-    score_images = detector.score_images
+    make = batch_scoring.make_score_fn
+    batch_scoring.make_score_fn = lambda *a, **k: TimedFn(make(*a, **k))
+    score_images = batch_scoring.score_images
 
     def timed_score_images(*a, **k):
         before = spent["device"] + spent["compile"]
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         spent["host scoring"] += total - (spent["device"] + spent["compile"] - before)
         return out
 
-    detector.score_images = timed_score_images
+    batch_scoring.score_images = timed_score_images
     wrap(detector.Detector, "from_config", "restore")
     wrap(data_pkg, "load_dataset_for", "data")
     for f in ("compute_all", "threshold_sample_check", "detection_rates"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,9 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from ssm_jax.errors import CheckpointError
+from ssm_jax.rundir import BEST_DIR, CHECKPOINTS_DIR, DAMAGED_DIR
 
 log = logging.getLogger("ssm_jax")
-DAMAGED_DIR = "damaged"
 _BARRIERS = 0  # barrier names must be unique per process lifetime
 
 
@@ -53,7 +54,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.sharding.Sharding,
             step: int | None = None) -> tuple[Any, dict]:
-    """Restores a step (default latest) into the structure of ``abstract_state``.
+    """Restores a step (default latest) into the structure of ``abstract_state``; a dict
+    of some of the state's fields (``{"step", "params", "batch_stats"}``) restores only
+    those (then the returned extra is empty).
 
     Arrays are placed with ``sharding`` (replicated over the current mesh), so a checkpoint
     written by N processes restores in one process and vice versa.
@@ -64,6 +67,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.shar
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
     try:
+        if isinstance(abstract_state, dict):  # a subset of the state's fields
+            return _restore_fields(mngr, step, abstract), {}
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
@@ -72,6 +77,19 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.shar
             f"(model.width, data.grayscale or data.image_size differ?): "
             f"{str(e).splitlines()[0][:200]}") from e
     return out.state, dict(out.extra or {})
+
+
+def _restore_fields(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+    """Only the state fields named in ``abstract`` (e.g. params and batch_stats for
+    inference): the others (optimizer state) are not read."""
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), abstract)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(os.path.join(str(mngr.directory), str(step), "state"),
+                            args=ocp.args.PyTreeRestore(item=abstract,
+                                                        restore_args=restore_args,
+                                                        partial_restore=True))
 
 
 def _is_failed_restore_echo(unraisable: Any) -> bool:
@@ -249,8 +267,8 @@ def restore_for_inference(workdir: str, abstract_state: Any,
     """
     best_failed: list[tuple[int, str]] = []
     best_error: CheckpointError | None = None
-    best_dir = os.path.join(workdir, "best")
-    for name in ("best", "checkpoints"):
+    best_dir = os.path.join(workdir, BEST_DIR)
+    for name in (BEST_DIR, CHECKPOINTS_DIR):
         if not os.path.isdir(os.path.join(workdir, name)):
             continue
         mngr = manager(workdir, name, 1, create=False)
@@ -261,18 +279,18 @@ def restore_for_inference(workdir: str, abstract_state: Any,
                 state, _, step = restore_newest_good(mngr, abstract_state, sharding, workdir,
                                                      name)
             except NoGoodCheckpoint as e:
-                if name != "best":
+                if name != BEST_DIR:
                     raise
                 best_failed, best_error = e.failed, e
                 continue
-            if name == "checkpoints" and best_failed:
-                best = manager(workdir, "best", 1, create=False)
+            if name == CHECKPOINTS_DIR and best_failed:
+                best = manager(workdir, BEST_DIR, 1, create=False)
                 try:
-                    set_aside_failed(best, workdir, "best", best_failed,
+                    set_aside_failed(best, workdir, BEST_DIR, best_failed,
                                      f"the latest good checkpoint, step {step}")
                 finally:
                     best.close()
-            elif name == "checkpoints" and os.path.isdir(best_dir):
+            elif name == CHECKPOINTS_DIR and os.path.isdir(best_dir):
                 log.warning("no checkpoint in %s; using the latest checkpoint, step %d",
                             best_dir, step)
             return state, step
@@ -281,3 +299,31 @@ def restore_for_inference(workdir: str, abstract_state: Any,
     if best_error is not None:
         raise CheckpointError(f"{best_error} and there is no other checkpoint in {workdir}")
     raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")
+
+
+def load_state_if_possible(latest: ocp.CheckpointManager, best: ocp.CheckpointManager,
+                           abstract_state: Any, sharding: jax.sharding.Sharding,
+                           workdir: str) -> tuple[Any | None, dict]:
+    """Resuming a training run: ``(state, extra)`` of the newest checkpoint of ``latest``
+    that restores (damaged newer ones are reported and set aside), or ``(None, {})`` for a
+    fresh run.
+
+    Also makes sure ``best`` restores: if it does not, it is reported and set aside and
+    ``extra["best_val"]`` becomes inf, so the next validation writes a new best.
+    """
+    if latest.latest_step() is None:
+        return None, {}
+    state, extra, _ = restore_newest_good(latest, abstract_state, sharding, workdir,
+                                          CHECKPOINTS_DIR)
+    extra = dict(extra)
+    if not best.all_steps():  # none (or set aside earlier): the next one is best
+        extra["best_val"] = math.inf
+        return state, extra
+    try:
+        restore_newest_good(best, abstract_state, sharding, workdir, BEST_DIR)
+    except NoGoodCheckpoint as e:
+        set_aside_failed(best, workdir, BEST_DIR, e.failed, "a new best at the next validation")
+        extra["best_val"] = math.inf
+    except CheckpointError:
+        extra["best_val"] = math.inf
+    return state, extra

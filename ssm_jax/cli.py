@@ -130,8 +130,7 @@ def run(argv: Sequence[str]) -> int:
         distributed.maybe_initialize()
         if args.command == "train":
             from ssm_jax import evaluate, train
-            cfg = config_utils.complete(config_utils.load_config_file(args.config))
-            cfg = config_utils.apply_overrides(cfg, overrides)
+            cfg = config_utils.load(args.config, overrides)  # every section checked
             out = train.train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite)
             logging.getLogger("ssm_jax").info("training done: %s", json.dumps(out))
             if args.evaluate:

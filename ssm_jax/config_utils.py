@@ -1,4 +1,11 @@
-"""Loading config files, applying ``--config.KEY=VALUE`` overrides, validating them."""
+"""Configs: loading a file, applying ``--config.KEY=VALUE`` overrides, validating every
+section, and comparing two configs.
+
+:func:`load` is the one path from a config file to a checked config (file keys checked,
+defaults filled, overrides applied, every section validated) before any work starts.
+:func:`flatten` and :func:`diff` are the one way to compare configs; which keys may
+differ where is named here, once (the key groups below).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,72 @@ import ml_collections
 
 from ssm_jax.config_base import base_config
 from ssm_jax.errors import ConfigError
+
+# Key groups: which config keys matter where. A name ending in "." is a whole section.
+# Keys that may change when resuming a training run (its length and reporting).
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                  "train.eval_every", "train.keep_checkpoints")
+# Keys that fix the parameter shapes: a checkpoint only fits the values it was trained with.
+MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
+# Mask settings that only change which training masks are drawn.
+MASK_DRAW_KEYS = ("mask.ks", "mask.families", "mask.family_weights", "mask.k_schedule")
+# Keys that may differ between the models of one trained group (eval.* does not train).
+GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.")
+# Keys a saved threshold / map statistics depend on (besides the checkpoint step).
+SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.keep_aspect",
+                "data.val_fraction", "seed")
+SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays")
+
+
+def matches(key: str, group: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is in a key group (a name, or a section ending in ".")."""
+    return any(key == g or (g.endswith(".") and key.startswith(g)) for g in group)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"train.steps": 100, ...}`` from a ConfigDict or nested dict (lists as tuples)."""
+    d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, pre: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, (dict, ml_collections.ConfigDict)):
+                walk(v, f"{pre}{k}.")
+            else:
+                out[f"{pre}{k}"] = tuple(v) if isinstance(v, list) else v
+
+    walk(d, "")
+    return out
+
+
+def diff(a: Any, b: Any, ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two configs (or nested dicts), as
+    ``{key: (value in a, value in b)}`` sorted by key; keys in ``ignore`` (a key group)
+    are left out. A key missing on one side reads as None."""
+    fa, fb = flatten(a), flatten(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if not matches(k, ignore) and fa.get(k) != fb.get(k)}
+
+
+def describe_diff(d: dict[str, tuple[Any, Any]], limit: int = 0) -> str:
+    """``key: old -> new, ...`` (the first ``limit`` keys when limit > 0)."""
+    items = sorted(d.items())
+    more = len(items) - limit if 0 < limit < len(items) else 0
+    items = items[:limit] if more else items
+    text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in items)
+    return text + (f" and {more} more" if more else "")
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = (),
+         check_values: bool = True) -> ml_collections.ConfigDict:
+    """The config of a file with ``KEY=VALUE`` overrides applied, defaults filled in and
+    every section (eval included) validated: all bad keys and values stop here, in one
+    line, before any work starts. (``check_values=False``: keys and types only, for a
+    base config that further overrides complete, as a sweep's cells do.)"""
+    cfg = apply_overrides(complete(load_config_file(path)), list(overrides))
+    if check_values:
+        validate(cfg)
+    return cfg
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -130,7 +203,7 @@ def _typed(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Value checks that do not need data (the mask/scoring modules add their own)."""
+    """Value checks of every section that do not need data (one ConfigError line)."""
     s = cfg.data.image_size
     if s < 16:
         raise ConfigError(f"data.image_size must be >= 16 (the U-Net halves it 4 times), got {s}")
@@ -165,9 +238,38 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     elif cfg.data.keep_aspect and cfg.data.path:
         raise ConfigError("data.keep_aspect=True needs data.crop_size > 0 (images of "
                           "different shapes are trained on square crops)")
-    if cfg.eval.image_score_fusion not in ("none", "mse"):
+    t = cfg.train
+    if not 0.0 <= t.lr_decay_factor <= 1.0:
+        raise ConfigError(f"train.lr_decay_factor must be in [0, 1] (the learning rate is "
+                          f"multiplied by it at each decay step), got {t.lr_decay_factor}")
+    for f in t.lr_decay_fractions:
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"train.lr_decay_fractions must lie in [0, 1], got "
+                              f"{tuple(t.lr_decay_fractions)}")
+    for key in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
+    """The eval section: checked with training, so a bad value stops before any work."""
+    from ssm_jax.batch_scoring import scoring_config
+
+    e = cfg.eval
+    if e.image_score_fusion not in ("none", "mse"):
         raise ConfigError(f"eval.image_score_fusion must be none or mse, got "
-                          f"{cfg.eval.image_score_fusion!r}")
+                          f"{e.image_score_fusion!r}")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
+    if not 0.0 <= e.threshold_quantile <= 1.0:
+        raise ConfigError(f"eval.threshold_quantile must be in [0, 1], got "
+                          f"{e.threshold_quantile}")
+    if e.num_overlays < 0:
+        raise ConfigError(f"eval.num_overlays must be >= 0, got {e.num_overlays}")
+    if e.sigma_at_128 < 0:
+        raise ConfigError(f"eval.sigma_at_128 must be >= 0, got {e.sigma_at_128}")
+    scoring_config(cfg)  # refinement, image score, k weighting, border, mask draws
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

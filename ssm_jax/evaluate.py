@@ -1,18 +1,18 @@
 """Evaluation of a trained run: threshold from the held-out normals, the test split scored,
 metrics, ``eval/metrics.json`` and the report. Scoring itself lives in
-:mod:`ssm_jax.detector`.
+:mod:`ssm_jax.detector` (which composes :mod:`ssm_jax.batch_scoring` and
+:mod:`ssm_jax.calibration`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import ml_collections
 
-from ssm_jax import normalization
+from ssm_jax import normalization, rundir
 from ssm_jax.detector import Detector
 
 
@@ -50,10 +50,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:
-        eval_dir = os.path.join(workdir, "eval")
+        eval_dir = os.path.join(workdir, rundir.EVAL_DIR)
         os.makedirs(eval_dir, exist_ok=True)
-        with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        rundir.write_json(os.path.join(eval_dir, rundir.METRICS_FILE), result)
         det.save_calibration()
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
     return result

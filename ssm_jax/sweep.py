@@ -40,13 +40,13 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from ssm_jax import config_utils
+from ssm_jax import config_utils, rundir
 from ssm_jax.errors import ConfigError, SSMError
 
 log = logging.getLogger("ssm_jax")
 
-SWEEP_FILE = "sweep.json"
-RESULT_FILE = "sweep_result.json"
+SWEEP_FILE = rundir.SWEEP_FILE
+RESULT_FILE = rundir.RESULT_FILE
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 RESULT_FIELDS = ("cell", "seed", "overrides", "steps", "train_seconds", "group_size",
                  "eval_seconds", *METRICS, "pixel_f1_max", "threshold", "test_fpr",
@@ -96,7 +96,7 @@ def cell_configs(base: ml_collections.ConfigDict, cells: Sequence[tuple[str, str
 
 
 def run_dir(workdir: str, cell: str, seed: int) -> str:
-    return os.path.join(workdir, "runs", cell, f"seed{seed}")
+    return rundir.sweep_run_dir(workdir, cell, seed)
 
 
 def _grid_record(config_path: str, base_overrides: Sequence[str],
@@ -118,12 +118,10 @@ def check_grid(workdir: str, new: dict) -> dict:
         old = json.load(f)
     where = f"sweep directory {workdir} was made by a different grid"
     # The resolved base config decides (the file's path or how overrides are spelled not).
-    if old.get("base_config") != new["base_config"]:
-        a = train_flat(old.get("base_config", {}))
-        b = train_flat(new["base_config"])
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    changed = config_utils.diff(old.get("base_config", {}), new["base_config"])
+    if changed:
         raise ConfigError(f"{where}: the base config (config file + --config overrides) "
-                          f"changed: {', '.join(diff[:5])} (use a new --workdir)")
+                          f"changed: {', '.join(list(changed)[:5])} (use a new --workdir)")
     old_cells, new_cells = dict(map(tuple, old["cells"])), dict(map(tuple, new["cells"]))
     if old["cells"] and new["cells"] and old["cells"][0][0] != new["cells"][0][0]:
         raise ConfigError(f"{where}: baseline cell {old['cells'][0][0]!r} -> "
@@ -142,20 +140,8 @@ def check_grid(workdir: str, new: dict) -> dict:
     return new
 
 
-def train_flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(train_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    rundir.write_json(path, obj, default=str)
 
 
 def load_result(workdir: str, cell: str, seed: int) -> dict | None:
@@ -183,7 +169,7 @@ def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
 
 
 def _train_seconds_path(rdir: str) -> str:
-    return os.path.join(rdir, "sweep_train_seconds.json")
+    return os.path.join(rdir, rundir.TRAIN_SECONDS_FILE)
 
 
 def _train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | None], int]:
@@ -248,8 +234,8 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
 
     seeds = list(seeds)
     cells = [(n, " ".join(o.split())) for n, o in cells]
-    base = config_utils.complete(config_utils.load_config_file(config_path))
-    base = config_utils.apply_overrides(base, list(base_overrides))
+    # (each cell is validated, with its overrides, by cell_configs)
+    base = config_utils.load(config_path, base_overrides, check_values=False)
     cfgs = cell_configs(base, cells, seeds)  # bad keys/values stop here, before any work
     record = check_grid(workdir, _grid_record(config_path, base_overrides, base, cells, seeds))
     os.makedirs(workdir, exist_ok=True)
@@ -279,10 +265,10 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
         summary = summarize(rows, [c for c, _ in cells])
         write_summary(workdir, summary)
         if plot:
-            plot_summary(os.path.join(workdir, "summary.png"), rows, summary,
+            plot_summary(os.path.join(workdir, rundir.SUMMARY_PNG), rows, summary,
                          [c for c, _ in cells])
         print(format_summary(summary), flush=True)
-        print(f"sweep: wrote {os.path.join(workdir, 'results.csv')}, summary.csv"
+        print(f"sweep: wrote {os.path.join(workdir, rundir.RESULTS_CSV)}, summary.csv"
               + (", summary.png" if plot else ""), flush=True)
     return rows
 
@@ -296,13 +282,11 @@ def write_results(workdir: str, cells: Sequence[tuple[str, str]],
     """Rewrites ``results.csv`` from the finished runs' result files."""
     rows = [r for c, _ in cells for s in seeds
             if (r := load_result(workdir, c, s)) is not None]
-    path = os.path.join(workdir, "results.csv")
-    with open(path + ".tmp", "w", newline="") as f:
+    with rundir.atomic_open(os.path.join(workdir, rundir.RESULTS_CSV), newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in RESULT_FIELDS})
-    os.replace(path + ".tmp", path)
     return rows
 
 
@@ -357,15 +341,13 @@ def summarize(rows: Sequence[dict], cells: Sequence[str]) -> list[dict]:
 
 
 def write_summary(workdir: str, summary: Sequence[dict]) -> None:
-    path = os.path.join(workdir, "summary.csv")
-    with open(path + ".tmp", "w", newline="") as f:
+    with rundir.atomic_open(os.path.join(workdir, rundir.SUMMARY_CSV), newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
         w.writeheader()
         for r in summary:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) and math.isfinite(r[k])
                             else ("" if isinstance(r[k], float) else r[k]))
                         for k in SUMMARY_FIELDS})
-    os.replace(path + ".tmp", path)
 
 
 def format_summary(summary: Sequence[dict]) -> str:

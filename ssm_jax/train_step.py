@@ -118,8 +118,8 @@ def mask_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                 family_weights=tuple(float(w) for w in cfg.mask.family_weights))
 
 
-def _loss_and_updates(model: nn.Module, cfg: ml_collections.ConfigDict, params, batch_stats,
-                      images: jax.Array, mask_batch: jax.Array, train: bool):
+def loss_and_updates(model: nn.Module, cfg: ml_collections.ConfigDict, params, batch_stats,
+                     images: jax.Array, mask_batch: jax.Array, train: bool):
     """Restores all n masked copies of each image in one forward pass; returns the loss."""
     b, n, s, _ = mask_batch.shape
     c = images.shape[-1]
@@ -179,8 +179,8 @@ def make_per_device_step(cfg: ml_collections.ConfigDict,
         mask_batch = mask_fn(state, images)
 
         def loss_fn(params):
-            return _loss_and_updates(model, cfg, params, state.batch_stats, images,
-                                     mask_batch, train=True)
+            return loss_and_updates(model, cfg, params, state.batch_stats, images,
+                                    mask_batch, train=True)
 
         (_, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
@@ -213,6 +213,36 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     return jax.jit(sharded, donate_argnums=(0,))
 
 
+# Validation masks come from PRNGKey(seed + VAL_SEED_OFFSET), never from the training key.
+VAL_SEED_OFFSET = 7919
+
+
+def val_key(cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The key of a run's fixed validation masks."""
+    return jax.random.PRNGKey(cfg.seed + VAL_SEED_OFFSET)
+
+
+def val_masks(cfg: ml_collections.ConfigDict, key: jax.Array, indices: jax.Array,
+              size: int) -> jax.Array:
+    """Fixed grid masks ``[B, n, S, S]`` of validation examples ``indices`` (keyed by the
+    example index only, so the loss is comparable across checkpoints)."""
+    ms = mask_settings(cfg)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    return jax.vmap(lambda k: masks.sample_masks(
+        k, size, ms["ks"], ms["n"], None, ("grid",), (1.0,)))(keys)
+
+
+def val_example_losses(model: nn.Module, cfg: ml_collections.ConfigDict, state: TrainState,
+                       images: jax.Array, mask_batch: jax.Array) -> jax.Array:
+    """Per-example loss ``[B]`` with eval-mode BatchNorm."""
+    def one(img, m):
+        loss, _ = loss_and_updates(model, cfg, state.params, state.batch_stats, img[None],
+                                   m[None], train=False)
+        return loss
+
+    return jax.vmap(one)(images, mask_batch)
+
+
 def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     """Returns ``val(state, images, indices) -> per-example loss`` with fixed masks.
 
@@ -220,21 +250,11 @@ def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     value is comparable across checkpoints. Padding rows are dropped by the caller.
     """
     model = make_model(cfg)
-    ms = mask_settings(cfg)
-    val_key = jax.random.PRNGKey(cfg.seed + 7919)
+    key = val_key(cfg)
 
     def per_device(state: TrainState, images: jax.Array, indices: jax.Array):
-        s = images.shape[1]
-        keys = jax.vmap(lambda i: jax.random.fold_in(val_key, i))(indices)
-        mask_batch = jax.vmap(lambda k: masks.sample_masks(
-            k, s, ms["ks"], ms["n"], None, ("grid",), (1.0,)))(keys)
-
-        def one(img, m):
-            loss, _ = _loss_and_updates(model, cfg, state.params, state.batch_stats,
-                                        img[None], m[None], train=False)
-            return loss
-
-        return jax.vmap(one)(images, mask_batch)
+        return val_example_losses(model, cfg, state, images,
+                                  val_masks(cfg, key, indices, images.shape[1]))
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
                             out_specs=P(DATA_AXIS), check_vma=False)

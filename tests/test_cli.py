@@ -90,21 +90,21 @@ def test_predict(trained, tmp_path, capsys):
 def test_evaluate_and_predict_agree(trained, tmp_path, monkeypatch, capsys):
     """The same images, through `evaluate` (test split of a folder) and `predict` (that
     folder's test/ directory): the same scores and the same threshold."""
-    from ssm_jax import detector
+    from ssm_jax import batch_scoring
     from ssm_jax.data.synthetic import write_synthetic_folder
 
     root = tmp_path / "data"
     write_synthetic_folder(root, image_size=32, grayscale=True, num_train=12, num_test_good=3,
                            num_test_anomalous=4, seed=7)
     seen = []
-    original = detector.score_images
+    original = batch_scoring.score_images
 
     def recording(*args, **kwargs):
         out = original(*args, **kwargs)
         seen.append(out["score"])
         return out
 
-    monkeypatch.setattr(detector, "score_images", recording)
+    monkeypatch.setattr(batch_scoring, "score_images", recording)
     data = f"--config.data.path={root}"
     ssm("evaluate", "--workdir", trained, data)
     assert len(seen) == 2  # validation (threshold), then test

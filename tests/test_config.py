@@ -81,3 +81,40 @@ def test_json_roundtrip():
     cfg = config_utils.apply_overrides(base_config(), ["mask.ks=(4,8)"])
     back = config_utils.from_json(config_utils.to_json(cfg))
     assert back.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("item,match", [
+    ("eval.refine_rule=bogus", "eval.refine_rule must be one of"),
+    ("eval.image_score=median", "eval.image_score must be one of"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+    ("eval.threshold_quantile=1.5", "eval.threshold_quantile must be in"),
+    ("eval.border=mirror", "eval.border must be one of"),
+    ("train.lr_decay_factor=2.0", "train.lr_decay_factor must be in"),
+    ("train.eval_every=0", "train.eval_every must be >= 1"),
+])
+def test_validate_checks_every_section(item, match):
+    """Eval values are checked with the rest (before training), not when scoring starts."""
+    cfg = config_utils.apply_overrides(base_config(), [item])
+    with pytest.raises(ConfigError, match=match):
+        config_utils.validate(cfg)
+
+
+def test_load_applies_overrides_and_validates(tmp_path):
+    cfg = config_utils.load("configs/cpu.py", ["train.steps=7"])
+    assert cfg.train.steps == 7 and "eval" in cfg  # completed with defaults
+    with pytest.raises(ConfigError, match="eval.refine_rule"):
+        config_utils.load("configs/cpu.py", ["eval.refine_rule=bogus"])
+
+
+def test_flatten_and_diff():
+    a = config_utils.apply_overrides(base_config(), ["mask.ks=(4,8)"])
+    flat = config_utils.flatten(a)
+    assert flat["mask.ks"] == (4, 8) and flat["train.steps"] == 10000
+    assert config_utils.flatten({"x": {"y": [1, 2]}}) == {"x.y": (1, 2)}  # lists as tuples
+    b = config_utils.apply_overrides(a, ["seed=3", "eval.ks=(8,)", "train.steps=5"])
+    assert config_utils.diff(a, b) == {"eval.ks": ((2, 4, 8), (8,)), "seed": (0, 3),
+                                       "train.steps": (10000, 5)}
+    # a group of keys: whole sections end in "."
+    assert config_utils.diff(a, b, ignore=("eval.", "seed")) == {"train.steps": (10000, 5)}
+    assert config_utils.diff(a.to_dict(), a) == {}
+    assert "train.steps: 10000 -> 5" in config_utils.describe_diff(config_utils.diff(a, b))

@@ -202,3 +202,28 @@ def test_readme_python_api_runs_as_written(workdir, tmp_path, capsys):
     np.testing.assert_allclose(ns["served"]["scores"], ns["det"].score(ns["test"].images)
                                ["scores"], rtol=1e-4, atol=1e-6)
     capsys.readouterr()
+
+
+def test_loading_for_inference_builds_no_optimizer(workdir, monkeypatch):
+    """Detector.load restores parameters and batch statistics only: no optimizer (nor its
+    state) is built, and the variables equal the checkpoint's."""
+    import jax
+
+    from ssm_jax import checkpoints, parallel, train_step
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("inference built an optimizer")
+
+    full = train_step.init_state(Detector.load(workdir).cfg, jax.random.PRNGKey(0))
+    monkeypatch.setattr(train_step, "make_optimizer", no_optimizer)
+    det = Detector.load(workdir)
+    assert set(det.variables) == {"params", "batch_stats"}
+    mngr = checkpoints.manager(workdir, "best", 1, create=False)
+    try:
+        monkeypatch.undo()
+        state, _ = checkpoints.restore(mngr, full, parallel.replicated(det.mesh))
+    finally:
+        mngr.close()
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(det.variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert det.step == int(np.asarray(state.step))

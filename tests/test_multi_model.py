@@ -1,6 +1,8 @@
 """Many models per device: the vmapped M-model step equals M separate runs; groups whose
 shapes (or anything but seed and mask settings) disagree stop with one line."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,154 @@ def test_group_disagreement_is_one_line(override, key):
 def test_model_shards_must_divide_devices():
     with pytest.raises(ConfigError, match="model_shards"):
         multi_model.model_data_mesh(jax.device_count() + 1)
+
+
+# ---------------------------------------------------------------- the group's training loop
+GROUP = ["data.synthetic_num_train=16", "data.val_fraction=0.25", "eval.ks=(8,)",
+         "eval.batch_size=4", "eval.num_overlays=0", "train.log_every=1",
+         "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=2"]
+
+
+def _group_cfgs(*overrides):
+    return [_base(*GROUP, "train.steps=4", f"seed={s}", *overrides) for s in (0, 1)]
+
+
+def _steps(wd, name="checkpoints"):
+    d = os.path.join(wd, name)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _scalars(wd):
+    """{tag: {step: value}} from the run directory's TensorBoard event files."""
+    from ssm_jax import tb_writer
+
+    return {tag: dict(pairs) for tag, pairs in tb_writer.read_scalars(wd).items()}
+
+
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory):
+    """A group of 2 pre-empted at step 3 (a checkpoint, then a clean stop), then resumed
+    to its last step 4: (workdirs, first outputs, second outputs, log text)."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    root = tmp_path_factory.mktemp("group")
+    wds = [str(root / f"seed{s}") for s in (0, 1)]
+    cfgs = _group_cfgs()
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("ssm_jax")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    original = ocp.CheckpointManager.reached_preemption
+    try:
+        ocp.CheckpointManager.reached_preemption = lambda self, step: step == 3
+        first = multi_model.train_group(cfgs, wds)
+        ocp.CheckpointManager.reached_preemption = original
+        second = multi_model.train_group(cfgs, wds)
+    finally:
+        ocp.CheckpointManager.reached_preemption = original
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return wds, first, second, "\n".join(records)
+
+
+def test_group_preemption_saves_stops_and_resumes(group_run):
+    wds, first, second, log = group_run
+    assert [o["step"] for o in first] == [3, 3] and first[0]["group_size"] == 2
+    assert "stopped by SIGTERM/pre-emption at step 3" in log
+    assert [(o["start_step"], o["step"]) for o in second] == [(3, 4), (3, 4)]
+    for wd in wds:
+        assert _steps(wd) == [3, 4]  # keep_checkpoints=2: 2, 3 (pre-emption), 4
+    assert "train step compiled" in log  # compiled before the (multi-host) barrier
+
+
+def test_group_writes_tensorboard_and_progress(group_run):
+    wds, _, _, log = group_run
+    per_run = [_scalars(wd) for wd in wds]
+    for sc in per_run:
+        assert sorted(sc["loss"]) == [1, 2, 3, 4]
+        assert sorted(sc["val_loss"]) == [2, 4]
+        assert "learning_rate" in sc
+    assert per_run[0]["loss"][1] != per_run[1]["loss"][1]  # each run its own scalars
+    assert "step 4/4 (100%)" in log  # console progress
+
+
+def test_group_keeps_each_runs_best(group_run):
+    from ssm_jax import checkpoints
+    cfg = _group_cfgs()[0]
+    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
+    for wd in group_run[0]:
+        vals = _scalars(wd)["val_loss"]
+        best_step = min(vals, key=vals.get)
+        assert _steps(wd, "best") == [best_step]
+        mngr = checkpoints.manager(wd, "best", 1, create=False)
+        try:
+            _, extra = checkpoints.restore(mngr, abstract,
+                                           parallel.replicated(parallel.data_mesh()))
+        finally:
+            mngr.close()
+        assert extra["val_loss"] == pytest.approx(vals[best_step], rel=1e-5)
+
+
+def test_group_resumes_from_newest_good_checkpoint(group_run, tmp_path, caplog):
+    import shutil
+    wds = []
+    for wd in group_run[0]:
+        dst = str(tmp_path / os.path.basename(wd))
+        shutil.copytree(wd, dst)
+        with open(os.path.join(dst, "checkpoints", "4", "_CHECKPOINT_METADATA"), "w") as f:
+            f.write("{not json")
+        wds.append(dst)
+    with caplog.at_level("WARNING", logger="ssm_jax"):
+        out = multi_model.train_group(_group_cfgs("train.steps=5"), wds)
+    assert [(o["start_step"], o["step"]) for o in out] == [(3, 5), (3, 5)]
+    warned = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(warned) == 2 and all("checkpoints/4" in w for w in warned)
+    for wd in wds:
+        assert os.path.isdir(os.path.join(wd, "damaged", "checkpoints", "4"))
+        assert _steps(wd) == [3, 5] or _steps(wd) == [4, 5]
+
+
+def test_group_nan_stops_naming_the_model(tmp_path, monkeypatch):
+    from ssm_jax.data import pipeline
+    from ssm_jax.errors import TrainingDiverged
+
+    original = pipeline.train_batches
+
+    def poisoned(*args, **kwargs):
+        for step, batch in enumerate(original(*args, **kwargs),
+                                     start=kwargs.get("start_step", 0) + 1):
+            if step == 2 and kwargs["seed"] == 1:
+                batch = batch.copy()
+                batch[0, 5, 5, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", poisoned)
+    wds = [str(tmp_path / f"seed{s}") for s in (0, 1)]
+    with pytest.raises(TrainingDiverged) as e:
+        multi_model.train_group(_group_cfgs("train.checkpoint_every=1"), wds)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"model 1 ({wds[1]}): loss became")
+    assert "at step 2" in msg and "last good checkpoint: step 1" in msg
+    assert _steps(wds[0]) == [1] and _steps(wds[1]) == [1]  # step 2 was not saved
+
+
+def test_group_refuses_a_locked_run(tmp_path):
+    import json
+    import socket
+
+    from ssm_jax import workdir_lock
+    from ssm_jax.errors import WorkdirLocked
+
+    wds = [str(tmp_path / f"seed{s}") for s in (0, 1)]
+    os.makedirs(wds[1])
+    with open(os.path.join(wds[1], workdir_lock.LOCK_FILE), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": "x",
+                   "start_time": 0, "heartbeat": 0}, f)
+    with pytest.raises(WorkdirLocked):
+        multi_model.train_group(_group_cfgs(), wds)
+    assert not os.path.exists(os.path.join(wds[0], "config.json"))  # nothing started

@@ -177,11 +177,11 @@ def test_overflowed_parameters_stop_even_with_a_finite_loss():
     from ssm_jax import train
     from ssm_jax.errors import TrainingDiverged
 
-    train._check_finite({"loss": np.float32(0.3), "params_finite": np.float32(1.0)}, 6, 5,
-                        "wd")
+    train.check_finite({"loss": np.float32(0.3), "params_finite": np.float32(1.0)}, 6, 5,
+                       "wd")
     with pytest.raises(TrainingDiverged, match=r"parameters overflowed\) at step 6.*step 5"):
-        train._check_finite({"loss": np.float32(0.3), "params_finite": np.float32(0.0)}, 6,
-                            5, "wd")
+        train.check_finite({"loss": np.float32(0.3), "params_finite": np.float32(0.0)}, 6,
+                           5, "wd")
 
 
 def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
