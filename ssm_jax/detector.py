@@ -151,7 +151,7 @@ class Detector:
         det = cls(cfg=cfg, workdir=workdir, variables=variables, step=step, mesh=mesh, sc=sc,
                   score_fn=batch_scoring.make_score_fn(cfg, mesh, sc))
         if read_calibration:
-            det.threshold, det.stats = det._saved_calibration()
+            det.threshold, det.stats = det.saved_calibration()
         return det
 
     # ------------------------------------------------------------------ input checks
@@ -262,7 +262,7 @@ class Detector:
                                       and self.stats is None):
             self.calibrate_on_validation_split()
 
-    def _saved_calibration(self) -> tuple[float | None, dict | None]:
+    def saved_calibration(self) -> tuple[float | None, dict | None]:
         """Threshold and statistics saved under this checkpoint and these settings."""
         threshold, stats, n = calibration.load(self.workdir, self.cfg, self.step)
         if threshold is not None:

@@ -16,9 +16,14 @@ from ssm_jax import normalization, rundir
 from ssm_jax.detector import Detector
 
 
-def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+             output_dir: str | None = None) -> dict:
     """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images,
-    and the threshold and map statistics for later ``predict`` / ``Detector.load``."""
+    and the threshold and map statistics for later ``predict`` / ``Detector.load``.
+
+    With ``output_dir``, metrics and report go there instead and the run directory is
+    left as it is (no calibration files saved): a scoring variant of the run.
+    """
     from ssm_jax import metrics as metrics_lib
     from ssm_jax import report
     from ssm_jax.data import load_dataset_for
@@ -50,9 +55,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:
-        eval_dir = os.path.join(workdir, rundir.EVAL_DIR)
+        eval_dir = output_dir or os.path.join(workdir, rundir.EVAL_DIR)
         os.makedirs(eval_dir, exist_ok=True)
         rundir.write_json(os.path.join(eval_dir, rundir.METRICS_FILE), result)
-        det.save_calibration()
+        if output_dir is None:
+            det.save_calibration()
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
     return result

@@ -20,6 +20,11 @@ the file or ``--config`` overrides; a cell whose overrides changed; a cell or se
 out; another baseline) stops with one line before anything runs. A run stopped by SIGTERM
 (it saves a checkpoint) stops the sweep, unevaluated; the next invocation resumes it.
 
+A cell whose configs differ from an earlier cell's only in ``eval.*`` keys (scoring
+settings) is not trained: the earlier cell's runs are scored with its settings, its result
+and eval/ report going to its own ``DIR/runs/<cell>/seed<k>`` (column ``trained_cell``
+names the runs it scored). So scoring variants of one training cost one training.
+
 The seeds of a cell train together as one vmapped group (``ssm_jax.multi_model``: one
 compiled program, parameters stacked on a leading axis) when they all start fresh or
 resume at the same step and ``vmap`` is on (``--vmap``; the default on GPU/TPU, not on
@@ -50,7 +55,7 @@ RESULT_FILE = rundir.RESULT_FILE
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 RESULT_FIELDS = ("cell", "seed", "overrides", "steps", "train_seconds", "group_size",
                  "eval_seconds", *METRICS, "pixel_f1_max", "threshold", "test_fpr",
-                 "test_recall", "checkpoint_step", "workdir")
+                 "test_recall", "checkpoint_step", "workdir", "trained_cell")
 SUMMARY_FIELDS = ("cell", "metric", "mean", "sd", "n", "diff", "diff_sd", "n_pairs",
                   "ci95_low", "ci95_high")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -97,6 +102,20 @@ def cell_configs(base: ml_collections.ConfigDict, cells: Sequence[tuple[str, str
 
 def run_dir(workdir: str, cell: str, seed: int) -> str:
     return rundir.sweep_run_dir(workdir, cell, seed)
+
+
+def training_cells(cells: Sequence[tuple[str, str]],
+                   cfgs: dict[tuple[str, int], ml_collections.ConfigDict],
+                   seeds: Sequence[int]) -> dict[str, str]:
+    """Each cell's training cell: the first cell before it whose configs differ from its
+    own only in ``eval.*`` (then its trained runs are scored with this cell's settings,
+    not trained again), else the cell itself."""
+    out: dict[str, str] = {}
+    for name, _ in cells:
+        out[name] = next((t for t in out if out[t] == t and all(
+            not config_utils.diff(cfgs[(t, s)], cfgs[(name, s)], ignore=("eval.",))
+            for s in seeds)), name)
+    return out
 
 
 def _grid_record(config_path: str, base_overrides: Sequence[str],
@@ -153,18 +172,26 @@ def load_result(workdir: str, cell: str, seed: int) -> dict | None:
 
 
 def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
-                  train_seconds: float | None, group_size: int) -> dict:
+                  train_seconds: float | None, group_size: int,
+                  out_dir: str | None = None, trained_cell: str | None = None) -> dict:
+    """Evaluates the run in ``rdir`` with ``cfg``; the result (and, for a cell scoring
+    another cell's run, its eval/ report) goes to ``out_dir`` (default ``rdir``)."""
     from ssm_jax import evaluate
 
-    res = evaluate.evaluate(cfg, rdir)
+    if out_dir is None or out_dir == rdir:
+        out_dir, res = rdir, evaluate.evaluate(cfg, rdir)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        res = evaluate.evaluate(cfg, rdir, output_dir=os.path.join(out_dir, rundir.EVAL_DIR))
     row = {"cell": cell, "seed": seed, "overrides": overrides, "steps": cfg.train.steps,
            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
            "group_size": group_size, "eval_seconds": round(float(res["seconds"]), 1),
-           "checkpoint_step": res.get("checkpoint_step"), "workdir": rdir}
+           "checkpoint_step": res.get("checkpoint_step"), "workdir": rdir,
+           "trained_cell": trained_cell or cell}
     for k in (*METRICS, "pixel_f1_max", "threshold", "test_fpr", "test_recall"):
         v = res.get(k)
         row[k] = None if v is None else float(v)
-    _write_json(os.path.join(rdir, RESULT_FILE), row)
+    _write_json(os.path.join(out_dir, RESULT_FILE), row)
     return row
 
 
@@ -208,6 +235,14 @@ def _check_finished(cfg, rdir: str, out: dict) -> None:
                            f"continue")
 
 
+def _recorded_group_size(rdir: str) -> int:
+    try:
+        with open(_train_seconds_path(rdir)) as f:
+            return int(json.load(f)["group_size"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
 def _recorded_train_seconds(rdir: str) -> float | None:
     try:
         with open(_train_seconds_path(rdir)) as f:
@@ -245,18 +280,26 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
         done = sum(load_result(workdir, c, s) is not None for c, _ in cells for s in seeds)
         print(f"sweep {workdir}: {len(cells)} cell(s) x {len(seeds)} seed(s) = {total} runs, "
               f"{done} already finished", flush=True)
+        trainer = training_cells(cells, cfgs, seeds)
         for name, overrides in cells:
             todo = [s for s in seeds if load_result(workdir, name, s) is None]
             if not todo:
                 continue
-            rdirs = [run_dir(workdir, name, s) for s in todo]
+            rdirs = [run_dir(workdir, trainer[name], s) for s in todo]
             group = [cfgs[(name, s)] for s in todo]
-            print(f"sweep: cell {name} [{overrides or 'baseline config'}] seeds "
-                  f"{todo}: training", flush=True)
-            _, size = _train_runs(group, rdirs, vmap)
+            if trainer[name] == name:
+                print(f"sweep: cell {name} [{overrides or 'baseline config'}] seeds "
+                      f"{todo}: training", flush=True)
+                _, size = _train_runs(group, rdirs, vmap)
+            else:  # differs from its training cell in eval.* only: scored, not trained
+                print(f"sweep: cell {name} [{overrides}] seeds {todo}: scoring the runs of "
+                      f"cell {trainer[name]}", flush=True)
+                size = None
             for s, cfg, r in zip(todo, group, rdirs):
                 row = _evaluate_run(cfg, r, name, overrides, s, _recorded_train_seconds(r),
-                                    size)
+                                    size or _recorded_group_size(r),
+                                    out_dir=run_dir(workdir, name, s),
+                                    trained_cell=trainer[name])
                 done += 1
                 print(f"sweep: [{done}/{total}] cell {name} seed {s}: " + "  ".join(
                     f"{m} {_fmt(row[m])}" for m in METRICS), flush=True)

@@ -118,3 +118,16 @@ def test_flatten_and_diff():
     assert config_utils.diff(a, b, ignore=("eval.", "seed")) == {"train.steps": (10000, 5)}
     assert config_utils.diff(a.to_dict(), a) == {}
     assert "train.steps: 10000 -> 5" in config_utils.describe_diff(config_utils.diff(a, b))
+
+
+def test_train_refuses_bad_eval_value_before_training(tmp_path, capsys):
+    """`train --evaluate` with a bad eval.* value stops at once with one line, before the
+    run directory is made (it used to fail only after the whole run, at evaluation)."""
+    from ssm_jax import cli
+
+    wd = tmp_path / "wd"
+    rc = cli.run(["train", "--config", "configs/quickstart.py", "--workdir", str(wd),
+                  "--config.eval.refine_rule=bogus", "--evaluate"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "eval.refine_rule" in err, err
+    assert not wd.exists()

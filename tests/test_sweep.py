@@ -73,11 +73,13 @@ def fake_runs(monkeypatch):
             os.makedirs(r, exist_ok=True)
         return [1.0] * len(cfgs), len(cfgs)
 
-    def evaluate(cfg, rdir):
+    def evaluate(cfg, rdir, output_dir=None):
         calls["eval"].append(rdir)
+        calls.setdefault("eval_out", []).append(output_dir)
         if calls.get("fail_at") == len(calls["eval"]):
             raise KeyboardInterrupt  # killed mid-sweep
-        v = 0.5 + 0.01 * cfg.seed + (0.1 if cfg.loss.ssim_weight == 0 else 0.0)
+        v = (0.5 + 0.01 * cfg.seed + (0.1 if cfg.loss.ssim_weight == 0 else 0.0)
+             + 0.01 * (cfg.eval.refine_passes - 1))
         return {"image_auroc": v, "pixel_auroc": v / 2, "aupro": None, "f1_max": v,
                 "seconds": 0.1, "checkpoint_step": cfg.train.steps}
 
@@ -104,6 +106,29 @@ def test_killed_sweep_continues_where_it_stopped(tmp_path, fake_runs):
     s = {(r["cell"], r["metric"]): r for r in _csv(wd / "summary.csv")}
     assert float(s[("nossim", "image_auroc")]["diff"]) == pytest.approx(0.1)
     assert s[("nossim", "aupro")]["n"] == "0"  # a metric the data set lacks stays empty
+
+
+def test_cells_differing_in_eval_only_share_the_training(tmp_path, fake_runs):
+    """A scoring variant (eval.* overrides only) scores its training cell's runs: no
+    second training; its results and eval/ report go to its own run folder."""
+    wd = tmp_path / "sw"
+    cells = (("base", ""), ("refine2", "eval.refine_passes=2"),
+             ("nossim", "loss.ssim_weight=0.0"),
+             ("nossim_refine2", "loss.ssim_weight=0.0 eval.refine_passes=2"))
+    rows = sweep.run_sweep("configs/quickstart.py", str(wd), [0, 1], cells, plot=False)
+    assert fake_runs["train"] == [[("base", 0), ("base", 1)], [("nossim", 0), ("nossim", 1)]]
+    by = {(r["cell"], r["seed"]): r for r in rows}
+    assert by[("refine2", 0)]["trained_cell"] == "base"
+    assert by[("nossim_refine2", 1)]["trained_cell"] == "nossim"
+    assert by[("refine2", 0)]["workdir"] == sweep.run_dir(str(wd), "base", 0)
+    assert by[("refine2", 0)]["image_auroc"] == pytest.approx(
+        by[("base", 0)]["image_auroc"] + 0.01)
+    assert fake_runs["eval_out"][2] == os.path.join(sweep.run_dir(str(wd), "refine2", 0),
+                                                    "eval")
+    assert os.path.isfile(os.path.join(sweep.run_dir(str(wd), "refine2", 1),
+                                       sweep.RESULT_FILE))
+    assert [r["trained_cell"] for r in _csv(wd / "results.csv")] == [
+        "base", "base", "base", "base", "nossim", "nossim", "nossim", "nossim"]
 
 
 def test_grid_changes(tmp_path, fake_runs, capsys):
@@ -139,6 +164,7 @@ def test_grid_changes(tmp_path, fake_runs, capsys):
     ("train.steps=two", "train.steps"),
     ("mask.families=(squares,)", "squares"),
     ("seed=3", "'seed' is set by --seeds"),
+    ("eval.refine_rule=bogus", "eval.refine_rule"),  # eval values are checked up front
 ])
 def test_bad_cell_is_one_line(tmp_path, fake_runs, capsys, cell, what):
     wd = tmp_path / "sw"
