@@ -3,7 +3,8 @@
 # benchmarks/wheels/ (git-ignored; carry it with the device run). The lent GPU machines
 # (Python 3.12) have jax, flax, optax, orbax-checkpoint, tensorboard and, from their image,
 # matplotlib, pillow, scipy, tqdm, wrapt, cloudpickle, pyyaml, etils, pytest; they lack
-#   grain (+ array_record, portpicker), clu, ml_collections.
+#   grain (+ array_record, portpicker), clu, ml_collections, flatbuffers and filelock (the
+#   compilation cache: ssm_jax.compile_cache).
 # grain and array_record are compiled: one wheel per Python version (PY_VERSIONS, default
 # the device's 3.12 and this machine's python3, which benchmarks/jax_only_check.sh uses).
 # About 4.5 MB per Python version; clu, ml_collections and portpicker are pure Python.
@@ -18,7 +19,7 @@ local_py="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_i
 PY_VERSIONS="${PY_VERSIONS:-3.12 $local_py}"
 # Versions pinned to pyproject.toml's ranges (the ones CI installs).
 WHEELS=(grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 clu==0.0.12 ml_collections==1.1.0
-        flatbuffers==25.12.19)
+        flatbuffers==25.12.19 filelock==4.3.1)
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
          manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

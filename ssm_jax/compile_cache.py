@@ -140,7 +140,7 @@ def setup() -> str | None:
     try:
         import filelock  # noqa: F401  (JAX's size-bounded cache locks with it)
     except ImportError:
-        log.warning("compilation cache off: it needs the filelock package "
+        log.info("compilation cache off: it needs the filelock package "
                     "(pip install filelock) to be shared safely and bounded in size")
         return None
     path = cache_dir()
