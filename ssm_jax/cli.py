@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated jax.export platforms (default: cpu,cuda)")
     x.add_argument("--image-shape", default=None,
                    help="H,W to export for (only for data.keep_aspect runs)")
+    x.add_argument("--format", choices=("jax", "onnx"), default="jax",
+                   help="jax: jax.export artifact (ssm_jax.serving); onnx: ONNX model for "
+                        "onnxruntime without jax (ssm_jax.onnx_serving)")
+    x.add_argument("--batch-size", type=int, default=None,
+                   help="--format onnx: the model's fixed batch (default eval.batch_size)")
 
     w = sub.add_parser("sweep", help="train + evaluate a grid of config cells x seeds; "
                                      "results.csv, summary.csv (paired CIs), summary.png")
@@ -159,7 +164,13 @@ def run(argv: Sequence[str]) -> int:
                     from ssm_jax.errors import ConfigError
                     raise ConfigError(f"--image-shape must be H,W; got {args.image_shape!r}")
             det = detector.Detector.load(args.workdir, overrides)
-            meta = export.export_detector(det, args.output, args.platforms.split(","), shape)
+            if args.format == "onnx":
+                from ssm_jax import onnx_export
+                meta = onnx_export.export_onnx(det, args.output, shape, args.batch_size)
+                meta["platforms"] = ["onnxruntime"]
+            else:
+                meta = export.export_detector(det, args.output, args.platforms.split(","),
+                                              shape)
             h, w = meta["image_shape"]
             print(f"wrote {args.output}: {h}x{w}x{meta['channels']} images, threshold "
                   f"{meta['threshold']:.6g}, platforms {','.join(meta['platforms'])}")

@@ -55,9 +55,11 @@ def _image_shape(det: Detector, image_shape: Sequence[int] | None) -> tuple[int,
     return h, w
 
 
-def scoring_function(det: Detector, shape: tuple[int, int]):
+def scoring_function(det: Detector, shape: tuple[int, int], masks_given: bool = False):
     """(weights list, images [B, H, W, C], ids [B]) -> scores, maps, mse, anomalous: the
-    Detector's scoring on one device, its statistics and threshold as constants."""
+    Detector's scoring on one device, its statistics and threshold as constants.
+    ``masks_given``: the third argument is each image's scoring masks [B, R, K*D, n, H, W]
+    (scoring.pass_masks) instead of its id (the ONNX export: jax.random does not convert)."""
     model = train_step.make_model(det.cfg)
     sc = det.sc
     treedef = jax.tree.structure(det.variables)
@@ -76,7 +78,8 @@ def scoring_function(det: Detector, shape: tuple[int, int]):
         def restore(masked, m):
             return model.apply(variables, masked, m, train=False)
 
-        out = scoring.score_batch(restore, key, images, ids, sc)
+        out = (scoring.score_batch(restore, None, images, None, sc, grids=ids) if masks_given
+               else scoring.score_batch(restore, key, images, ids, sc))
         maps, scores = out["map"], out["score"]
         if mean is not None:
             maps = (maps - mean) / scale

@@ -139,8 +139,11 @@ def extend_edge(m: jax.Array, hw: jax.Array) -> jax.Array:
 
 
 def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious: jax.Array,
-                cfg: ScoringConfig) -> dict[str, jax.Array]:
+                cfg: ScoringConfig, grid: jax.Array | None = None) -> dict[str, jax.Array]:
     """One scoring pass over one image x [H, W, C], hiding only ``suspicious`` pixels.
+
+    ``grid`` [K*D, n, H, W]: the pass's masks when given (else drawn from ``key``; the
+    ONNX export takes them as an input, since jax.random does not convert).
 
     Returns raw map (weighted sum over k of MS-GMS maps), mask-head map, the mean
     composite and the restoration MSE map (mean over k of the squared composite error).
@@ -149,7 +152,8 @@ def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious:
     # Every draw is a full set of n complementary masks per k; all go through one forward
     # pass and their maps are averaged (less mask-placement noise in the score).
     ks = tuple(cfg.ks) * cfg.mask_draws
-    grid = masks.scoring_masks(key, (h, w), ks, cfg.num_masks)  # [K*D, n, H, W]
+    if grid is None:
+        grid = masks.scoring_masks(key, (h, w), ks, cfg.num_masks)  # [K*D, n, H, W]
     hidden = (1.0 - grid) * suspicious
     eff = 1.0 - hidden
     nk, n = eff.shape[:2]
@@ -169,9 +173,20 @@ def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious:
     return {"raw": raw, "head": head, "x_hat": x_hat.mean(axis=0), "sq_err": sq_err}
 
 
+def pass_masks(key: jax.Array, shape: tuple[int, int], cfg: ScoringConfig) -> jax.Array:
+    """[R, K*D, n, H, W]: the masks :func:`score_image` draws from ``key`` for each pass."""
+    ks = tuple(cfg.ks) * cfg.mask_draws
+    return jnp.stack([masks.scoring_masks(jax.random.fold_in(key, r), shape, ks, cfg.num_masks)
+                      for r in range(cfg.refine_passes)])
+
+
 def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
-                cfg: ScoringConfig, hw: jax.Array | None = None) -> dict[str, jax.Array]:
+                cfg: ScoringConfig, hw: jax.Array | None = None,
+                grids: jax.Array | None = None) -> dict[str, jax.Array]:
     """Scores one image [H, W, C] with R refinement passes.
+
+    ``grids`` [R, K*D, n, H, W]: each pass's masks, given instead of drawn from ``key``
+    (pass r draws them from ``fold_in(key, r)``: :func:`pass_masks`).
 
     ``hw`` (h, w): the valid top-left region of a padded image (default: all of it).
     Returns ``map`` [H, W] (smoothed pixel scores; the padded part is meaningless),
@@ -184,7 +199,11 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
         hw = jnp.array([h, w], jnp.int32)
     valid = valid_mask((h, w), hw)
     x = x.astype(jnp.float32)
-    first = single_pass(restore_fn, jax.random.fold_in(key, 0), x, valid, cfg)
+
+    def pass_args(r):  # (key, masks) of pass r: drawn from the key, or given
+        return (jax.random.fold_in(key, r), None) if grids is None else (None, grids[r])
+
+    first = single_pass(restore_fn, pass_args(0)[0], x, valid, cfg, pass_args(0)[1])
 
     def decision(out: dict[str, jax.Array]) -> jax.Array:
         return out["raw"] + cfg.refine_mask_head_weight * out["head"]
@@ -202,7 +221,8 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
         else:
             keep = cell_susp & (cells >= cfg.refine_threshold)
         new_susp = _cells_to_pixels(keep.astype(jnp.float32), cfg.refine_cell, h, w) * valid
-        out = single_pass(restore_fn, jax.random.fold_in(key, r), x, new_susp, cfg)
+        pkey, grid = pass_args(r)
+        out = single_pass(restore_fn, pkey, x, new_susp, cfg, grid)
         dec = jnp.where(new_susp > 0, decision(out), dec)
         raw = jnp.where(new_susp > 0, final_raw(out), raw)
         return new_susp, dec, raw
@@ -212,8 +232,11 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
     dec0 = decision(first)
     dec0 = jnp.where(valid > 0, dec0, jnp.min(jnp.where(valid > 0, dec0, jnp.inf)))
     carry = (valid, dec0, final_raw(first))
-    if cfg.refine_passes > 1:
+    if cfg.refine_passes > 1 and grids is None:
         carry = jax.lax.fori_loop(1, cfg.refine_passes, body, carry)
+    else:  # masks given (the ONNX export): unrolled, so pass r reads grids[r] at a static
+        for r in range(1, cfg.refine_passes):  # index (jax2onnx mis-converts a gather at
+            carry = body(r, carry)  # a loop counter)
     suspicious, _, raw = carry
     smooth = losses.gaussian_blur(extend_edge(raw, hw), cfg.sigma(cfg.sigma_side or min(h, w)))
     score = image_score(smooth, cfg.image_score, cfg.topk_fraction, valid)
@@ -251,16 +274,21 @@ def image_scores(maps, rule: str, topk_fraction: float, sizes=None) -> jax.Array
 
 def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
                 indices: jax.Array, cfg: ScoringConfig,
-                sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+                sizes: jax.Array | None = None,
+                grids: jax.Array | None = None) -> dict[str, jax.Array]:
     """vmap of :func:`score_image` over a batch [B, H, W, C] (``sizes`` [B, 2]: valid h, w).
 
     Each image's masks come from ``fold_in(key, index)`` (callers pass a content id as the
     index), so an image's score does not
     depend on the batch size, its position in the batch, or the device it lands on.
+    ``grids`` [B, R, K*D, n, H, W]: the masks given instead (key and indices unused).
     """
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     if sizes is None:
         sizes = jnp.broadcast_to(jnp.array(images.shape[1:3], jnp.int32), (images.shape[0], 2))
+    if grids is not None:
+        return jax.vmap(lambda g, x, hw: score_image(restore_fn, None, x, cfg, hw, g))(
+            grids, images, sizes)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     return jax.vmap(lambda k, x, hw: score_image(restore_fn, k, x, cfg, hw))(
         keys, images, sizes)
 
