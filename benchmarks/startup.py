@@ -4,6 +4,7 @@ the persistent compilation cache (``ssm_jax.compile_cache``), broken down by pha
 
     python benchmarks/startup.py [--configs quickstart,cpu] [--rounds 2] \
         [--set KEY=VALUE ...] [--out benchmarks/results/startup.json]
+    python benchmarks/startup.py --alternate 3 [--configs quickstart]  # off vs warm, paired
     python benchmarks/startup.py --sweep [--set ...]      # per sweep run: start -> first step
 
 Each measurement is its own process running the real CLI (``ssm_jax.cli.run``), timed
@@ -247,6 +248,33 @@ def measure_commands(config: str, overrides: list[str], condition: str, cache_di
     return rows
 
 
+def measure_alternating(config: str, overrides: list[str], cache_dir: str, tmp: str,
+                        repeats: int, timeout: int) -> list[dict]:
+    """One fresh run (filling the cache), then ``repeats`` x (resume, evaluate) with the
+    cache off and warm, alternating which goes first: the same workdir, the same machine
+    state, so the ratio off / warm is the cache's effect."""
+    wd = tempfile.mkdtemp(prefix="alt_", dir=tmp)
+    sets = [f"--config.{o}" for o in overrides]
+    train_args = ["train", "--config", os.path.join(ROOT, config), "--workdir", wd, *sets]
+    _run_child(train_args, _cache_env("cold", cache_dir), "sigterm", timeout)
+    rows = []
+    for i in range(repeats):
+        for cond in (("off", "warm") if i % 2 == 0 else ("warm", "off")):
+            for mode, args, stop in (("resume", train_args, "sigterm"),
+                                     ("evaluate", ["evaluate", "--workdir", wd, *sets],
+                                      "raise")):
+                load = _loadavg()
+                rec = _run_child(args, _cache_env(cond, cache_dir), stop, timeout)
+                rows.append({"config": os.path.basename(config), "cache": cond, "mode": mode,
+                             "to_first_s": round(rec.get("to_first_s", float("nan")), 2),
+                             **{k: round(v, 2) for k, v in rec["phases"].items()},
+                             "xla_compile_s": round(rec["xla_compile_s"], 2),
+                             "cache_hits": rec["cache_hits"], "load1": round(load, 2),
+                             "repeat": i, "overrides": " ".join(overrides)})
+                print(_fmt_row(rows[-1]), flush=True)
+    return rows
+
+
 def _fmt_row(r: dict) -> str:
     ph = " ".join(f"{k} {r[k]:.1f}" for k in PHASES)
     return (f"{r['config']:<13} {r['cache']:<5} {r['mode']:<8} -> first {r['to_first_s']:6.1f} s"
@@ -311,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--sweep", action="store_true",
                    help="time the runs of a tiny 2-cell x 2-seed sweep instead")
+    p.add_argument("--alternate", type=int, default=0, metavar="N",
+                   help="instead: one fresh run, then N x (resume, evaluate) with the cache "
+                        "off and warm, alternating")
     p.add_argument("--out", default=None, help="write all rows as JSON here")
     p.add_argument("--timeout", type=int, default=1800)
     args = p.parse_args(argv)
@@ -331,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for name in args.configs.split(","):
             cache = tempfile.mkdtemp(prefix="cache_", dir=tmp)
+            if args.alternate:
+                rows += measure_alternating(f"configs/{name}.py", args.set, cache, tmp,
+                                            args.alternate, args.timeout)
+                continue
             for cond in order:
                 rows += measure_commands(f"configs/{name}.py", args.set, cond, cache, tmp,
                                          args.timeout)
