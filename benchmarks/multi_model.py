@@ -1,4 +1,4 @@
-"""Training throughput of M models in one vmapped program vs the same M models one by one.
+"""Training images/s of M models in one program (vmapped or unrolled) vs M models one by one.
 
     python benchmarks/multi_model.py [--config configs/cpu.py] [--models 1,2,4,8] \
         [--steps 5] [--set model.width=8 data.image_size=32 ...] [--model-shards 1]
@@ -23,12 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--model-shards", type=int, default=1)
+    p.add_argument("--group-mode", choices=("auto", "vmap", "unroll"), default="auto",
+                   help="how a group runs its models (auto: multi_model.GROUP_MAP's choice)")
     args = p.parse_args(argv)
 
     import jax
     import numpy as np
 
     from ssm_jax import config_utils, multi_model, parallel, train_step
+
+    if args.group_mode != "auto":
+        multi_model.GROUP_MAP[jax.devices()[0].platform] = args.group_mode
 
     base = config_utils.complete(config_utils.load_config_file(args.config))
     base = config_utils.apply_overrides(base, args.set)
@@ -37,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {jax.devices()[0].device_kind} x{jax.device_count()}, {s}px, width "
-          f"{base.model.width}, batch {b}, {args.steps} timed steps, load avg {load:.2f}")
+          f"{base.model.width}, batch {b}, {args.steps} timed steps, load avg {load:.2f}, "
+          f"group mode {multi_model.group_mode(parallel.data_mesh())}")
 
     def block(tree):
         jax.tree.map(lambda a: a.block_until_ready(), tree)

@@ -13,6 +13,9 @@ components.py uses it. See NOTES.md for the measured effect of each.
 * ``sort_median``, ``conv_ssim``: the code before issue 14, for A/B runs against the
   current one: ``jnp.median`` over 9 stacked views, and SSIM's Gaussian window as an
   11x11 depthwise convolution instead of two banded matrix products.
+* ``no_space_to_depth``, ``no_padded_out``, ``no_split_input``: one of the convolution
+  forms of ``ssm_jax.conv_forms`` switched off (the plain ``lax.conv_general_dilated``
+  instead), for A/B runs of issue 22 (``benchmarks/ab.py``).
 * ``upsample_then_1x1``: ``UpBlock`` before issue 14: nearest x2 upsampling first, then
   the 1x1 conv at full resolution (now the 1x1 conv runs first, on 4x fewer pixels).
 """
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 PATCHES = ("upsample_repeat", "median_network", "sort_median", "conv_ssim",
-           "upsample_then_1x1")
+           "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input")
 
 
 def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -140,6 +143,12 @@ def ssim_conv(x: jax.Array, y: jax.Array, window: int = 11, sigma: float = 1.5) 
     return jnp.mean(num / den)
 
 
+def _disable_form(name: str) -> None:
+    from ssm_jax import conv_forms
+
+    conv_forms.ENABLED.discard(name)
+
+
 def _set_loss(name: str, fn) -> None:
     from ssm_jax import losses
 
@@ -156,5 +165,8 @@ def apply(names) -> list[str]:
         {"upsample_repeat": _patch_upsample, "median_network": _patch_median,
          "sort_median": lambda: _set_loss("median3x3", median3x3_sort),
          "conv_ssim": lambda: _set_loss("ssim", ssim_conv),
-         "upsample_then_1x1": _patch_upsample_then_1x1}[name]()
+         "upsample_then_1x1": _patch_upsample_then_1x1,
+         "no_space_to_depth": lambda: _disable_form("space_to_depth"),
+         "no_padded_out": lambda: _disable_form("padded_out"),
+         "no_split_input": lambda: _disable_form("split_input")}[name]()
     return list(names)

@@ -103,24 +103,28 @@ def switched_masks(variants, idx, state, images) -> jax.Array:
 
 
 # How the models of a group share a device, per platform. XLA CPU lowers a vmapped
-# convolution over stacked kernels to a grouped convolution that runs far below the
-# plain one (benchmarks/multi_model.py: a vmapped group of 4 at 0.13-0.27x the images/s
-# of 4 separate runs), so on CPU the models run one after another inside the compiled
-# step (``lax.map``: one program, each model at the single-model speed). GPUs and TPUs
-# batch the grouped convolution well and keep ``vmap``.
-GROUP_MAP = {"cpu": "map"}
+# convolution over stacked kernels to a grouped convolution that runs far below the plain
+# one, and a ``lax.map`` loop over the models was slower still (benchmarks/multi_model.py,
+# 32 px, width 8, 4 models, images/s of the group / of 4 separate runs: vmap 0.54x,
+# lax.map 0.08x, unrolled 1.39x; 64 px width 16: vmap 0.13-0.27x). So on CPU the models
+# run one after another, unrolled inside the compiled step (one program, each model's
+# convolutions at the single-model speed; compiling takes about M times longer). GPUs
+# and TPUs batch the grouped convolution well and keep ``vmap``.
+GROUP_MAP = {"cpu": "unroll"}
 
 
 def group_mode(mesh: Mesh) -> str:
-    """'vmap' or 'map': how this mesh's platform runs the models of a group."""
+    """'vmap' or 'unroll': how this mesh's platform runs the models of a group."""
     return GROUP_MAP.get(mesh.devices.flat[0].platform, "vmap")
 
 
 def over_models(fn, mesh: Mesh, *stacked):
     """``fn`` applied to each model's slice of the ``stacked`` arrays (leading model axis),
-    batched with ``vmap`` or run in turn with ``lax.map`` as :func:`group_mode` says."""
-    if group_mode(mesh) == "map":
-        return jax.lax.map(lambda xs: fn(*xs), stacked)
+    batched with ``vmap`` or unrolled model by model, as :func:`group_mode` says."""
+    if group_mode(mesh) == "unroll":
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(n)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return jax.vmap(fn)(*stacked)
 
 
