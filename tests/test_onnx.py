@@ -132,3 +132,40 @@ def test_export_bad_batch_size_one_line(tiny_run, tmp_path):
               tmp_path / "x.onnx", "--batch-size", "0")
     assert res.returncode == 2 and "--batch-size must be >= 1" in res.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _readme_onnx_blocks() -> tuple[str, str]:
+    """The README's ONNX section: its bash block and its python block."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("**ONNX: serving without JAX.**"):]
+    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert section.index(bash) < section.index(python)
+    return bash, python
+
+
+def test_readme_onnx_example_as_written(tiny_run, tmp_path):
+    """The README's export command and serving code, with runs/quickstart replaced by a
+    copy of the tiny run; the serving code in a process that cannot import jax or flax."""
+    import shlex
+    import shutil
+
+    bash, python = _readme_onnx_blocks()
+    wd = tmp_path / "runs" / "quickstart"
+    shutil.copytree(tiny_run[0], wd)
+    commands = [line.split("#")[0].strip() for line in bash.splitlines()]
+    exports = [c for c in commands if c.startswith("ssm-jax ")]
+    assert len(exports) == 1 and all(c.startswith(("pip ", "ssm-jax ")) for c in commands if c)
+    args = [a.replace("runs/quickstart", str(wd)) for a in shlex.split(exports[0])[1:]]
+    res = ssm(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (wd / "detector.onnx").is_file()
+    script = ("import sys\nfor _n in ('jax', 'jaxlib', 'flax'):\n    sys.modules[_n] = None\n"
+              + python.replace("runs/quickstart", str(wd)))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[" in res.stdout and ("True" in res.stdout or "False" in res.stdout)
