@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,26 +120,18 @@ def save_png(array: np.ndarray, path: str) -> None:
     zlib level: these are report images, written by the thousand)."""
     from PIL import Image
 
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    try:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ssm_jax.rundir import atomic_open
+
+    with atomic_open(path, "wb", fsync=False) as f:
+        Image.fromarray(array).save(f, format="PNG", compress_level=1)
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (a temp file in the same folder, renamed)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes ``text`` to ``path`` atomically (``ssm_jax.rundir.atomic_open``)."""
+    from ssm_jax.rundir import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def save_overlays(out_dir: str, images: Sequence[np.ndarray] | np.ndarray,

@@ -68,18 +68,20 @@ def temp_name(target: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(target: str, mode: str = "w", **kwargs) -> Iterator[IO]:
+def atomic_open(target: str, mode: str = "w", fsync: bool = True, **kwargs) -> Iterator[IO]:
     """``open`` for writing ``target`` atomically: the data goes to a per-process temporary
     file that replaces ``target`` only when the block ends without an exception (else it
-    is removed and ``target`` stays as it was)."""
+    is removed and ``target`` stays as it was). ``fsync``: the data reaches the disk before
+    the rename (off for files written by the thousand, e.g. report images)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files (mode w or wb), got {mode!r}")
     tmp = temp_name(target)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
