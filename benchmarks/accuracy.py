@@ -13,6 +13,10 @@ overrides, seed, steps, training wall time, device, image AUROC, pixel AUROC, AU
 F1-max, refinement passes, evaluation seconds, threshold FPR/recall, exact command. At the
 end the mean +- sd over the seeds of every variant is printed;
 ``benchmarks/results_table.py`` prints the whole CSV that way.
+
+``ssm-jax sweep`` does the same with paired confidence intervals: ``--config.data.path``
+for ``--data``, ``--config.KEY=VALUE`` for ``--set``, and cells that differ from the
+baseline in ``eval.*`` only for ``--variant`` (scored from the baseline's trained runs).
 """
 
 from __future__ import annotations
@@ -87,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     from ssm_jax.errors import SSMError
 
     variants = args.variant or [("default", "")]
-    base = config_utils.complete(config_utils.load_config_file(args.config))
     try:
-        base = config_utils.apply_overrides(base, [f"data.path={args.data}", *args.set])
+        base = config_utils.load(args.config, [f"data.path={args.data}", *args.set],
+                                 check_values=False)
         for _, overrides in variants:  # bad keys fail before any training
             config_utils.validate(config_utils.apply_overrides(base, overrides.split()))
     except SSMError as e:
