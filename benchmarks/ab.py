@@ -6,7 +6,7 @@ measured); rounds alternate the order; printed are each round's time ratio varia
 and their median (> 1: the variant is slower than the base, the first one given).
 
     python benchmarks/ab.py --variants ",no_space_to_depth" --width 16 --rounds 4
-    python benchmarks/ab.py --variants ",no_padded_out,no_split_input" --parts train
+    python benchmarks/ab.py --variants ";" --dtypes "float32;bfloat16" --width 64
 """
 
 from __future__ import annotations
@@ -32,21 +32,27 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=2, help="steps / batches per measurement")
     p.add_argument("--xla-flags", default="", help="';'-separated XLA_FLAGS per variant")
+    p.add_argument("--dtypes", default="", help="';'-separated dtype per variant "
+                   "(default: --dtype for all)")
     args = p.parse_args(argv)
 
     import vs_reference
 
     variants = args.variants.split(";")
     flags = args.xla_flags.split(";") if args.xla_flags else [None] * len(variants)
+    dtypes = args.dtypes.split(";") if args.dtypes else [args.dtype] * len(variants)
+    if not len(variants) == len(flags) == len(dtypes):
+        raise SystemExit("ab.py: --variants, --xla-flags and --dtypes need one entry each")
     workers = []
-    for v, f in zip(variants, flags):
+    for v, f, dt in zip(variants, flags, dtypes):
         argv_ = ["--width", str(args.width), "--image-size", str(args.image_size),
-                 "--batch", str(args.batch), "--dtype", args.dtype, "--parts", args.parts,
+                 "--batch", str(args.batch), "--dtype", dt, "--parts", args.parts,
                  "--iters", str(args.iters), "--patch", v]
         env = {} if f is None else {"XLA_FLAGS": f}
-        workers.append(vs_reference.Worker(f"jax-{v or 'base'}", sys.executable, argv_, env))
-    print(f"# A/B {args.image_size} px, width {args.width}, batch {args.batch}, {args.dtype}; "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+        workers.append(vs_reference.Worker(f"jax-{v or 'base'}-{dt}", sys.executable, argv_,
+                                           env))
+    print(f"# A/B {args.image_size} px, width {args.width}, batch {args.batch}, dtypes "
+          f"{dtypes}; load {os.getloadavg()[0]:.1f}", flush=True)
     try:
         for part in args.parts.split(","):
             times = {i: [] for i in range(len(workers))}

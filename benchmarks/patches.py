@@ -15,7 +15,8 @@ components.py uses it. See NOTES.md for the measured effect of each.
   11x11 depthwise convolution instead of two banded matrix products.
 * ``no_space_to_depth``, ``no_padded_out``, ``no_split_input``: one of the convolution
   forms of ``ssm_jax.conv_forms`` switched off (the plain ``lax.conv_general_dilated``
-  instead), for A/B runs of issue 22 (``benchmarks/ab.py``).
+  instead), for A/B runs of issue 22 (``benchmarks/ab.py``); ``space_to_depth`` switches
+  that form on (it is off by default since it measured slower on XLA CPU).
 * ``upsample_then_1x1``: ``UpBlock`` before issue 14: nearest x2 upsampling first, then
   the 1x1 conv at full resolution (now the 1x1 conv runs first, on 4x fewer pixels).
 """
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 PATCHES = ("upsample_repeat", "median_network", "sort_median", "conv_ssim",
-           "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input")
+           "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input",
+           "space_to_depth")
 
 
 def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -149,6 +151,12 @@ def _disable_form(name: str) -> None:
     conv_forms.ENABLED.discard(name)
 
 
+def _enable_form(name: str) -> None:
+    from ssm_jax import conv_forms
+
+    conv_forms.ENABLED.add(name)
+
+
 def _set_loss(name: str, fn) -> None:
     from ssm_jax import losses
 
@@ -168,5 +176,6 @@ def apply(names) -> list[str]:
          "upsample_then_1x1": _patch_upsample_then_1x1,
          "no_space_to_depth": lambda: _disable_form("space_to_depth"),
          "no_padded_out": lambda: _disable_form("padded_out"),
-         "no_split_input": lambda: _disable_form("split_input")}[name]()
+         "no_split_input": lambda: _disable_form("split_input"),
+         "space_to_depth": lambda: _enable_form("space_to_depth")}[name]()
     return list(names)

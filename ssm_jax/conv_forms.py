@@ -15,8 +15,11 @@ another arrangement (equal to float rounding; tests/test_conv_forms.py):
   conv(a) + conv(b), so the wide part runs at the speed of a well-shaped layer (the mask
   block's ``BN(h) ++ mask``: 16 + 1 channels).
 
-Which forms the model uses is decided by measurement (benchmarks/NOTES.md, issue 22);
-:data:`ENABLED` exists so that benchmarks/patches.py can switch one off for an A/B.
+Which forms the model uses is decided by measurement (benchmarks/NOTES.md, issue 22,
+``benchmarks/ab.py``); :data:`ENABLED` exists so that benchmarks/patches.py can switch one
+off for an A/B. The space-to-depth form is off: on XLA CPU it measured 0.96-0.97x in
+training and 0.89-0.96x in scoring at widths 16 and 64 (the 2x2 blocks cost a transpose
+each way); it is kept, tested, for an A/B on an accelerator.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 # Forms the model uses (names of the functions below); benchmarks flip them for A/Bs.
-ENABLED = {"space_to_depth", "padded_out", "split_input"}
+ENABLED = {"padded_out", "split_input"}
 
 
 def _plain(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
