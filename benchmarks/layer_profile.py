@@ -31,13 +31,12 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)$")
 _OPNAME = re.compile(r'op_name="([^"]*)"')
@@ -156,15 +155,10 @@ def trace_times(run, steps: int) -> dict:
 
 
 def _bench(fn, *args, repeats: int = 5) -> float:
-    import jax
+    """Best of ``repeats`` timed calls, ms (after one warm-up call)."""
+    from components import timeit
 
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return min(ts) * 1e3
+    return timeit(fn, *args, repeats=repeats, best=True) * 1e3
 
 
 def isolated_convs(model, variables, x, m, train: bool) -> dict:
@@ -263,19 +257,14 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from throughput import bench_config
 
     from ssm_jax import parallel, train_step
     from ssm_jax.config_base import base_config
     from ssm_jax.detector import make_score_fn, scoring_config
 
     ks = tuple(int(k) for k in args.ks.split(","))
-    cfg = base_config()
-    cfg.data.image_size = args.image_size
-    cfg.model.width = args.width
-    cfg.model.dtype = args.dtype
-    cfg.train.batch_size = args.batch
-    cfg.mask.ks = ks
-    cfg.eval.ks = ks
+    cfg = bench_config(base_config(), args.image_size, args.width, args.batch, args.dtype, ks)
     cfg.eval.refine_passes = 1
     s, c, b = args.image_size, 3, args.batch
     mesh = parallel.data_mesh()
@@ -331,9 +320,8 @@ def main(argv=None) -> None:
             model, variables, jnp.zeros((copies, s, s, c)), jnp.ones((copies, s, s)),
             train=False)
         _table("score", times, classes, iso, wall)
-    print(f"\n(load average at the end: {os.getloadavg()[0]:.1f}; median-free: best of "
-          f"{args.steps} wall times; thunk times are means over {args.steps} profiled calls)")
-    _ = statistics
+    print(f"\n(load average at the end: {os.getloadavg()[0]:.1f}; wall: best of {args.steps} "
+          f"calls; thunk times are means over {args.steps} profiled calls)")
 
 
 if __name__ == "__main__":

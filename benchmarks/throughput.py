@@ -72,6 +72,19 @@ def _flops(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
+def bench_config(cfg, image_size: int, width: int, batch: int, dtype: str, ks: tuple,
+                 grayscale: bool = False):
+    """``cfg`` (a base config) set to a benchmark's shapes: one k set for masks and scoring."""
+    cfg.data.image_size = image_size
+    cfg.data.grayscale = grayscale
+    cfg.model.width = width
+    cfg.model.dtype = dtype
+    cfg.train.batch_size = batch
+    cfg.mask.ks = ks
+    cfg.eval.ks = ks
+    return cfg
+
+
 def measure_peak(jax, jnp, dtype, size: int, repeats: int) -> dict:
     """Peak FLOP/s through XLA: a size^3 matmul and a 3x3 conv with 256 in/out channels."""
     key = jax.random.PRNGKey(0)
@@ -121,14 +134,8 @@ def main(argv=None) -> dict:
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     ks = tuple(int(k) for k in args.ks.split(","))
-    cfg = base_config()
-    cfg.data.image_size = args.image_size
-    cfg.data.grayscale = args.grayscale
-    cfg.model.width = args.width
-    cfg.model.dtype = args.dtype
-    cfg.train.batch_size = args.batch
-    cfg.mask.ks = ks
-    cfg.eval.ks = ks
+    cfg = bench_config(base_config(), args.image_size, args.width, args.batch, args.dtype, ks,
+                       args.grayscale)
     eval_batch = args.eval_batch or args.batch
     n_dev = jax.device_count()
     if args.batch % n_dev or eval_batch % n_dev:
