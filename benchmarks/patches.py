@@ -17,6 +17,8 @@ components.py uses it. See NOTES.md for the measured effect of each.
   forms of ``ssm_jax.conv_forms`` switched off (the plain ``lax.conv_general_dilated``
   instead), for A/B runs of issue 22 (``benchmarks/ab.py``); ``space_to_depth`` switches
   that form on (it is off by default since it measured slower on XLA CPU).
+* ``relu_barrier``: each ReLU output behind ``lax.optimization_barrier`` (no BatchNorm /
+  ReLU recomputed inside the weight gradients' layout copies), issue 22.
 * ``upsample_then_1x1``: ``UpBlock`` before issue 14: nearest x2 upsampling first, then
   the 1x1 conv at full resolution (now the 1x1 conv runs first, on 4x fewer pixels).
 """
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 PATCHES = ("upsample_repeat", "median_network", "sort_median", "conv_ssim",
            "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input",
-           "space_to_depth")
+           "space_to_depth", "relu_barrier")
 
 
 def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -151,6 +153,15 @@ def _disable_form(name: str) -> None:
     conv_forms.ENABLED.discard(name)
 
 
+def _patch_relu_barrier() -> None:
+    """Every ReLU output of the model materialized (``lax.optimization_barrier``): XLA may
+    not fuse BatchNorm+ReLU into the transposed copies its weight gradients read."""
+    import flax.linen as nn
+
+    relu = jax.nn.relu
+    nn.relu = lambda x: jax.lax.optimization_barrier(relu(x))
+
+
 def _enable_form(name: str) -> None:
     from ssm_jax import conv_forms
 
@@ -177,5 +188,6 @@ def apply(names) -> list[str]:
          "no_space_to_depth": lambda: _disable_form("space_to_depth"),
          "no_padded_out": lambda: _disable_form("padded_out"),
          "no_split_input": lambda: _disable_form("split_input"),
-         "space_to_depth": lambda: _enable_form("space_to_depth")}[name]()
+         "space_to_depth": lambda: _enable_form("space_to_depth"),
+         "relu_barrier": _patch_relu_barrier}[name]()
     return list(names)
