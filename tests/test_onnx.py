@@ -140,7 +140,7 @@ def _readme_onnx_blocks() -> tuple[str, str]:
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("**ONNX: serving without JAX.**"):]
+    section = text[text.index("## ONNX: serving without JAX"):]
     bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert section.index(bash) < section.index(python)
