@@ -131,7 +131,7 @@ def setup() -> str | None:
         return None
     if jax.config.jax_compilation_cache_dir:  # set by JAX_COMPILATION_CACHE_DIR or the caller
         _state["dir"] = jax.config.jax_compilation_cache_dir
-        log.info("compilation cache: %s (JAX's setting)", _state["dir"])
+        log.debug("compilation cache: %s (JAX's setting)", _state["dir"])
         return _state["dir"]
     max_size = parse_size(os.environ.get(ENV_MAX_SIZE, str(DEFAULT_MAX_SIZE)))
     if max_size == 0:
@@ -163,7 +163,9 @@ def setup() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     _state["dir"] = path
     bound = "no size bound" if max_size < 0 else f"at most {max_size / 1024**3:.3g} GiB"
-    log.info("compilation cache: %s (%s; %s=0 turns it off)", path, bound, ENV_SWITCH)
+    # Debug, not info: a command that stops at once (a locked workdir, a bad flag) prints
+    # its one error line and nothing else.
+    log.debug("compilation cache: %s (%s; %s=0 turns it off)", path, bound, ENV_SWITCH)
     return path
 
 
