@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     one = one.lower(st0, img0).compile()
     single_compile = time.time() - t0
     print(f"single-model step compiled in {single_compile:.1f} s")
-    print(f"{'M':>3} {'vmapped img/s':>14} {'sequential img/s':>17} {'speed-up':>9} "
+    print(f"{'M':>3} {'group img/s':>14} {'sequential img/s':>17} {'speed-up':>9} "
           f"{'compile s':>10}")
     for m in [int(x) for x in args.models.split(",")]:
         cfgs = [config_utils.apply_overrides(base, [f"seed={i}"]) for i in range(m)]
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         block(states)
         seq = m * b * args.steps / (time.time() - t0)
         del states
-        # Vmapped: one program for all M.
+        # The group: one program for all M (vmapped or unrolled, multi_model.GROUP_MAP).
         mesh = multi_model.model_data_mesh(args.model_shards)
         t0 = time.time()
         st = multi_model.place_states(mesh, multi_model.init_states(cfgs))
