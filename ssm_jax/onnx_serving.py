@@ -92,13 +92,11 @@ def unit_float_images(x: np.ndarray) -> np.ndarray:
     return x
 
 
-@dataclasses.dataclass
-class OnnxDetector:
-    """A loaded ONNX detector: ``meta`` and :meth:`score`."""
+class ExportedImages:
+    """What an exported detector (ONNX here, jax.export in ssm_jax.serving) knows of its
+    inputs from its ``meta``: image shape, threshold, and the check of a batch."""
 
     meta: dict
-    path: str
-    session: Any
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -110,6 +108,7 @@ class OnnxDetector:
         return float(self.meta["threshold"])
 
     def check_images(self, images: Any) -> np.ndarray:
+        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled); one DataError otherwise."""
         x = np.asarray(images)
         h, w, c = self.image_shape
         if x.ndim == 3 and c == 1:
@@ -118,6 +117,15 @@ class OnnxDetector:
             raise DataError(f"images must be a non-empty batch [B, {h}, {w}, {c}] (the "
                             f"exported size); got shape {x.shape}")
         return unit_float_images(x)
+
+
+@dataclasses.dataclass
+class OnnxDetector(ExportedImages):
+    """A loaded ONNX detector: ``meta`` and :meth:`score`."""
+
+    meta: dict
+    path: str
+    session: Any
 
     def score(self, images: Any, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B], ``anomalous`` [B] (score above

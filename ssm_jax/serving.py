@@ -27,7 +27,11 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
-from ssm_jax.errors import DataError, ExportError, MissingDependency
+from ssm_jax.errors import ExportError, MissingDependency
+
+# The image checks every exported detector shares; onnx_serving is numpy-only (onnxruntime
+# is imported when a model is loaded), so importing it adds nothing to this module.
+from ssm_jax.onnx_serving import ExportedImages, unit_float_images  # noqa: F401
 
 FORMAT = "ssm_jax.exported_detector"  # = ssm_jax.export.FORMAT (not imported: flax-free)
 FORMAT_VERSION = 1
@@ -44,48 +48,14 @@ def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarr
                      for im in valid], np.int32).reshape(-1)
 
 
-def unit_float_images(x: np.ndarray) -> np.ndarray:
-    """float32 copy of ``x`` in [0, 1] (uint8 is scaled by 1/255); one DataError for
-    another dtype or values that are not finite or outside [0, 1]."""
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise DataError(f"image values must be finite and in [0, 1]; got "
-                        f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
-    return x
-
-
 @dataclasses.dataclass
-class ExportedDetector:
+class ExportedDetector(ExportedImages):
     """A loaded artifact: ``meta`` (its meta.json) and :meth:`score`."""
 
     meta: dict
     path: str
     _call: Any
     _weights: list
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        h, w = self.meta["image_shape"]
-        return int(h), int(w), int(self.meta["channels"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"])
-
-    def check_images(self, images: Any) -> np.ndarray:
-        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled); one DataError otherwise."""
-        x = np.asarray(images)
-        h, w, c = self.image_shape
-        if x.ndim == 3 and c == 1:
-            x = x[..., None]
-        if x.ndim != 4 or x.shape[0] == 0 or x.shape[1:] != (h, w, c):
-            raise DataError(f"images must be a non-empty batch [B, {h}, {w}, {c}] (the "
-                            f"exported size); got shape {x.shape}")
-        return unit_float_images(x)
 
     def score(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B] and ``anomalous`` [B] (scores
