@@ -19,6 +19,9 @@ Families (``mask.families``, mixed by ``mask.family_weights``):
   * ``grid_to_blobs``: a family mix that changes over training: grid masks (as ``grid``)
     at the start, blobs at the end, the probability of blobs growing linearly with the
     training progress.
+  * ``bands``: full-length stripes ``k`` pixels thick (``k`` as for ``grid``), horizontal
+    or vertical at random, split at random into ``n`` groups: each hidden region spans
+    the whole image along one axis, so it is longer than any defect along that axis.
 
 Adding a family (or a schedule: a family that reads ``ctx.progress``) is one function
 plus :func:`register_family` (README, "Adding a masking schedule"). A family function is
@@ -187,6 +190,26 @@ def _grid_to_blobs(key: jax.Array, image_size: int, n: int, ctx: MaskContext) ->
     use_blobs = jax.random.uniform(k_pick) < p_blobs
     return jnp.where(use_blobs, blob_masks(k_blob, image_size, n),
                      _grid_family(k_grid, image_size, n, ctx))
+
+
+def band_masks(key: jax.Array, image_size: int, k: int, n: int,
+               vertical: jax.Array) -> jax.Array:
+    """``n`` complementary masks of ``k``-pixel bands across the image, ``[n, S, S]``;
+    ``vertical`` (a traced bool) turns the bands from rows into columns."""
+    bands = math.ceil(image_size / k)
+    groups = jax.random.permutation(key, jnp.arange(bands) % n)
+    rows = jnp.repeat(groups, k)[:image_size]
+    horizontal = jnp.broadcast_to(rows[:, None], (image_size, image_size))
+    return _groups_to_masks(jnp.where(vertical, horizontal.T, horizontal), n)
+
+
+@register_family("bands")
+def _bands_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
+    k_orient, k_groups = jax.random.split(key)
+    k_idx = jax.random.choice(ctx.choice_key, len(ctx.ks), p=ctx.k_probs)
+    vertical = jax.random.bernoulli(k_orient)
+    options = jnp.stack([band_masks(k_groups, image_size, k, n, vertical) for k in ctx.ks])
+    return options[k_idx]
 
 
 # Kept for callers of the former constant: the built-in families.

@@ -85,3 +85,18 @@ def test_register_a_new_family(monkeypatch):
         masks.register_family("grid")(stripes)
     with pytest.raises(ConfigError, match="unknown mask family 'nope'"):
         masks.validate_mask_config(32, (2,), 3, ("nope",), (1.0,))
+
+
+def test_bands_span_the_image_in_both_orientations():
+    """``bands``: each mask's hidden region is whole rows or whole columns, k thick, and
+    both orientations occur."""
+    m = np.asarray(masks.sample_mask_batch(jax.random.PRNGKey(5), 32, 32, (4, 8), 3,
+                                           families=("bands",), family_weights=(1.0,)))
+    groups = np.argmin(m, axis=1)  # [B, S, S]: the mask that hides each pixel
+    rows = (groups == groups[:, :, :1]).all(axis=(1, 2))  # constant along each row
+    cols = (groups == groups[:, :1, :]).all(axis=(1, 2))
+    assert (rows | cols).all() and rows.any() and cols.any()
+    for g, horizontal in zip(groups, rows):
+        line = g[:, 0] if horizontal else g[0, :]
+        runs = np.flatnonzero(np.diff(line)) + 1  # where the group changes
+        assert (np.diff(np.concatenate([[0], runs, [32]])) % 4 == 0).all()
