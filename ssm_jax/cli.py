@@ -130,12 +130,14 @@ def run(argv: Sequence[str]) -> int:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
         _setup_logging()
-        from ssm_jax import compile_cache, distributed
+        from ssm_jax import compile_cache, distributed, host_devices
         compile_cache.setup()  # before the first compilation (SSM_JAX_COMPILATION_CACHE=0: off)
-        distributed.maybe_initialize()
+        one_process = not distributed.maybe_initialize()
         if args.command == "train":
             from ssm_jax import evaluate, train
             cfg = config_utils.load(args.config, overrides)  # every section checked
+            if one_process:  # all CPU cores (SSM_JAX_CPU_DEVICES)
+                host_devices.configure(cfg.train.batch_size)
             out = train.train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite)
             logging.getLogger("ssm_jax").info("training done: %s", json.dumps(out))
             if args.evaluate:
@@ -143,11 +145,15 @@ def run(argv: Sequence[str]) -> int:
                 print(json.dumps(res, indent=2))
         elif args.command == "evaluate":
             from ssm_jax import detector, evaluate
+            if one_process:
+                host_devices.configure()
             cfg = detector.load_workdir_config(args.workdir, overrides)
             res = evaluate.evaluate(cfg, args.workdir)
             print(json.dumps(res, indent=2))
         elif args.command == "predict":
             from ssm_jax import detector, predict
+            if one_process:
+                host_devices.configure()
             cfg = detector.load_workdir_config(args.workdir, overrides)
             rows = predict.predict(cfg, args.workdir, args.input, args.output)
             n_bad = sum(r["anomalous"] for r in rows)
@@ -176,6 +182,12 @@ def run(argv: Sequence[str]) -> int:
                   f"{meta['threshold']:.6g}, platforms {','.join(meta['platforms'])}")
         elif args.command == "sweep":
             from ssm_jax import sweep
+            if one_process:
+                try:
+                    batch = config_utils.load(args.config, overrides).train.batch_size
+                except SSMError:
+                    batch = None  # the sweep names the bad file or key itself
+                host_devices.configure(batch)
             sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),
                             [tuple(c) for c in args.cell], overrides,
                             vmap=True if args.vmap else (False if args.sequential else None),

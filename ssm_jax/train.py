@@ -220,7 +220,8 @@ class SingleProgram(StepProgram):
         n_dev = jax.device_count()
         if self.cfg.train.batch_size % n_dev:
             raise ConfigError(f"train.batch_size={self.cfg.train.batch_size} must be "
-                              f"divisible by the number of devices ({n_dev})")
+                              f"divisible by the number of devices ({n_dev}); on a CPU "
+                              "set SSM_JAX_CPU_DEVICES to a divisor of it")
         self.mesh, self.data_devices = parallel.data_mesh(), n_dev
 
     def place(self, states: list, resumed: bool):

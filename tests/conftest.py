@@ -20,6 +20,10 @@ import types
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One CPU device unless a test asks for more: the in-process CLI tests would otherwise split
+# this test process's CPU (ssm_jax.host_devices) for every later test;
+# tests/test_host_devices.py checks the split.
+os.environ.setdefault("SSM_JAX_CPU_DEVICES", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 _OWN_CACHE = None
