@@ -2,8 +2,9 @@
 
 Chosen by measurement on a 2-core CPU (README, Results; benchmarks/results/accuracy.csv):
 
-* 64 px, width 16: 1.15-1.25 training steps/s on an idle 2-core machine, so the 1000
-  steps take about 15 minutes. 128 px at width 8 (about the same FLOPs) runs at 0.58
+* 64 px, width 16: 2.3 training steps/s on the idle 2-core machine with the CPU split
+  into one device per core (2.0 on one device; benchmarks/cpu_devices.py), so the 1000
+  steps take about 7.5 minutes. 128 px at width 8 (about the same FLOPs) runs at 0.58
   steps/s and was not better on pixel metrics (kolektor: pixel AUROC 0.73 vs 0.75-0.76).
 * 1000 steps: the held-out validation loss has flattened by then (magnetic_tile with
   grid+blob masks: 0.189 at step 500, 0.186 at 750, 0.184 at 1000; kolektor: 0.486 at
@@ -17,6 +18,11 @@ configs/cpu_native.py (aspect ratio kept, shorter side 128, 64 px crops) raises 
 pixel AUROC from 0.766 to 0.813 +- 0.012 (3 seeds) but lowers magnetic_tile's image and
 pixel AUROC (0.666 -> 0.587, 0.675 -> 0.614); the published scoring details (k^2 weights,
 MSE fusion, zero borders, smoothing) are not gains beyond the scoring-mask noise.
+
+Third round (README, Results; 3 seeds, 400-step cells): hidden cells of 8-32 px instead
+of 4-16 lower magnetic_tile's image AUROC (-0.032, interval excluding 0) and change
+nothing on kolektor at 64 px, so mask.ks stays; 800 against 400 steps: +0.010 pixel
+AUROC on magnetic_tile, no difference on kolektor.
 
 Still far from the paper's figures on these sets: see README, Results.
 """
