@@ -65,12 +65,16 @@ def configure(batch_size: int | None = None) -> int:
     setting = os.environ.get(ENV, "auto")
     n = device_count_for(usable_cores(), batch_size, setting)
     import jax
-    from jax._src import xla_bridge
 
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
-            jax.config.jax_num_cpu_devices != -1:
+            getattr(jax.config, "jax_num_cpu_devices", -1) != -1:
         return 0
-    if xla_bridge.backends_are_initialized():
+    try:
+        from jax._src import xla_bridge  # private: guarded, JAX may move it
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = True  # cannot tell: leave JAX as it is
+    if started:
         log.debug("%s: JAX backends already started; CPU device count left as it is", ENV)
         return 0
     jax.config.update("jax_num_cpu_devices", n)
