@@ -1,13 +1,13 @@
 """Several XLA CPU devices on one host, so that a CPU run uses every core.
 
-XLA's CPU backend runs one program on one device mostly on one thread: at this model's
-sizes (batches of 8, 64-128 px, widths 8-64) its convolutions do not split across the
-intra-op thread pool, so ``ssm-jax train`` on a 2-core machine kept one core busy and
-two runs side by side each went as fast as one alone. Splitting the host into N CPU
-devices makes the data-parallel step (``train_step``: per-example masks keyed by the
-global example index, synchronized BatchNorm, ``pmean``-ed gradients) run its N shards
-on N threads; the same global batch gives the same masks and loss on 1 or N devices, so
-this changes speed, not results (float summation order only).
+XLA's CPU backend keeps only part of a second core busy with one device's program at
+this model's sizes (batches of 8, 64-128 px, widths 8-64): on a 2-core machine one
+``ssm-jax train`` alone ran 2.03 steps/s, two side by side 1.27 each. Splitting the host
+into N CPU devices makes the data-parallel step (``train_step``: per-example masks keyed
+by the global example index, synchronized BatchNorm, ``pmean``-ed gradients) run its N
+shards on N threads (2.32 steps/s on that machine); the same global batch gives the same
+masks and loss on 1 or N devices, so this changes speed, not results (float summation
+order only).
 
 ``SSM_JAX_CPU_DEVICES``: ``auto`` (default: the usable cores, at most 8, reduced to a
 divisor of the training batch), a number, or ``1`` / ``0`` / ``off`` for one device.

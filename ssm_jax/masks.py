@@ -150,11 +150,15 @@ def voronoi_masks(key: jax.Array, image_size: int, n: int, max_seeds: int = 48,
 
 # ---- the registered families (registration order = draw order; do not reorder) ----
 
+def _at_drawn_k(ctx: MaskContext, masks_for_k: Callable[[int], jax.Array]) -> jax.Array:
+    """``masks_for_k(k)`` at the k drawn from ``ctx`` (every k is built: k is traced)."""
+    k_idx = jax.random.choice(ctx.choice_key, len(ctx.ks), p=ctx.k_probs)
+    return jnp.stack([masks_for_k(k) for k in ctx.ks])[k_idx]
+
+
 @register_family("grid")
 def _grid_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
-    k_idx = jax.random.choice(ctx.choice_key, len(ctx.ks), p=ctx.k_probs)
-    grids = jnp.stack([grid_masks_for_k(key, image_size, k, n) for k in ctx.ks])
-    return grids[k_idx]
+    return _at_drawn_k(ctx, lambda k: grid_masks_for_k(key, image_size, k, n))
 
 
 @register_family("blobs")
@@ -206,10 +210,8 @@ def band_masks(key: jax.Array, image_size: int, k: int, n: int,
 @register_family("bands")
 def _bands_family(key: jax.Array, image_size: int, n: int, ctx: MaskContext) -> jax.Array:
     k_orient, k_groups = jax.random.split(key)
-    k_idx = jax.random.choice(ctx.choice_key, len(ctx.ks), p=ctx.k_probs)
     vertical = jax.random.bernoulli(k_orient)
-    options = jnp.stack([band_masks(k_groups, image_size, k, n, vertical) for k in ctx.ks])
-    return options[k_idx]
+    return _at_drawn_k(ctx, lambda k: band_masks(k_groups, image_size, k, n, vertical))
 
 
 # Kept for callers of the former constant: the built-in families.
