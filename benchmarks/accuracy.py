@@ -38,7 +38,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "test_f
 
 
 def _train_once(cfg, workdir: str) -> float | None:
-    from ssm_jax import train
+    from ssm_jax.training import loop as train
 
     info_path = os.path.join(workdir, "train_seconds.json")
     t0 = time.time()
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from ssm_jax import config_utils, evaluate
-    from ssm_jax.errors import SSMError
+    from ssm_jax.commands import evaluate
+    from ssm_jax.config import loader as config_utils
+    from ssm_jax.core.errors import SSMError
 
     variants = args.variant or [("default", "")]
     try:

@@ -23,7 +23,7 @@ carry_install() {
       --find-links "$root/benchmarks/wheels" --target "$site" "${need[@]}" \
       || { echo "carry_env: pip install of ${need[*]} failed" >&2; return 2; }
   fi
-  # Optional: without filelock the compilation cache stays off (ssm_jax.compile_cache);
+  # Optional: without filelock the compilation cache stays off (ssm_jax.runtime.compile_cache);
   # wheel folders fetched before it was added lack it.
   python -c "import filelock" 2>/dev/null \
     || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \

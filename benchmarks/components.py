@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     import patches
 
     patches.apply(args.patch)
-    from ssm_jax import losses
-    from ssm_jax.model import SSMUNet
+    from ssm_jax.method import losses
+    from ssm_jax.method.model import SSMUNet
 
     s, m = args.image_size, args.batch * args.copies
     net = SSMUNet(channels=3, width=args.width)

@@ -1,5 +1,5 @@
 """`ssm-jax train --evaluate` on one CPU device against the host split into several
-(``SSM_JAX_CPU_DEVICES``, ``ssm_jax.host_devices``): training steps/s and evaluation time.
+(``SSM_JAX_CPU_DEVICES``, ``ssm_jax.runtime.host_devices``): training steps/s and evaluation time.
 
 Every round runs the real command in a fresh process and workdir per setting, alternating
 the order; a warm-up round per setting fills the compilation cache first, so the rounds

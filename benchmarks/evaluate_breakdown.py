@@ -1,6 +1,6 @@
 """Where the time of ``ssm-jax evaluate`` goes: the whole command, split into its parts.
 
-Runs ``ssm_jax.evaluate.evaluate`` on a trained workdir (as ``ssm-jax evaluate --workdir
+Runs ``ssm_jax.commands.evaluate.evaluate`` on a trained workdir (as ``ssm-jax evaluate --workdir
 DIR`` does) with timers around its pieces, and prints a table plus one ``RESULT {json}``
 line. Parts (seconds, wall clock; nothing else changes):
 
@@ -46,8 +46,12 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     import jax
 
-    from ssm_jax import batch_scoring, detector, evaluate, metrics, report
     from ssm_jax import data as data_pkg
+    from ssm_jax.commands import evaluate
+    from ssm_jax.report import writer as report
+    from ssm_jax.scoring import batch as batch_scoring
+    from ssm_jax.scoring import metrics
+    from ssm_jax.serving import detector
 
     t_import = time.perf_counter() - t_start
     spent: dict[str, float] = collections.defaultdict(float)
@@ -136,7 +140,7 @@ def main(argv=None) -> dict:
         wrap(metrics, f, "metrics")
     wrap(report, "write_report", "report")
 
-    from ssm_jax.detector import load_workdir_config
+    from ssm_jax.serving.detector import load_workdir_config
 
     cfg = load_workdir_config(args.workdir, args.overrides)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@
 # (Python 3.12) have jax, flax, optax, orbax-checkpoint, tensorboard and, from their image,
 # matplotlib, pillow, scipy, tqdm, wrapt, cloudpickle, pyyaml, etils, pytest; they lack
 #   grain (+ array_record, portpicker), clu, ml_collections, flatbuffers and filelock (the
-#   compilation cache: ssm_jax.compile_cache).
+#   compilation cache: ssm_jax.runtime.compile_cache).
 # grain and array_record are compiled: one wheel per Python version (PY_VERSIONS, default
 # the device's 3.12 and this machine's python3, which benchmarks/jax_only_check.sh uses).
 # About 4.5 MB per Python version; clu, ml_collections and portpicker are pure Python.

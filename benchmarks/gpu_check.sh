@@ -2,7 +2,7 @@
 # One prepared check for a lent GPU machine (no network; it has jax, flax, optax,
 # orbax-checkpoint, tensorboard, but no tensorflow/tfds/grain/clu/ml_collections).
 #
-#   1. pytest tests/test_model.py tests/test_scoring.py tests/test_losses.py tests/test_masks.py
+#   1. pytest tests/method/test_model.py tests/method/test_scoring.py tests/method/test_losses.py tests/method/test_masks.py
 #   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
 #      float32 and bfloat16, then a short table (and one RESULT JSON line per run).
 #
@@ -41,8 +41,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
   --format=csv,noheader
 
 echo "== tests"
-timeout "$TEST_TIMEOUT" python -m pytest tests/test_model.py tests/test_scoring.py \
-  tests/test_losses.py tests/test_masks.py -q -p no:cacheprovider 2>&1 | tail -15
+timeout "$TEST_TIMEOUT" python -m pytest tests/method/test_model.py tests/method/test_scoring.py \
+  tests/method/test_losses.py tests/method/test_masks.py -q -p no:cacheprovider 2>&1 | tail -15
 test_rc=${PIPESTATUS[0]}
 echo "tests exit code: $test_rc"
 

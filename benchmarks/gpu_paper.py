@@ -71,7 +71,7 @@ def _fmt(v, p=3) -> str:
 
 def _scalars(workdir: str) -> dict:
     sys.path.insert(0, ROOT)
-    from ssm_jax import tb_writer
+    from ssm_jax.training import tb_writer
 
     try:
         return tb_writer.read_scalars(workdir)
@@ -112,7 +112,9 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 import jax, jax.numpy as jnp, numpy as np
-from ssm_jax import config_utils, parallel, train_step
+from ssm_jax.config import loader as config_utils
+from ssm_jax.core import parallel
+from ssm_jax.training import step as train_step
 from throughput import measure_peak
 cfg = config_utils.load_config_file(sys.argv[1] + "/configs/paper.py")
 cfg = config_utils.complete(cfg)

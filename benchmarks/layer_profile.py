@@ -259,9 +259,10 @@ def main(argv=None) -> None:
     import numpy as np
     from throughput import bench_config
 
-    from ssm_jax import parallel, train_step
-    from ssm_jax.config_base import base_config
-    from ssm_jax.detector import make_score_fn, scoring_config
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core import parallel
+    from ssm_jax.serving.detector import make_score_fn, scoring_config
+    from ssm_jax.training import step as train_step
 
     ks = tuple(int(k) for k in args.ks.split(","))
     cfg = bench_config(base_config(), args.image_size, args.width, args.batch, args.dtype, ks)

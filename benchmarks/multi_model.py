@@ -3,7 +3,7 @@
     python benchmarks/multi_model.py [--config configs/cpu.py] [--models 1,2,4,8] \
         [--steps 5] [--set model.width=8 data.image_size=32 ...] [--model-shards 1]
 
-For each M: the M-model step (``ssm_jax.multi_model``, seeds 0..M-1) and, as the
+For each M: the M-model step (``ssm_jax.training.groups``, seeds 0..M-1) and, as the
 baseline, M single-model steps (``train_step.make_train_step``, compiled once) run for
 ``--steps`` timed steps after one warm-up step. Prints training images/s (M x batch per
 step) for both, the speed-up, and compile times. Needs no data (random images).
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from ssm_jax import config_utils, multi_model, parallel, train_step
+    from ssm_jax.config import loader as config_utils
+    from ssm_jax.core import parallel
+    from ssm_jax.training import groups as multi_model
+    from ssm_jax.training import step as train_step
 
     if args.group_mode != "auto":
         multi_model.GROUP_MAP[jax.devices()[0].platform] = args.group_mode

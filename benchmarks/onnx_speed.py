@@ -1,4 +1,4 @@
-"""The ONNX scorer (``ssm-jax export --format onnx``, ``ssm_jax.onnx_serving``) against the
+"""The ONNX scorer (``ssm-jax export --format onnx``, ``ssm_jax.serving.onnx_serving``) against the
 ``Detector`` of the same run: export time, images/s, and agreement under the same masks.
 
     python benchmarks/onnx_speed.py --workdir RUN [--images 64] [--batch 16]
@@ -24,9 +24,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
-    from ssm_jax import onnx_export, onnx_serving
     from ssm_jax.data import load_dataset_for
-    from ssm_jax.detector import Detector
+    from ssm_jax.serving import onnx_export, onnx_serving
+    from ssm_jax.serving.detector import Detector
 
     det = Detector.load(args.workdir)
     bs, out = args.batch, os.path.join(tempfile.mkdtemp(), "det.onnx")

@@ -14,7 +14,7 @@ components.py uses it. See NOTES.md for the measured effect of each.
   current one: ``jnp.median`` over 9 stacked views, and SSIM's Gaussian window as an
   11x11 depthwise convolution instead of two banded matrix products.
 * ``no_space_to_depth``, ``no_padded_out``, ``no_split_input``: one of the convolution
-  forms of ``ssm_jax.conv_forms`` switched off (the plain ``lax.conv_general_dilated``
+  forms of ``ssm_jax.method.conv_forms`` switched off (the plain ``lax.conv_general_dilated``
   instead), for A/B runs of issue 22 (``benchmarks/ab.py``); ``space_to_depth`` switches
   that form on (it is off by default since it measured slower on XLA CPU).
 * ``relu_barrier``: each ReLU output behind ``lax.optimization_barrier`` (no BatchNorm /
@@ -55,7 +55,7 @@ def downsample_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
 
 def median3x3_network(x: jax.Array, border: str = "edge") -> jax.Array:
     """3x3 median over the last two axes (edge or zero padding) by a min/max network."""
-    from ssm_jax.losses import _pad
+    from ssm_jax.method.losses import _pad
 
     h, w = x.shape[-2:]
     xp = _pad(x, 1, border)
@@ -76,7 +76,7 @@ def _use_up_block(resize) -> None:
     runs the 1x1 conv, the concatenation and the two 3x3 convs."""
     import flax.linen as nn
 
-    from ssm_jax import model
+    from ssm_jax.method import model
 
     class UpBlock(model.UpBlock):  # same class name: same parameter names
         @nn.compact
@@ -94,7 +94,7 @@ def _use_up_block(resize) -> None:
 
 
 def _patch_upsample() -> None:
-    from ssm_jax import model
+    from ssm_jax.method import model
 
     _use_up_block(upsample_nearest)
     model._resize_nearest = downsample_nearest
@@ -108,14 +108,14 @@ def _patch_upsample_then_1x1() -> None:
 
 
 def _patch_median() -> None:
-    from ssm_jax import losses
+    from ssm_jax.method import losses
 
     losses.median3x3 = median3x3_network
 
 
 def median3x3_sort(x: jax.Array, border: str = "edge") -> jax.Array:
     """The 3x3 median before issue 14: jnp.median (a sort) over the 9 stacked views."""
-    from ssm_jax.losses import _pad
+    from ssm_jax.method.losses import _pad
 
     h, w = x.shape[-2:]
     xp = _pad(x, 1, border)
@@ -125,7 +125,7 @@ def median3x3_sort(x: jax.Array, border: str = "edge") -> jax.Array:
 
 def ssim_conv(x: jax.Array, y: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
     """SSIM before issue 14: the 11x11 Gaussian window as a depthwise convolution."""
-    from ssm_jax.losses import SSIM_C1, SSIM_C2
+    from ssm_jax.method.losses import SSIM_C1, SSIM_C2
 
     c = x.shape[-1]
     t = jnp.arange(window, dtype=jnp.float32) - (window - 1) / 2
@@ -148,7 +148,7 @@ def ssim_conv(x: jax.Array, y: jax.Array, window: int = 11, sigma: float = 1.5) 
 
 
 def _disable_form(name: str) -> None:
-    from ssm_jax import conv_forms
+    from ssm_jax.method import conv_forms
 
     conv_forms.ENABLED.discard(name)
 
@@ -163,13 +163,13 @@ def _patch_relu_barrier() -> None:
 
 
 def _enable_form(name: str) -> None:
-    from ssm_jax import conv_forms
+    from ssm_jax.method import conv_forms
 
     conv_forms.ENABLED.add(name)
 
 
 def _set_loss(name: str, fn) -> None:
-    from ssm_jax import losses
+    from ssm_jax.method import losses
 
     setattr(losses, name, fn)
 

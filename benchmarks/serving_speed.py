@@ -1,4 +1,4 @@
-"""Images/s of the exported scorer (``ssm_jax.serving``) vs the ``Detector`` it came from.
+"""Images/s of the exported scorer (``ssm_jax.serving.exported``) vs the ``Detector`` it came from.
 
 Both score the same batch of images, after one warm-up call each (compilation), in
 alternating rounds in this process; the ratio per round is reported with the median.
@@ -31,9 +31,11 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
 
-    from ssm_jax import cli, export, serving
+    from ssm_jax.commands import cli
     from ssm_jax.data.synthetic import make_synthetic
-    from ssm_jax.detector import Detector
+    from ssm_jax.serving import exported as serving
+    from ssm_jax.serving import jax_export as export
+    from ssm_jax.serving.detector import Detector
 
     tmp = tempfile.mkdtemp(prefix="ssm_serving_speed_")
     wd = args.workdir

@@ -1,13 +1,13 @@
 """Start-up time of the ``ssm-jax`` commands: process start -> first training step (a fresh
 run and a resume after a stop) and -> first scored batch (``evaluate``), with and without
-the persistent compilation cache (``ssm_jax.compile_cache``), broken down by phase.
+the persistent compilation cache (``ssm_jax.runtime.compile_cache``), broken down by phase.
 
     python benchmarks/startup.py [--configs quickstart,cpu] [--rounds 2] \
         [--set KEY=VALUE ...] [--out benchmarks/results/startup.json]
     python benchmarks/startup.py --alternate 3 [--configs quickstart]  # off vs warm, paired
     python benchmarks/startup.py --sweep [--set ...]      # per sweep run: start -> first step
 
-Each measurement is its own process running the real CLI (``ssm_jax.cli.run``), timed
+Each measurement is its own process running the real CLI (``ssm_jax.commands.cli.run``), timed
 from just before the parent starts it. Per round and config, three cache conditions run
 one after another, their order alternating between rounds:
 
@@ -90,7 +90,11 @@ def _child(cli_args: list[str]) -> int:
     import jax.monitoring
     import jax.stages
 
-    from ssm_jax import checkpoints, cli, data, train, train_step  # noqa: F401
+    from ssm_jax import data  # noqa: F401
+    from ssm_jax.commands import cli
+    from ssm_jax.runs import checkpoints
+    from ssm_jax.training import loop as train
+    from ssm_jax.training import step as train_step
 
     t_imports = time.time()
     spans: list[tuple[float, float, str]] = [(t0, t_imports, "imports")]

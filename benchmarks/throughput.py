@@ -4,8 +4,8 @@ Measures, after compilation (compile time reported apart), the median over ``--r
 timed runs (each ``--iters`` calls, ``block_until_ready``) of:
 
 * training images/s: one step = ``--batch`` images, each restored from n=3 masked copies
-  (forward + backward + Adam update, the real ``ssm_jax.train_step.make_train_step``);
-* evaluation images/s: ``ssm_jax.detector.make_score_fn`` scoring every k of ``--ks``
+  (forward + backward + Adam update, the real ``ssm_jax.training.step.make_train_step``);
+* evaluation images/s: ``ssm_jax.serving.detector.make_score_fn`` scoring every k of ``--ks``
   with 3 masks each, one pass (R=1), and with ``--refine-passes`` passes;
 * FLOPs from XLA's cost analysis of the compiled programs: training step / batch
   (``model_flops_per_image``), one forward of one masked image, one scoring pass / image;
@@ -128,9 +128,10 @@ def main(argv=None) -> dict:
         import patches
 
         patches.apply(args.patch)
-    from ssm_jax import parallel, train_step
-    from ssm_jax.config_base import base_config
-    from ssm_jax.detector import make_score_fn, scoring_config
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core import parallel
+    from ssm_jax.serving.detector import make_score_fn, scoring_config
+    from ssm_jax.training import step as train_step
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     ks = tuple(int(k) for k in args.ks.split(","))

@@ -209,8 +209,10 @@ def jax_worker(args: argparse.Namespace) -> None:
 
         patches.apply(args.patch)
 
-    from ssm_jax import detector, parallel, train_step
-    from ssm_jax.config_base import base_config
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core import parallel
+    from ssm_jax.serving import detector
+    from ssm_jax.training import step as train_step
 
     s, b = args.image_size, args.batch
     cfg = base_config()

@@ -27,7 +27,7 @@ AUROC on magnetic_tile, no difference on kolektor.
 Still far from the paper's figures on these sets: see README, Results.
 """
 
-from ssm_jax.config_base import base_config
+from ssm_jax.config.defaults import base_config
 
 
 def get_config():

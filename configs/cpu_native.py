@@ -20,7 +20,7 @@ not the default yet because magnetic_tile was not measured at native resolution.
 
 import os
 
-from ssm_jax.config_utils import load_config_file
+from ssm_jax.config.loader import load_config_file
 
 
 def get_config():

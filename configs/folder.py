@@ -1,6 +1,6 @@
 """Any folder in the MVTec AD layout: ``--config.data.path=/path/to/category``."""
 
-from ssm_jax.config_base import base_config
+from ssm_jax.config.defaults import base_config
 
 
 def get_config():

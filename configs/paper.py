@@ -5,7 +5,7 @@ The paper trains 50 epochs with x0.1 decay at epochs 15/30/45. Steps here assume
 size set ``--config.train.steps=$((50 * N / 32))``.
 """
 
-from ssm_jax.config_base import base_config
+from ssm_jax.config.defaults import base_config
 
 
 def get_config():

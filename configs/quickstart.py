@@ -1,6 +1,6 @@
 """CPU-sized run on the embedded synthetic data: train + evaluate in minutes on 2 cores."""
 
-from ssm_jax.config_base import base_config
+from ssm_jax.config.defaults import base_config
 
 
 def get_config():

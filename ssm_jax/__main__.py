@@ -1,5 +1,5 @@
 """``python -m ssm_jax`` is the ``ssm-jax`` command."""
 
-from ssm_jax.cli import main
+from ssm_jax.commands.cli import main
 
 main()

@@ -12,7 +12,7 @@ import io
 import logging
 import types
 
-from ssm_jax import cli
+from ssm_jax.commands import cli
 
 TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
         "--config.data.synthetic_num_train=24", "--config.mask.ks=(4,8)",

@@ -21,8 +21,8 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One CPU device unless a test asks for more: the in-process CLI tests would otherwise split
-# this test process's CPU (ssm_jax.host_devices) for every later test;
-# tests/test_host_devices.py checks the split.
+# this test process's CPU (ssm_jax.runtime.host_devices) for every later test;
+# tests/runtime/test_host_devices.py checks the split.
 os.environ.setdefault("SSM_JAX_CPU_DEVICES", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -35,7 +35,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Compile time dominates these tiny programs; the flags below cut it and change nothing a
 # test checks (results agree with the default build to float rounding):
 # * XLA's CPU backend optimizations cost about 3x the compile CPU and buy nothing at these
-#   sizes (tests/test_model.py + test_scoring.py: 109 s -> 38 s of CPU);
+#   sizes (tests/method/test_model.py + test_scoring.py: 109 s -> 38 s of CPU);
 # * the fusion emitters (the newer MLIR code generator for fusions) and parallel codegen
 #   splitting add more: the tiny training step compiles in 8.3 s with opt level 0 alone,
 #   4.5 s with these off too (scoring 1.5 s -> 0.9 s; running time unchanged).

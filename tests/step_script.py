@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
 
     two_steps(argv[0])
     if len(argv) > 1:
-        from ssm_jax import cli, distributed
+        from ssm_jax.commands import cli
+        from ssm_jax.runtime import distributed
 
         # jax.distributed is initialized once per process, and two_steps did it.
         distributed.maybe_initialize = lambda: False
@@ -41,8 +42,11 @@ def two_steps(out: str) -> None:
     import jax
     import optax
 
-    from ssm_jax import config_utils, distributed, parallel, train_step
-    from ssm_jax.config_base import base_config
+    from ssm_jax.config import loader as config_utils
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core import parallel
+    from ssm_jax.runtime import distributed
+    from ssm_jax.training import step as train_step
 
     distributed.maybe_initialize()
     cfg = config_utils.apply_overrides(base_config(), [

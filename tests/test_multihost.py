@@ -20,7 +20,7 @@ def test_two_processes_match_one_process(distributed_runs):
 def test_checkpoint_from_two_processes_restores_in_one(distributed_runs, tmp_path, capsys):
     """The 2-process checkpoint, restored by `predict` here (1 device) and in a process
     with 4 devices (where the 5 images leave the last batch padded): same scores."""
-    from ssm_jax import cli
+    from ssm_jax.commands import cli
 
     runs = distributed_runs
     info = json.loads((runs.workdir / "run_info.json").read_text())

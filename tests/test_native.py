@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ssm_jax import losses, metrics, normalization, scoring
 from ssm_jax.data import folder, load_dataset, pipeline
+from ssm_jax.method import losses, normalization, scoring
+from ssm_jax.scoring import metrics
 
 
 def _texture(h, w, seed, defect=None):
@@ -255,7 +256,7 @@ def _ssm(*args, code=0):
     import contextlib
     import io
 
-    from ssm_jax import cli
+    from ssm_jax.commands import cli
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -321,7 +322,7 @@ def test_bad_native_settings_are_one_line_errors(tmp_path, wide_folder):
 
 
 def test_shape_buckets_group_by_rounded_size():
-    from ssm_jax.detector import shape_buckets
+    from ssm_jax.serving.detector import shape_buckets
 
     sizes = np.array([[32, 80], [32, 77], [72, 32], [32, 40]])
     groups = shape_buckets(sizes, (80, 80), 16)
@@ -349,8 +350,8 @@ def test_mask_draws_average_independent_mask_sets():
 
 
 def test_an_image_scores_the_same_alone_and_in_a_set():
-    from ssm_jax import parallel
-    from ssm_jax.detector import content_ids, score_images
+    from ssm_jax.core import parallel
+    from ssm_jax.serving.detector import content_ids, score_images
 
     mesh = parallel.data_mesh()
 

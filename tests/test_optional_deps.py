@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 
-from ssm_jax import tb_writer
+from ssm_jax.training import tb_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
@@ -79,7 +79,7 @@ def test_cli_runs_and_never_imports_tensorflow(tmp_path):
         inp / "a.png")
     res = _python(f"""
         import json, sys
-        from ssm_jax import cli
+        from ssm_jax.commands import cli
         rc = cli.run(["train", "--config", "configs/quickstart.py", "--workdir", {str(wd)!r},
                       *{TINY!r}, "--config.train.steps=3", "--evaluate"])
         assert rc == 0, rc
@@ -100,7 +100,7 @@ def test_cli_runs_and_never_imports_tensorflow(tmp_path):
 
 def test_tfds_builders_without_tfds_one_line_error():
     res = _python("""
-        from ssm_jax.errors import MissingDependency
+        from ssm_jax.core.errors import MissingDependency
         try:
             import ssm_jax.data.tfds_builders  # noqa: F401
         except MissingDependency as e:

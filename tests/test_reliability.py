@@ -16,7 +16,7 @@ import cli_runs
 import numpy as np
 import pytest
 
-from ssm_jax import cli
+from ssm_jax.commands import cli
 
 # The shared run's settings (cli_runs: 8 steps, checkpoints at 4 and 8).
 BASE = cli_runs.TINY
@@ -107,8 +107,9 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, killed_and_resu
 def test_same_seed_same_scores(reference_run, killed_and_resumed):
     """Two runs from the same seed (one of them killed and resumed) score every test
     image identically."""
-    from ssm_jax import detector, parallel
+    from ssm_jax.core import parallel
     from ssm_jax.data.synthetic import make_synthetic
+    from ssm_jax.serving import detector
 
     _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=3)
     mesh = parallel.data_mesh()
@@ -174,8 +175,8 @@ def test_sigterm_writes_final_checkpoint(tmp_path):
 def test_overflowed_parameters_stop_even_with_a_finite_loss():
     """The loss is computed before the update, so a step can overflow the parameters while
     reporting a finite loss: the step's ``params_finite`` flag alone must stop training."""
-    from ssm_jax import train
-    from ssm_jax.errors import TrainingDiverged
+    from ssm_jax.core.errors import TrainingDiverged
+    from ssm_jax.training import loop as train
 
     train.check_finite({"loss": np.float32(0.3), "params_finite": np.float32(1.0)}, 6, 5,
                        "wd")

@@ -175,7 +175,7 @@ def test_lr_decay_steps_survive_resume_with_more_steps(reference_run, tmp_path):
 def test_lr_schedule_units():
     import ml_collections
 
-    from ssm_jax import train_step
+    from ssm_jax.training import step as train_step
     cfg = ml_collections.ConfigDict({"train": {"steps": 100, "learning_rate": 1.0,
                                                "lr_decay_factor": 0.1,
                                                "lr_decay_fractions": (0.3, 0.6, 0.9)}})
@@ -199,7 +199,7 @@ def test_lr_schedule_units():
 
 
 def test_threshold_sample_check():
-    from ssm_jax import metrics
+    from ssm_jax.scoring import metrics
     few = metrics.threshold_sample_check(20, 0.99)
     assert few["threshold_min_normals"] == 100 and few["threshold_num_normals"] == 20
     assert few["threshold_expected_fpr"] == pytest.approx((20 - 19 * 0.99) / 21)
@@ -231,7 +231,7 @@ def test_progress_bar_only_on_a_terminal(caplog):
     import io
     import logging
 
-    from ssm_jax.progress import TrainProgress, format_duration
+    from ssm_jax.core.progress import TrainProgress, format_duration
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -268,7 +268,7 @@ def test_failed_restore_echoes_are_dropped_others_kept(monkeypatch):
     no such echoes behind, so the hook is called directly.)"""
     import types
 
-    from ssm_jax import checkpoints
+    from ssm_jax.runs import checkpoints
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)

@@ -34,11 +34,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ssm_jax.errors import DataError
+from ssm_jax.core.errors import DataError
 
 PAD_MULTIPLE = 16  # the U-Net halves the image 4 times
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -372,3 +373,14 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     order = np.random.default_rng([seed, 17]).permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return train.subset(train_idx), train.subset(val_idx)
+
+
+def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+    """[B] int32 keys of each image's scoring masks: the CRC-32 of its pixels (of its
+    valid top-left (h, w) when ``sizes`` [B, 2] is given, for padded images)."""
+    if sizes is None:
+        valid = images
+    else:
+        valid = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
+    return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) & 0x7FFFFFFF
+                     for im in valid], np.int32).reshape(-1)

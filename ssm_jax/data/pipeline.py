@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ssm_jax.core.errors import DataError
 from ssm_jax.data.folder import full_sizes
-from ssm_jax.errors import DataError
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,8 +23,8 @@ import os
 
 import numpy as np
 
+from ssm_jax.core.errors import DataError, MissingDependency
 from ssm_jax.data import folder
-from ssm_jax.errors import DataError, MissingDependency
 
 
 def _installed(module: str) -> bool:

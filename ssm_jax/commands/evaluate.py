@@ -1,0 +1,65 @@
+"""Evaluation of a trained run: threshold from the held-out normals, the test split scored,
+metrics, ``eval/metrics.json`` and the report. Scoring itself lives in
+:mod:`ssm_jax.serving.detector` (which composes :mod:`ssm_jax.scoring.batch` and
+:mod:`ssm_jax.scoring.calibration`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+
+from ssm_jax.method import normalization
+from ssm_jax.runs import rundir
+from ssm_jax.serving.detector import Detector
+
+
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+             output_dir: str | None = None) -> dict:
+    """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images,
+    and the threshold and map statistics for later ``predict`` / ``Detector.load``.
+
+    With ``output_dir``, metrics and report go there instead and the run directory is
+    left as it is (no calibration files saved): a scoring variant of the run.
+    """
+    from ssm_jax.data import load_dataset_for
+    from ssm_jax.report import writer as report
+    from ssm_jax.scoring import metrics as metrics_lib
+
+    det = Detector.from_config(cfg, workdir, read_calibration=False)
+    data = load_dataset_for(cfg)
+    t0 = time.time()
+    val, test = data["val"], data["test"]
+    if len(val):
+        det.calibrate(val.images, val.sizes, "scoring validation")
+    else:  # no threshold; settings that need validation images are refused here
+        normalization.check_normalization(cfg.eval.map_normalization, 0)
+    threshold = det.threshold
+    t1 = time.time()
+    scored = det.score(test.images, test.sizes, progress="scoring test")
+    out = {"score": scored["scores"], "map": scored["maps"], "mse": scored["mse"],
+           "restored": scored["restored"]}
+    test_seconds = time.time() - t1
+    result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"],
+                                     sizes=test.sizes)
+    result.update({
+        "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
+        "images_per_second": len(test) / max(test_seconds, 1e-9),
+        "checkpoint_step": det.step, "refine_passes": det.sc.refine_passes,
+        "threshold": threshold, "map_normalization": cfg.eval.map_normalization,
+        "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
+    if threshold is not None:
+        result.update(metrics_lib.threshold_sample_check(len(val), cfg.eval.threshold_quantile))
+        result.update({f"test_{k}": v for k, v in
+                       metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
+    if jax.process_index() == 0:
+        eval_dir = output_dir or os.path.join(workdir, rundir.EVAL_DIR)
+        os.makedirs(eval_dir, exist_ok=True)
+        rundir.write_json(os.path.join(eval_dir, rundir.METRICS_FILE), result)
+        if output_dir is None:
+            det.save_calibration()
+        report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
+    return result

@@ -1,0 +1,7 @@
+"""The SSM method as pure functions and modules: the mask-conditioned U-Net (``model``,
+``conv_forms``), mask generators (``masks``), the losses (``losses``), per-image scoring
+with progressive refinement (``scoring``) and anomaly-map standardization
+(``normalization``).
+
+May import: ``core``, ``data`` (image-set helpers only).
+"""

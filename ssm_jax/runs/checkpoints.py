@@ -1,0 +1,329 @@
+"""Orbax checkpoints: ``checkpoints/`` (latest, periodic, resume) and ``best/`` (by val loss).
+
+Orbax writes each step into a temporary folder and renames it when complete, so a write
+killed half-way is never listed as a step; such leftovers are cleaned up on open.
+
+A finished step can still be damaged later (a truncated or deleted file, a half-copied
+workdir). ``restore_newest_good`` then falls back to the newest step that restores: each
+step that failed is reported in one warning line and moved, untouched, to
+``WORKDIR/damaged/<name>/<step>`` (with the reason in ``damaged/README.txt``), so it is
+kept for the user but never listed, chosen or overwritten again. Nothing is moved when no
+step restores (then the config, not the files, may be at fault): one error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ssm_jax.core.errors import CheckpointError
+from ssm_jax.runs.rundir import BEST_DIR, CHECKPOINTS_DIR, DAMAGED_DIR
+
+log = logging.getLogger("ssm_jax")
+_BARRIERS = 0  # barrier names must be unique per process lifetime
+
+
+def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
+    """Saves state (+ JSON metadata) at ``step``.
+
+    A step that already exists (written just before a crash that lost the step's other
+    checkpoint) is replaced: the resumed run recomputes it bit for bit.
+    """
+    if step in mngr.all_steps():
+        mngr.delete(step)
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            extra=ocp.args.JsonSave(extra or {})), force=True)
+    mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.sharding.Sharding,
+            step: int | None = None) -> tuple[Any, dict]:
+    """Restores a step (default latest) into the structure of ``abstract_state``; a dict
+    of some of the state's fields (``{"step", "params", "batch_stats"}``) restores only
+    those (then the returned extra is empty).
+
+    Arrays are placed with ``sharding`` (replicated over the current mesh), so a checkpoint
+    written by N processes restores in one process and vice versa.
+    """
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
+    try:
+        if isinstance(abstract_state, dict):  # a subset of the state's fields
+            return _restore_fields(mngr, step, abstract), {}
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {mngr.directory}/{step} does not match this config "
+            f"(model.width, data.grayscale or data.image_size differ?): "
+            f"{str(e).splitlines()[0][:200]}") from e
+    return out.state, dict(out.extra or {})
+
+
+def _restore_fields(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+    """Only the state fields named in ``abstract`` (e.g. params and batch_stats for
+    inference): the others (optimizer state) are not read."""
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), abstract)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(os.path.join(str(mngr.directory), str(step), "state"),
+                            args=ocp.args.PyTreeRestore(item=abstract,
+                                                        restore_args=restore_args,
+                                                        partial_restore=True))
+
+
+def _is_failed_restore_echo(unraisable: Any) -> bool:
+    """Whether an unraisable exception is an echo of a restore that already failed.
+
+    When one array of a damaged step fails to read, orbax's ``asyncio.run`` ends while
+    tensorstore still completes the step's other reads: each of them then raises in a
+    callback (``Event loop is closed``) or in an abandoned orbax coroutine, and Python
+    prints those as hundreds of tracebacks although the failure was handled.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return True
+    where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+    return "orbax" in where or "Encountered error while reading array" in str(exc)
+
+
+def _quiet_failed_restore_echoes() -> None:
+    """Drops (and counts at debug level) the echoes of a handled restore failure; any
+    other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ssm_jax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _is_failed_restore_echo(unraisable):
+            log.debug("ignored after a failed restore: %s", unraisable.exc_value)
+            return
+        previous(unraisable)
+
+    hook._ssm_jax_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    # ... and the reads it abandoned are reported as never-awaited coroutines at exit.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
+
+
+def _reason(e: BaseException) -> str:
+    """A few words on why a restore failed: the innermost status line (tensorstore's
+    ``OUT_OF_RANGE: ...``, ``NOT_FOUND: ...``) if any, else the exception's first line."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    picked = chain[-1]
+    for c in chain:
+        if not isinstance(c, CheckpointError):
+            picked = c
+            break
+    for c in reversed(chain):
+        if str(c).split(":")[0].strip().isupper():
+            picked = c
+            break
+    lines = [ln.strip() for ln in str(picked).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if not text.split(":")[0].isupper():
+        text = f"{type(picked).__name__}: {text}" if text else type(picked).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _metadata_problem(directory: str, step: int) -> str | None:
+    """Why the step's ``_CHECKPOINT_METADATA`` shows damage (orbax itself only logs it)."""
+    path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+    if not os.path.exists(path):
+        return None  # older orbax versions do not write it
+    try:
+        with open(path) as f:
+            if isinstance(json.load(f), dict):
+                return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return "_CHECKPOINT_METADATA is not valid JSON"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, workdir: str, name: str, step: int,
+               why: str) -> str | None:
+    """Moves a damaged step to ``workdir/damaged/name/step`` (process 0); returns its path
+    relative to the workdir, or None when it could not be moved."""
+    src = os.path.join(str(mngr.directory), str(step))
+    rel = os.path.join(DAMAGED_DIR, name, str(step))
+    dest = os.path.join(workdir, rel)
+    k = 2
+    while os.path.exists(dest):
+        rel = os.path.join(DAMAGED_DIR, name, f"{step}-{k}")
+        dest, k = os.path.join(workdir, rel), k + 1
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.rename(src, dest)
+        with open(os.path.join(workdir, DAMAGED_DIR, "README.txt"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}/{step} -> {rel}: "
+                    f"does not restore ({why})\n")
+    except OSError:
+        return None
+    return rel
+
+
+class NoGoodCheckpoint(CheckpointError):
+    """No step of a checkpoint folder restores; ``failed`` lists (step, reason)."""
+
+    def __init__(self, message: str, failed: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+def set_aside_failed(mngr: ocp.CheckpointManager, workdir: str, name: str,
+                     failed: list[tuple[int, str]], using: str) -> None:
+    """One warning line per failed step, and the steps moved to ``workdir/damaged/``.
+
+    Call on every process, only once another checkpoint has restored (so the failures are
+    the steps' own); process 0 moves, the others wait for it.
+    """
+    from ssm_jax.core import parallel
+
+    if not failed:
+        return
+    global _BARRIERS
+    _BARRIERS += 1
+    tag = f"ssm_jax_restore_{name}_{_BARRIERS}"
+    parallel.barrier(f"{tag}_tried")  # nobody is still reading them
+    for bad, why in failed:
+        rel = (_set_aside(mngr, workdir, name, bad, why) if jax.process_index() == 0
+               else os.path.join(DAMAGED_DIR, name, str(bad)))
+        where = (f"moved to {os.path.join(workdir, rel)}" if rel else
+                 "left in place (could not be moved)")
+        log.warning("checkpoint %s/%d does not restore (%s); %s; using %s", name, bad, why,
+                    where, using)
+    parallel.barrier(f"{tag}_set_aside")
+    mngr.reload()
+
+
+def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
+                        sharding: jax.sharding.Sharding, workdir: str,
+                        name: str) -> tuple[Any, dict, int]:
+    """Restores the newest step of ``mngr`` that restores; returns (state, extra, step).
+
+    Steps newer than it that failed are reported (one warning line each) and set aside
+    (see the module docstring). Raises CheckpointError (one line; ``NoGoodCheckpoint``
+    when steps exist but none restores) and then moves nothing.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    failed: list[tuple[int, str]] = []
+    # Before the first attempt: a failing read's echoes can fire in tensorstore's threads
+    # while the exception is still on its way out of orbax.
+    _quiet_failed_restore_echoes()
+    for step in steps:
+        problem = _metadata_problem(str(mngr.directory), step)
+        if problem:
+            failed.append((step, problem))
+            continue
+        try:
+            state, extra = restore(mngr, abstract_state, sharding, step)
+        except Exception as e:  # noqa: BLE001 - any failure: this step is unusable
+            if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
+                continue  # deleted meanwhile (e.g. by a run rotating its checkpoints)
+            failed.append((step, _reason(e)))
+            continue
+        break
+    else:
+        listed = "; ".join(f"step {s}: {why}" for s, why in failed[:3])
+        raise NoGoodCheckpoint(f"no checkpoint in {mngr.directory} restores ({listed})",
+                               failed)
+    set_aside_failed(mngr, workdir, name, failed, f"step {step}")
+    return state, extra, step
+
+
+def restore_for_inference(workdir: str, abstract_state: Any,
+                          sharding: jax.sharding.Sharding) -> tuple[Any, int]:
+    """The best checkpoint, else (with a warning) the newest checkpoint that restores.
+
+    A ``best/`` step that does not restore is reported and set aside once a step of
+    ``checkpoints/`` has restored; if nothing restores, one CheckpointError.
+    """
+    best_failed: list[tuple[int, str]] = []
+    best_error: CheckpointError | None = None
+    best_dir = os.path.join(workdir, BEST_DIR)
+    for name in (BEST_DIR, CHECKPOINTS_DIR):
+        if not os.path.isdir(os.path.join(workdir, name)):
+            continue
+        mngr = manager(workdir, name, 1, create=False)
+        try:
+            if not mngr.all_steps():
+                continue
+            try:
+                state, _, step = restore_newest_good(mngr, abstract_state, sharding, workdir,
+                                                     name)
+            except NoGoodCheckpoint as e:
+                if name != BEST_DIR:
+                    raise
+                best_failed, best_error = e.failed, e
+                continue
+            if name == CHECKPOINTS_DIR and best_failed:
+                best = manager(workdir, BEST_DIR, 1, create=False)
+                try:
+                    set_aside_failed(best, workdir, BEST_DIR, best_failed,
+                                     f"the latest good checkpoint, step {step}")
+                finally:
+                    best.close()
+            elif name == CHECKPOINTS_DIR and os.path.isdir(best_dir):
+                log.warning("no checkpoint in %s; using the latest checkpoint, step %d",
+                            best_dir, step)
+            return state, step
+        finally:
+            mngr.close()
+    if best_error is not None:
+        raise CheckpointError(f"{best_error} and there is no other checkpoint in {workdir}")
+    raise CheckpointError(f"no checkpoint in workdir {workdir} (run `ssm-jax train` first)")
+
+
+def load_state_if_possible(latest: ocp.CheckpointManager, best: ocp.CheckpointManager,
+                           abstract_state: Any, sharding: jax.sharding.Sharding,
+                           workdir: str) -> tuple[Any | None, dict]:
+    """Resuming a training run: ``(state, extra)`` of the newest checkpoint of ``latest``
+    that restores (damaged newer ones are reported and set aside), or ``(None, {})`` for a
+    fresh run.
+
+    Also makes sure ``best`` restores: if it does not, it is reported and set aside and
+    ``extra["best_val"]`` becomes inf, so the next validation writes a new best.
+    """
+    if latest.latest_step() is None:
+        return None, {}
+    state, extra, _ = restore_newest_good(latest, abstract_state, sharding, workdir,
+                                          CHECKPOINTS_DIR)
+    extra = dict(extra)
+    if not best.all_steps():  # none (or set aside earlier): the next one is best
+        extra["best_val"] = math.inf
+        return state, extra
+    try:
+        restore_newest_good(best, abstract_state, sharding, workdir, BEST_DIR)
+    except NoGoodCheckpoint as e:
+        set_aside_failed(best, workdir, BEST_DIR, e.failed, "a new best at the next validation")
+        extra["best_val"] = math.inf
+    except CheckpointError:
+        extra["best_val"] = math.inf
+    return state, extra

@@ -1,0 +1,117 @@
+"""The run directory: every file name in it, and the one way files in it are written.
+
+A training run directory (``ssm-jax train --workdir DIR``) holds::
+
+    config.json          the run's config (CONFIG_FILE)
+    run_info.json        seed, package versions, devices (RUN_INFO_FILE)
+    checkpoints/<step>/  latest checkpoints, orbax (CHECKPOINTS_DIR)
+    best/<step>/         the best checkpoint by validation loss (BEST_DIR)
+    damaged/             checkpoints set aside because they do not restore (DAMAGED_DIR)
+    eval/metrics.json    ``ssm-jax evaluate``'s metrics and report (EVAL_DIR, METRICS_FILE)
+    threshold.json       calibrated threshold (THRESHOLD_FILE)
+    map_stats.npz        map / fusion statistics of the held-out normals (MAP_STATS_FILE)
+    events.out.tfevents* TensorBoard scalars
+
+A sweep directory holds ``sweep.json``, ``results.csv``, ``summary.csv``, ``summary.png``
+and ``runs/<cell>/seed<k>/`` (each a run directory with ``sweep_result.json``).
+
+:func:`atomic_write` / :func:`atomic_open` write through a temporary file whose name is
+unique to the process and thread, then rename it over the target: a reader never sees a
+half-written file, and two processes writing the same file never share a temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import IO
+
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run_info.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+DAMAGED_DIR = "damaged"
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.json"
+THRESHOLD_FILE = "threshold.json"
+MAP_STATS_FILE = "map_stats.npz"
+# Sweep directories
+SWEEP_FILE = "sweep.json"
+RESULT_FILE = "sweep_result.json"
+TRAIN_SECONDS_FILE = "sweep_train_seconds.json"
+RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_PNG = "summary.png"
+RUNS_DIR = "runs"
+# What ``train --overwrite`` discards of a run with another config.
+RUN_OUTPUT_DIRS = (CHECKPOINTS_DIR, BEST_DIR, EVAL_DIR)
+
+
+def path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, name)
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
+def sweep_run_dir(sweep_dir: str, cell: str, seed: int) -> str:
+    """The run directory of one (cell, seed) of a sweep."""
+    return os.path.join(sweep_dir, RUNS_DIR, cell, f"seed{seed}")
+
+
+def temp_name(target: str) -> str:
+    """A temporary name next to ``target`` unique to this process and thread."""
+    return f"{target}.tmp.{os.getpid()}.{threading.get_ident()}"
+
+
+@contextlib.contextmanager
+def atomic_open(target: str, mode: str = "w", fsync: bool = True, **kwargs) -> Iterator[IO]:
+    """``open`` for writing ``target`` atomically: the data goes to a per-process temporary
+    file that replaces ``target`` only when the block ends without an exception (else it
+    is removed and ``target`` stays as it was). ``fsync``: the data reaches the disk before
+    the rename (off for files written by the thousand, e.g. report images)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files (mode w or wb), got {mode!r}")
+    tmp = temp_name(target)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(target: str, data: str | bytes) -> None:
+    """Writes ``data`` to ``target`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(target, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def write_json(target: str, obj, **kwargs) -> None:
+    """``obj`` as indented JSON, atomically."""
+    import json
+
+    kwargs.setdefault("indent", 2)
+    atomic_write(target, json.dumps(obj, **kwargs))
+
+
+def read_config(workdir: str):
+    """The run's saved config (completed with defaults, types checked); one
+    CheckpointError line when the directory holds no run."""
+    from ssm_jax.config import loader as config_utils
+    from ssm_jax.core.errors import CheckpointError
+
+    p = config_path(workdir)
+    if not os.path.isfile(p):
+        raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
+                              f"directory, or training has not started)")
+    with open(p) as f:
+        return config_utils.from_json(f.read())

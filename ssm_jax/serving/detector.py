@@ -1,0 +1,267 @@
+"""A trained detector: :class:`Detector` composes a run's pieces to score images.
+
+``Detector.load(workdir)`` restores the config (:mod:`ssm_jax.runs.rundir`), the best
+checkpoint's parameters and BatchNorm statistics (no optimizer state), the device mesh,
+the compiled score function (:mod:`ssm_jax.scoring.batch`), and the threshold and map
+statistics that ``evaluate`` saved when they were computed under the same settings
+(:mod:`ssm_jax.scoring.calibration`). ``score`` gives image scores and anomaly maps for a numpy
+batch, ``predict`` adds the calibrated decisions (calibrating on the run's held-out
+normals first if nothing was saved), and ``calibrate`` recomputes threshold and
+statistics from normal images the caller gives. ``evaluate`` and ``predict`` (the CLI
+commands) are built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssm_jax.config import loader as config_utils
+from ssm_jax.config.loader import MODEL_SHAPE_KEYS  # noqa: F401
+from ssm_jax.core import parallel
+from ssm_jax.core.errors import CheckpointError, ConfigError, DataError
+from ssm_jax.data.folder import full_sizes
+from ssm_jax.method import scoring
+from ssm_jax.runs import checkpoints, rundir
+from ssm_jax.scoring import batch as batch_scoring
+from ssm_jax.scoring import calibration
+
+# Re-exported: these lived here before the batch engine and calibration had modules.
+from ssm_jax.scoring.batch import (  # noqa: F401
+    content_ids,
+    make_score_fn,
+    score_images,
+    scoring_config,
+    shape_bucket,
+    shape_buckets,
+)
+from ssm_jax.scoring.calibration import (  # noqa: F401
+    MAP_STATS_FILE,
+    THRESHOLD_FILE,
+    apply_map_stats,
+    calibrate,
+    load_map_stats,
+    needs_stats,
+    save_map_stats,
+    scoring_fingerprint,
+)
+from ssm_jax.serving import exported as serving
+from ssm_jax.training import step as train_step
+
+log = logging.getLogger("ssm_jax")
+
+
+def inference_shapes(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Abstract ``{"step", "params", "batch_stats"}`` of a run: what inference restores
+    (the model's variables only; no optimizer is built)."""
+    model = train_step.make_model(cfg)
+    s = cfg.data.image_size
+    x = jax.ShapeDtypeStruct((1, s, s, train_step.channels(cfg)), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, s, s), jnp.float32)
+    variables = jax.eval_shape(lambda k, x, m: model.init(k, x, m, train=False),
+                               jax.random.PRNGKey(0), x, m)
+    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": variables["params"],
+            "batch_stats": variables["batch_stats"]}
+
+
+def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
+    """Restores the best checkpoint (else the latest) as replicated model variables:
+    parameters and BatchNorm statistics only (the optimizer state stays on disk)."""
+    # Falls back (with a warning) from a damaged best/ to the newest good checkpoint.
+    state, _ = checkpoints.restore_for_inference(workdir, inference_shapes(cfg),
+                                                 parallel.replicated(mesh))
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return variables, int(parallel.to_host(state["step"]))
+
+
+def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
+    """The run's config with ``overrides`` applied and validated; keys that fix the
+    parameter shapes cannot change (one CheckpointError line)."""
+    trained = rundir.read_config(workdir)
+    cfg = config_utils.apply_overrides(trained, overrides)
+    changed = config_utils.diff(trained, cfg)
+    for key in config_utils.MODEL_SHAPE_KEYS:
+        if key in changed:
+            old, new = changed[key]
+            raise CheckpointError(f"the checkpoint in {workdir} was trained with "
+                                  f"{key}={old!r}; it cannot be used with {key}={new!r}")
+    config_utils.validate(cfg)
+    return cfg
+
+
+def _overrides_from_sections(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """``eval={"refine_passes": 3}`` -> ["eval.refine_passes=3"]."""
+    out = []
+    for section, values in sections.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"Detector.load({section}=...) takes a dict of that config "
+                              f"section's keys, e.g. eval={{'refine_passes': 3}}; got "
+                              f"{values!r}")
+        out += [f"{section}.{k}={v!r}" if isinstance(v, str) else f"{section}.{k}={v}"
+                for k, v in values.items()]
+    return out
+
+
+@dataclasses.dataclass
+class Detector:
+    """A trained run, ready to score images (see the module docstring)."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    variables: Any
+    step: int
+    threshold: float | None = None
+    stats: dict[str, np.ndarray] | None = None
+    mesh: Any = None
+    sc: scoring.ScoringConfig | None = None
+    score_fn: Any = None
+    num_calibration_images: int | None = None
+
+    @classmethod
+    def load(cls, workdir: str, overrides: Sequence[str] = (),
+             **sections: dict[str, Any]) -> Detector:
+        """The run in ``workdir`` with its best checkpoint.
+
+        Config values may be changed for scoring, as ``overrides`` ("eval.refine_passes=3")
+        or per section (``eval={"refine_passes": 3}``); keys that fix the parameter shapes
+        cannot change.
+        """
+        cfg = load_workdir_config(workdir, [*overrides, *_overrides_from_sections(sections)])
+        return cls.from_config(cfg, workdir)
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, workdir: str,
+                    read_calibration: bool = True) -> Detector:
+        """The run in ``workdir`` scored with ``cfg`` (already validated). With
+        ``read_calibration``, the threshold and statistics saved under the same settings
+        are loaded too."""
+        mesh = parallel.data_mesh()
+        sc = batch_scoring.scoring_config(cfg)
+        variables, step = load_variables(cfg, workdir, mesh)
+        det = cls(cfg=cfg, workdir=workdir, variables=variables, step=step, mesh=mesh, sc=sc,
+                  score_fn=batch_scoring.make_score_fn(cfg, mesh, sc))
+        if read_calibration:
+            det.threshold, det.stats = det.saved_calibration()
+        return det
+
+    # ------------------------------------------------------------------ input checks
+    @property
+    def channels(self) -> int:
+        return 1 if self.cfg.data.grayscale else 3
+
+    def check_images(self, images: Any, sizes: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled) and valid sizes [B, 2]; one
+        DataError naming what is wrong otherwise.
+
+        Without ``data.keep_aspect`` images must be image_size square. With it, any
+        H, W >= 16 goes: images are edge-padded to a multiple of 16 and scored on their
+        valid part.
+        """
+        x = np.asarray(images)
+        if x.ndim == 3 and self.channels == 1:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise DataError(f"images must be a non-empty batch [B, H, W, C]; got shape "
+                            f"{x.shape}")
+        if x.shape[-1] != self.channels:
+            raise DataError(f"images have {x.shape[-1]} channel(s); this run was trained on "
+                            f"{self.channels} (data.grayscale={self.cfg.data.grayscale})")
+        x = serving.unit_float_images(x)
+        size = int(self.cfg.data.image_size)
+        if sizes is not None:
+            sizes = np.asarray(sizes, np.int32).reshape(len(x), 2)
+        if not self.cfg.data.keep_aspect:
+            if x.shape[1:3] != (size, size):
+                raise DataError(f"images are {x.shape[1]}x{x.shape[2]}; this run scores "
+                                f"{size}x{size} (data.image_size)")
+            return x, full_sizes(x) if sizes is None else sizes
+        if min(x.shape[1:3]) < 16:
+            raise DataError(f"images of {x.shape[1]}x{x.shape[2]} are too small (>= 16)")
+        sizes = full_sizes(x) if sizes is None else sizes
+        pad = [(-d) % 16 for d in x.shape[1:3]]
+        if any(pad):
+            x = np.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)), mode="edge")
+        return x, sizes
+
+    # ----------------------------------------------------------------------- scoring
+    def raw_scores(self, images: Any, sizes: Any = None,
+                   progress: str | None = None) -> dict[str, np.ndarray]:
+        """Scores before the map statistics: maps, scores, restoration MSE, restored."""
+        x, sizes = self.check_images(images, sizes)
+        return self._raw_scores(x, sizes, progress)
+
+    def _raw_scores(self, x: np.ndarray, sizes: np.ndarray,
+                    progress: str | None) -> dict[str, np.ndarray]:
+        return batch_scoring.score_images(self.score_fn, self.variables, self.mesh, x,
+                                          self.cfg.eval.batch_size, self.cfg.eval.seed,
+                                          progress=progress, sizes=sizes,
+                                          bucket=batch_scoring.shape_bucket(self.cfg))
+
+    def score(self, images: Any, sizes: Any = None,
+              progress: str | None = None) -> dict[str, np.ndarray]:
+        """Image scores [B] (``scores``) and anomaly maps [B, H, W] (``maps``) of a batch,
+        with the run's map statistics applied; also ``mse`` and ``restored``."""
+        x, sizes = self.check_images(images, sizes)
+        out = self._raw_scores(x, sizes, progress)
+        if calibration.needs_stats(self.cfg):
+            self.require_calibration()
+            out = calibration.apply_map_stats(out, self.stats, self.sc, sizes)
+        return {"scores": out["score"], "maps": out["map"], "mse": out["mse"],
+                "restored": out["restored"], "sizes": sizes}
+
+    def predict(self, images: Any, sizes: Any = None,
+                progress: str | None = None) -> dict[str, np.ndarray]:
+        """:meth:`score` plus ``anomalous`` [B] (score > threshold) and ``threshold``."""
+        self.require_calibration()
+        out = self.score(images, sizes, progress)
+        out["anomalous"] = out["scores"] > self.threshold
+        out["threshold"] = self.threshold
+        return out
+
+    def calibrate(self, normal_images: Any, sizes: Any = None,
+                  progress: str | None = None) -> float | None:
+        """Threshold (and map statistics) from normal images only; returns the threshold."""
+        x, sizes = self.check_images(normal_images, sizes)
+        self.threshold, self.stats = calibration.calibrate(
+            self.cfg, self.sc, self.score_fn, self.variables, self.mesh, x, progress,
+            val_sizes=sizes)
+        self.num_calibration_images = len(x)
+        return self.threshold
+
+    def calibrate_on_validation_split(self, progress: str | None = "calibrating threshold"
+                                      ) -> float | None:
+        """:meth:`calibrate` on the run's held-out normals (``data.val_fraction``)."""
+        from ssm_jax.data import load_dataset_for
+
+        val = load_dataset_for(self.cfg)["val"]
+        if not len(val):
+            raise CheckpointError(f"no {THRESHOLD_FILE} for these settings in the workdir and "
+                                  "no validation images (data.val_fraction=0) to calibrate one")
+        return self.calibrate(val.images, val.sizes, progress)
+
+    def save_calibration(self) -> None:
+        """Writes ``threshold.json`` and ``map_stats.npz`` (atomically) for this checkpoint
+        and these settings, so later loads need not recalibrate."""
+        calibration.save(self.workdir, self.cfg, self.step, self.threshold, self.stats,
+                         self.num_calibration_images)
+
+    def require_calibration(self) -> None:
+        """Calibrates on the validation split unless a threshold (and the statistics the
+        settings need) are already held."""
+        if self.threshold is None or (calibration.needs_stats(self.cfg)
+                                      and self.stats is None):
+            self.calibrate_on_validation_split()
+
+    def saved_calibration(self) -> tuple[float | None, dict | None]:
+        """Threshold and statistics saved under this checkpoint and these settings."""
+        threshold, stats, n = calibration.load(self.workdir, self.cfg, self.step)
+        if threshold is not None:
+            self.num_calibration_images = n
+        return threshold, stats

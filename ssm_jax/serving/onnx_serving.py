@@ -1,0 +1,183 @@
+"""Scoring with an ONNX detector (``ssm-jax export --format onnx``) using onnxruntime and
+numpy only: no jax, no flax.
+
+    from ssm_jax.serving import onnx_serving
+    m = onnx_serving.load("detector.onnx")
+    out = m.score(images)   # float32 [B, H, W, C] in [0, 1] (or uint8) at the exported size
+    out["scores"], out["maps"], out["anomalous"]
+
+The ONNX graph holds the whole scorer except drawing the scoring masks (see
+:mod:`ssm_jax.serving.onnx_export`): :func:`draw_masks` draws them here, grid masks keyed by each
+image's content id (CRC-32 of its pixels, as the Detector keys its own), from numpy's
+generator. They are another valid draw than the Detector's jax.random masks, so scores
+differ from the Detector's by mask noise; ``score(images, masks=...)`` takes explicit masks
+(e.g. the Detector's, :func:`ssm_jax.serving.onnx_export.detector_masks`) and then equals it.
+
+This file imports only numpy, onnxruntime and the standard library (and
+``ssm_jax.core.errors`` when ssm_jax is installed): it can be copied alone to a machine that
+has just ``pip install numpy onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+
+try:
+    from ssm_jax.core.errors import DataError, ExportError, MissingDependency
+except ImportError:  # this file copied alone: plain exceptions with the same names
+    class DataError(ValueError):  # type: ignore[no-redef]
+        """Bad images."""
+
+    class ExportError(RuntimeError):  # type: ignore[no-redef]
+        """A model file that cannot be used here."""
+
+    class MissingDependency(ImportError):  # type: ignore[no-redef]
+        """onnxruntime missing."""
+
+FORMAT = "ssm_jax.onnx_detector"
+FORMAT_VERSION = 1
+META_KEY = "ssm_jax"
+
+
+def content_ids(images: np.ndarray) -> np.ndarray:
+    """[B] int32: CRC-32 of each image's float32 pixels (= ssm_jax.serving.exported.content_ids)."""
+    return np.array([zlib.crc32(np.ascontiguousarray(im, np.float32).tobytes()) & 0x7FFFFFFF
+                     for im in images], np.int32).reshape(-1)
+
+
+def grid_masks(rng: np.random.Generator, shape: tuple[int, int], k: int, n: int) -> np.ndarray:
+    """[n, H, W] float32 complementary grid masks: k x k cells (the last ones cropped) split
+    at random into n balanced groups; group i hidden (0) in mask i."""
+    h, w = shape
+    ch, cw = math.ceil(h / k), math.ceil(w / k)
+    groups = rng.permutation(np.arange(ch * cw) % n).reshape(ch, cw)
+    groups = np.repeat(np.repeat(groups, k, axis=0), k, axis=1)[:h, :w]
+    return (groups[None] != np.arange(n)[:, None, None]).astype(np.float32)
+
+
+def draw_masks(meta: dict, images: np.ndarray) -> np.ndarray:
+    """[B, R, K*D, n, H, W]: each image's scoring masks, keyed by (eval.seed, content id,
+    pass, k slot) so an image gets the same masks alone or in any batch."""
+    r_passes, slots, n, h, w = (int(v) for v in meta["masks_shape"])
+    ks = [int(k) for k in meta["ks"]] * int(meta.get("mask_draws", 1))
+    if len(ks) != slots:
+        raise ExportError(f"meta: {len(ks)} mask slots from ks x mask_draws, masks_shape "
+                          f"says {slots}")
+    out = np.empty((len(images), r_passes, slots, n, h, w), np.float32)
+    for b, cid in enumerate(content_ids(images)):
+        for r in range(r_passes):
+            for j, k in enumerate(ks):
+                rng = np.random.default_rng([int(meta["seed"]), int(cid), r, j])
+                out[b, r, j] = grid_masks(rng, (h, w), k, n)
+    return out
+
+
+def unit_float_images(x: np.ndarray) -> np.ndarray:
+    """float32 copy in [0, 1] (uint8 scaled by 1/255); one DataError otherwise."""
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"images must be float in [0, 1] or uint8; got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise DataError(f"image values must be finite and in [0, 1]; got "
+                        f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+    return x
+
+
+class ExportedImages:
+    """What an exported detector (ONNX here, jax.export in ssm_jax.serving.exported) knows of its
+    inputs from its ``meta``: image shape, threshold, and the check of a batch."""
+
+    meta: dict
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        h, w = self.meta["image_shape"]
+        return int(h), int(w), int(self.meta["channels"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    def check_images(self, images: Any) -> np.ndarray:
+        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled); one DataError otherwise."""
+        x = np.asarray(images)
+        h, w, c = self.image_shape
+        if x.ndim == 3 and c == 1:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[0] == 0 or x.shape[1:] != (h, w, c):
+            raise DataError(f"images must be a non-empty batch [B, {h}, {w}, {c}] (the "
+                            f"exported size); got shape {x.shape}")
+        return unit_float_images(x)
+
+
+@dataclasses.dataclass
+class OnnxDetector(ExportedImages):
+    """A loaded ONNX detector: ``meta`` and :meth:`score`."""
+
+    meta: dict
+    path: str
+    session: Any
+
+    def score(self, images: Any, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B], ``anomalous`` [B] (score above
+        the exported threshold). ``masks`` [B, R, K*D, n, H, W] (1 = visible): default
+        :func:`draw_masks`. Images go through in chunks of the exported batch size, the
+        last one padded."""
+        x = self.check_images(images)
+        per_image = tuple(int(v) for v in self.meta["masks_shape"])
+        if masks is None:
+            masks = draw_masks(self.meta, x)
+        masks = np.asarray(masks, np.float32)
+        if masks.shape != (len(x), *per_image):
+            raise DataError(f"masks must be [{len(x)}, {', '.join(map(str, per_image))}] "
+                            f"(images, passes, k slots, n, H, W); got {masks.shape}")
+        bs = int(self.meta["batch_size"])
+        parts = []
+        for start in range(0, len(x), bs):
+            xb, mb = x[start:start + bs], masks[start:start + bs]
+            real = len(xb)
+            if real < bs:  # the graph's batch is fixed: pad with copies of the last image
+                xb = np.concatenate([xb, np.repeat(xb[-1:], bs - real, 0)])
+                mb = np.concatenate([mb, np.repeat(mb[-1:], bs - real, 0)])
+            out = self.session.run(list(self.meta["outputs"]), {"images": xb, "masks": mb})
+            parts.append({k: np.asarray(v)[:real] for k, v in zip(self.meta["outputs"], out)})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def load(path: str, providers: list[str] | None = None) -> OnnxDetector:
+    """Reads a model written by ``ssm-jax export --format onnx``; one ExportError line when
+    it cannot be used (missing, not ours, a newer format). ``providers``: onnxruntime
+    execution providers (default: CPU)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MissingDependency(f"serving an ONNX detector needs onnxruntime ({e}): "
+                                f"pip install onnxruntime") from e
+    if not os.path.isfile(path):
+        raise ExportError(f"no ONNX detector at {path}")
+    try:
+        session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        raise ExportError(f"{path} is not a usable ONNX model: "
+                          f"{str(e).splitlines()[0][:300]}") from e
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = {}
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is an ONNX model but not an ssm-jax detector (no "
+                          f"'{META_KEY}' metadata)")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ExportError(f"{path} has format version {meta['format_version']}; this loader "
+                          f"reads up to {FORMAT_VERSION} (upgrade ssm_jax)")
+    return OnnxDetector(meta=meta, path=path, session=session)

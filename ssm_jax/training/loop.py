@@ -1,0 +1,451 @@
+"""The training loop: data -> data-parallel step -> clu reporting -> orbax checkpoints.
+
+One loop (:func:`train_runs`) trains a group of M >= 1 runs, each in its own run
+directory; how the group is stepped is a :class:`StepProgram`: :class:`SingleProgram`
+(one model, the data-parallel step of ``train_step``; what ``train`` uses) or
+``multi_model.GroupProgram`` (M models stacked in one compiled program). Every feature
+of the loop holds for both: TensorBoard scalars and console progress, validation and the
+best checkpoint, periodic checkpoints, the NaN / overflow stop, resuming from the newest
+good checkpoint (damaged ones set aside), SIGTERM / pre-emption (a final checkpoint, then
+a clean stop), compiling before the multi-host barrier, and the run-directory lock
+(taken by the callers, ``train`` and ``multi_model.train_group``).
+
+Resuming is automatic: the latest complete checkpoint holds the parameters, optimizer
+state, PRNG key and step, and the input pipeline is random-access by step, so a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ssm_jax.config import loader as config_utils
+from ssm_jax.core import parallel
+from ssm_jax.core.errors import ConfigError, TrainingDiverged
+from ssm_jax.core.progress import TrainProgress
+from ssm_jax.runs import checkpoints, rundir
+from ssm_jax.training import step as train_step
+
+log = logging.getLogger("ssm_jax")
+
+# Kept importable from here (earlier versions defined them in this module).
+CONFIG_FILE = rundir.CONFIG_FILE
+RUN_INFO_FILE = rundir.RUN_INFO_FILE
+RESUMABLE_KEYS = config_utils.RESUMABLE_KEYS
+
+
+def _package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in ("ssm_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                 "clu", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
+                    overwrite: bool = False) -> None:
+    """Refuses to mix a different config into a workdir unless told to."""
+    path = rundir.config_path(workdir)
+    # Every process checks (so none goes on alone); only process 0 writes.
+    if os.path.exists(path):
+        old = rundir.read_config(workdir)
+        diff = config_utils.diff(old, cfg)
+        resumable = not config_utils.diff(old, cfg, ignore=config_utils.RESUMABLE_KEYS)
+        if diff and overwrite and jax.process_index() == 0:
+            for sub in rundir.RUN_OUTPUT_DIRS:
+                shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+        elif diff and not overwrite and not (resume and resumable):
+            hint = ("only train.steps and reporting keys may change on --resume"
+                    if resume else "pass --resume to continue or --overwrite to start over")
+            raise ConfigError(f"workdir {workdir} holds a run with a different config "
+                              f"({config_utils.describe_diff(diff)}); {hint}")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        rundir.atomic_write(path, config_utils.to_json(cfg))
+        rundir.write_json(os.path.join(workdir, rundir.RUN_INFO_FILE), {
+            "seed": cfg.seed, "versions": _package_versions(),
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()})
+
+
+class SigtermFlag:
+    """``with SigtermFlag() as f:`` records SIGTERM in ``f.raised`` so the loop can save a
+    checkpoint and stop at a step boundary (the previous handler is restored on exit)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether every-``every``-steps work (logging, validation, checkpoints) is due at
+    ``step``; it is always due at the ``last`` step."""
+    return step % every == 0 or step == last
+
+
+def check_finite(metrics: dict, step: int, latest: int | None, workdir: str,
+                 label: str = "") -> None:
+    """Stops training (TrainingDiverged, one line naming the last good checkpoint) when the
+    loss is not finite or the step's updated parameters overflowed."""
+    loss = float(np.asarray(metrics["loss"]))
+    if math.isfinite(loss) and float(np.asarray(metrics["params_finite"])) < 1.0:
+        loss = math.nan
+    if not math.isfinite(loss):
+        where = (f"last good checkpoint: step {latest} in {workdir}/{rundir.CHECKPOINTS_DIR}"
+                 if latest is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"{label}loss became {loss} (or parameters overflowed) at "
+                               f"step {step}; stopped ({where})")
+
+
+def resumed_lr_steps(cfg: ml_collections.ConfigDict, stored, start: int) -> list:
+    """The run's LR decay steps on resume (see ``train_step.resumed_lr_decay_steps``)."""
+    steps = train_step.resumed_lr_decay_steps(cfg, stored, start)
+    fresh = train_step.lr_decay_steps(cfg)
+    if stored is not None and steps != fresh:
+        log.info("LR decay steps %s (decays before step %d stay where the run had them; "
+                 "train.steps=%d alone would give %s)", steps, start, cfg.train.steps, fresh)
+    return steps
+
+
+def validation_losses(val_fn, state, mesh, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Mean per-example validation loss over held-out normal images, per model: [M].
+
+    ``val_fn(state, images, indices)`` gives per-example losses, [B] for one model or
+    [M, B] for a group; ``images`` are sharded over the mesh's ``data`` axis.
+    """
+    from ssm_jax.data.pipeline import eval_batches
+
+    total, count, offset = None, 0, 0
+    for batch, real in eval_batches(images, batch_size):
+        idx = np.arange(offset, offset + len(batch), dtype=np.int32)
+        images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
+        idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
+        out = np.asarray(parallel.to_host(val_fn(state, images_g, idx_g)), np.float64)
+        part = out.reshape(-1, out.shape[-1])[:, :real].sum(1)
+        total = part if total is None else total + part
+        count += real
+        offset += len(batch)
+    return total / max(count, 1)
+
+
+def load_training_data(cfg: ml_collections.ConfigDict):
+    """(train set, validation set, validation images): the images validation scores are the
+    validation set's center crops when training on crops. An empty train split (everything
+    held out) is a ConfigError."""
+    from ssm_jax.data import load_dataset_for
+    from ssm_jax.data.pipeline import center_crops
+
+    data = load_dataset_for(cfg)
+    train_set, val_set = data["train"], data["val"]
+    crop = cfg.data.crop_size
+    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
+                                                              crop)
+    if len(train_set) < 1:
+        raise ConfigError("no training images left after holding out the validation split")
+    return train_set, val_set, val_images
+
+
+class StepProgram:
+    """How a group of runs is stepped; the loop (:func:`train_runs`) is the same for all.
+
+    ``mesh`` (with a ``data`` axis, over which batches are sharded), ``data_devices`` (its
+    size), ``shard_input`` (whether each host reads only its share of a batch);
+    ``place(states)`` puts the runs' states on the mesh; ``build(lr_steps)`` makes the
+    step and validation functions; ``compile(state, images)`` returns the compiled step;
+    ``global_images(batches)`` assembles the runs' host batches; ``split(state)`` gives
+    each run's state for its checkpoint; ``fetch(metrics)`` brings the step's metrics to
+    the host and ``metrics(host, i)`` gives run i's scalars.
+    """
+
+    mesh: Any
+    data_devices: int
+    shard_input: bool = True
+
+    def place(self, states: list, resumed: bool):
+        raise NotImplementedError
+
+    def build(self, lr_steps: list) -> None:
+        raise NotImplementedError
+
+    def compile(self, state, images):
+        raise NotImplementedError
+
+    def global_images(self, batches: list[np.ndarray]):
+        raise NotImplementedError
+
+    def split(self, state) -> list:
+        raise NotImplementedError
+
+    def fetch(self, metrics: dict) -> dict:
+        return parallel.to_host(metrics)
+
+    def metrics(self, host: dict, i: int) -> dict[str, float]:
+        return {k: float(np.atleast_1d(np.asarray(v))[i]) for k, v in host.items()}
+
+
+class SingleProgram(StepProgram):
+    """One run: the replicated state and ``train_step``'s data-parallel step over all
+    devices of all hosts."""
+
+    def __init__(self, cfgs: Sequence[ml_collections.ConfigDict]) -> None:
+        (self.cfg,) = cfgs
+        n_dev = jax.device_count()
+        if self.cfg.train.batch_size % n_dev:
+            raise ConfigError(f"train.batch_size={self.cfg.train.batch_size} must be "
+                              f"divisible by the number of devices ({n_dev}); on a CPU "
+                              "set SSM_JAX_CPU_DEVICES to a divisor of it")
+        self.mesh, self.data_devices = parallel.data_mesh(), n_dev
+
+    def place(self, states: list, resumed: bool):
+        return states[0] if resumed else parallel.replicate(self.mesh, states[0])
+
+    def build(self, lr_steps: list) -> None:
+        self.step_fn = train_step.make_train_step(self.cfg, self.mesh, lr_steps)
+        self.val_fn = train_step.make_val_step(self.cfg, self.mesh)
+
+    def compile(self, state, images):
+        return self.step_fn.lower(state, images).compile()
+
+    def global_images(self, batches: list[np.ndarray]):
+        return parallel.global_batch(self.mesh, batches[0])
+
+    def split(self, state) -> list:
+        return [state]
+
+    def fetch(self, metrics: dict) -> dict:
+        # Replicated scalars: every host reads its own copy (no cross-host gather).
+        return jax.tree.map(np.asarray, metrics)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run directory in the loop: its config, checkpoint managers and writers."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    latest: Any
+    best: Any
+    writer: Any
+    report: Any = None
+    best_val: float = math.inf
+    start: int = 0
+    lr_steps: list | None = None
+    label: str = ""
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Trains (or resumes) and returns the final training metrics.
+
+    From the first instruction on, SIGTERM means "finish the current step, save, stop".
+    """
+    from ssm_jax.runs import lock as workdir_lock
+
+    # One run per workdir (process 0 holds the lock for a multi-process run).
+    with SigtermFlag() as sigterm, workdir_lock.RunLock(workdir):
+        return train_runs([cfg], [workdir], SingleProgram, sigterm, resume=resume,
+                          overwrite=overwrite)[0]
+
+
+def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+               make_program, sigterm: SigtermFlag, resume: bool = False,
+               overwrite: bool = False) -> list[dict] | None:
+    """The training loop for M >= 1 runs stepped together by ``make_program(cfgs)`` (a
+    :class:`StepProgram`); returns each run's final metrics, or None when the runs cannot
+    continue together (their checkpoints are at different steps or LR decay steps).
+
+    The caller holds the run directories' locks and ``sigterm``.
+    """
+    for c in cfgs:
+        config_utils.validate(c)
+    for c, wd in zip(cfgs, workdirs):
+        prepare_workdir(c, wd, resume=resume, overwrite=overwrite)
+    program = make_program(cfgs)
+    with contextlib.ExitStack() as stack:
+        return _loop(cfgs, workdirs, program, sigterm, stack)
+
+
+def _open_runs(cfgs, workdirs, stack) -> list[_Run]:
+    from ssm_jax.training import tb_writer
+
+    runs = []
+    for i, (c, wd) in enumerate(zip(cfgs, workdirs)):
+        latest = checkpoints.manager(wd, rundir.CHECKPOINTS_DIR, c.train.keep_checkpoints)
+        stack.callback(latest.close)
+        best = checkpoints.manager(wd, rundir.BEST_DIR, 1)
+        stack.callback(best.close)
+        writer = tb_writer.create_writer(wd, just_logging=jax.process_index() > 0)
+        stack.callback(writer.close)
+        runs.append(_Run(c, wd, latest, best, writer,
+                         label=f"model {i} ({wd}): " if len(cfgs) > 1 else ""))
+    return runs
+
+
+def _restore_or_init(run: _Run, sharding) -> tuple[Any, bool]:
+    """The run's state (restored onto ``sharding``, or fresh on the host) and whether it
+    was restored; sets the run's start step, best validation loss and LR decay steps."""
+    c = run.cfg
+
+    def init():
+        return train_step.init_state(c, jax.random.PRNGKey(c.seed))
+
+    run.lr_steps = train_step.lr_decay_steps(c)
+    if run.latest.latest_step() is None:
+        return init(), False
+    # Resuming needs only the state's shapes: the initializer is not compiled (tens of s).
+    state, extra = checkpoints.load_state_if_possible(run.latest, run.best, jax.eval_shape(init),
+                                                      sharding, run.workdir)
+    run.start = int(parallel.to_host(state.step))
+    run.best_val = float(extra.get("best_val", math.inf))
+    run.lr_steps = resumed_lr_steps(c, extra.get("lr_decay_steps"), run.start)
+    log.info("resumed from %s/%s at step %d", run.workdir, rundir.CHECKPOINTS_DIR, run.start)
+    return state, True
+
+
+def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
+          stack: contextlib.ExitStack) -> list[dict] | None:
+    from ssm_jax.training import tb_writer  # before clu: its metric writers without TensorFlow
+    tb_writer.metric_writers()
+    from clu import parameter_overview, periodic_actions
+
+    from ssm_jax.data.pipeline import train_batches
+
+    cfg0, m = cfgs[0], len(cfgs)
+    total = cfg0.train.steps
+    train_set, val_set, val_images = load_training_data(cfg0)
+    runs = _open_runs(cfgs, workdirs, stack)
+    restored = [_restore_or_init(r, parallel.replicated(parallel.data_mesh())) for r in runs]
+    if len({r.start for r in runs}) > 1 or any(r.lr_steps != runs[0].lr_steps for r in runs):
+        return None
+    resumed = restored[0][1]
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(restored[0][0].params,
+                                                  include_stats=not resumed)
+    state = program.place([s for s, _ in restored], resumed)
+    del restored
+    start, lr_steps = runs[0].start, runs[0].lr_steps
+    program.build(lr_steps)
+    shards = (dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+              if program.shard_input else {})
+    feeds = [train_batches(train_set.images, r.cfg.train.batch_size, seed=r.cfg.seed,
+                           start_step=start, crop_size=r.cfg.data.crop_size,
+                           sizes=train_set.sizes, **shards) for r in runs]
+    for r in runs:
+        r.report = periodic_actions.ReportProgress(num_train_steps=total, writer=r.writer,
+                                                   every_steps=r.cfg.train.log_every)
+    n_data = program.data_devices
+    val_batch = max(cfg0.eval.batch_size // n_data, 1) * n_data
+    log.info("training %s%d -> %d steps, global batch %d on %d device(s), %d train / %d val "
+             "images", f"{m} models together, " if m > 1 else "", start, total,
+             cfg0.train.batch_size, jax.device_count(), len(train_set), len(val_set))
+
+    def check(metrics, step: int) -> None:
+        host = program.fetch(metrics)
+        for i, r in enumerate(runs):
+            check_finite(program.metrics(host, i), step, r.latest.latest_step(), r.workdir,
+                         r.label)
+
+    def save_all(step: int, st, metrics) -> None:
+        check(metrics, step)
+        for r, one in zip(runs, program.split(st)):
+            checkpoints.save(r.latest, step, one, {"best_val": r.best_val,
+                                                   "lr_decay_steps": lr_steps})
+
+    metrics = None
+    t0 = time.time()
+    step = start
+    first = [next(f) for f in feeds] if start < total else None
+    step_fn = None
+    if first is not None:
+        # Compile before the first step, then line the hosts up: a slow host must not
+        # make the first cross-host collective time out.
+        step_fn = program.compile(state, program.global_images(first))
+        log.info("train step compiled in %.1f s", time.time() - t0)
+        parallel.barrier("ssm_jax_train_compiled")
+    progress = TrainProgress(start, total, cfg0.train.batch_size * m,
+                             enabled=jax.process_index() == 0)
+    progress.begin()
+    for step in range(start + 1, total + 1):
+        local = first if step == start + 1 else [next(f) for f in feeds]
+        prev = metrics
+        state, metrics = step_fn(state, program.global_images(local))
+        if prev is not None:  # one step behind: keeps the device busy
+            check(prev, step - 1)
+        for r in runs:
+            r.report(step)
+        progress.step(step)
+        if due(step, cfg0.train.log_every, total):
+            host = program.fetch(metrics)
+            for i, r in enumerate(runs):
+                r.writer.write_scalars(step, program.metrics(host, i))
+            progress.report(step, float(np.mean(np.asarray(host["loss"]))))
+        if len(val_set) and due(step, cfg0.train.eval_every, total):
+            check(metrics, step)
+            vals = validation_losses(program.val_fn, state, program.mesh, val_images,
+                                     val_batch)
+            split = None
+            for i, r in enumerate(runs):
+                r.writer.write_scalars(step, {"val_loss": float(vals[i])})
+                if vals[i] < r.best_val:
+                    r.best_val = float(vals[i])
+                    split = program.split(state) if split is None else split
+                    checkpoints.save(r.best, step, split[i], {"val_loss": float(vals[i])})
+            if m > 1:
+                log.info("step %d validation loss %s", step,
+                         " ".join(f"{v:.4f}" for v in vals))
+        if due(step, cfg0.train.checkpoint_every, total):
+            save_all(step, state, metrics)
+        if sigterm.raised or runs[0].latest.reached_preemption(step):
+            save_all(step, state, metrics)
+            log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
+            break
+    progress.close()
+    if not len(val_set) and metrics is not None:
+        split = None
+        for i, r in enumerate(runs):
+            if r.best.latest_step() is None:
+                split = program.split(state) if split is None else split
+                checkpoints.save(r.best, step, split[i], {"val_loss": None})
+    for r in runs:
+        r.writer.flush()
+    seconds = time.time() - t0
+    host = program.fetch(metrics) if metrics is not None else None
+    outs = []
+    for i in range(m):
+        out = program.metrics(host, i) if host is not None else {}
+        out.update(seconds=seconds, step=step, start_step=start)
+        if m > 1:
+            out["group_size"] = m
+        outs.append(out)
+    return outs

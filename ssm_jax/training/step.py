@@ -1,0 +1,261 @@
+"""Model/optimizer construction and the data-parallel training step (no tensorflow here).
+
+The step is a per-device program (``jax.shard_map`` over the 1-D ``data`` mesh, which is
+what ``jax.pmap`` lowers to nowadays) with explicit collectives: gradients and metrics are
+``pmean``-ed and BatchNorm statistics are synchronized through ``axis_name``. Masks are
+drawn inside the step, per example, from ``fold_in(step_key, global_example_index)``, so
+the same global batch gives the same masks (and loss) on 1 or N devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ssm_jax.core.parallel import DATA_AXIS
+from ssm_jax.method import losses, masks
+from ssm_jax.method.model import SSMUNet
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that resuming needs: the data position is ``step`` itself."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def channels(cfg: ml_collections.ConfigDict) -> int:
+    return 1 if cfg.data.grayscale else 3
+
+
+def make_model(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> SSMUNet:
+    dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+    return SSMUNet(channels=channels(cfg), width=cfg.model.width,
+                   mask_input=cfg.model.mask_input, axis_name=axis_name, dtype=dtype)
+
+
+def lr_decay_steps(cfg: ml_collections.ConfigDict) -> list[int | None]:
+    """The step of each ``train.lr_decay_fractions`` entry for this ``train.steps`` (None
+    where it falls on step 0: no decay). Aligned with the fractions; steps may repeat."""
+    return [int(f * cfg.train.steps) if int(f * cfg.train.steps) > 0 else None
+            for f in cfg.train.lr_decay_fractions]
+
+
+def resumed_lr_decay_steps(cfg: ml_collections.ConfigDict, stored: list | None,
+                           start: int) -> list[int | None]:
+    """Decay steps for a run resumed at ``start`` whose checkpoint stored ``stored``.
+
+    Decay points already passed (before ``start``) stay where the run had them, whatever
+    ``train.steps`` is now; the others follow the current ``train.steps`` (one that would
+    now fall before ``start`` takes effect at ``start``).
+    """
+    fresh = lr_decay_steps(cfg)
+    if stored is None or len(stored) != len(fresh):
+        return fresh
+    out: list[int | None] = []
+    for old, new in zip(stored, fresh):
+        if old is not None and old < start:
+            out.append(int(old))
+        else:
+            out.append(None if new is None else max(new, start))
+    return out
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict,
+                decay_steps: list[int | None] | None = None) -> optax.Schedule:
+    """The paper's step decay (x0.1 at 30/60/90% of training), expressed in steps.
+
+    ``decay_steps`` (default: from ``train.lr_decay_fractions`` and ``train.steps``) are
+    the resolved steps a run stores in its checkpoints so that resuming with another
+    ``train.steps`` does not move decays already passed. The learning rate of update
+    ``count`` is multiplied by the factor once per decay step <= ``count``.
+    """
+    steps = lr_decay_steps(cfg) if decay_steps is None else decay_steps
+    bounds: dict[int, float] = {}
+    for b in steps:
+        if b is not None and b > 0:
+            bounds[int(b)] = bounds.get(int(b), 1.0) * cfg.train.lr_decay_factor
+    return optax.piecewise_constant_schedule(cfg.train.learning_rate, bounds)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   decay_steps: list[int | None] | None = None) -> optax.GradientTransformation:
+    """Adam with L2 weight decay added to the gradient (PyTorch ``Adam(weight_decay=)``)."""
+    return optax.chain(optax.add_decayed_weights(cfg.train.weight_decay),
+                       optax.scale_by_adam(),
+                       optax.scale_by_learning_rate(lr_schedule(cfg, decay_steps)))
+
+
+def init_state(cfg: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+    """Fresh parameters, BatchNorm statistics, optimizer state and PRNG key."""
+    k_init, k_train = jax.random.split(key)
+    s = cfg.data.image_size
+    model = make_model(cfg)
+    x = jnp.zeros((1, s, s, channels(cfg)), jnp.float32)
+    m = jnp.ones((1, s, s), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x, m, train=False))(k_init)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables["batch_stats"],
+                      opt_state=make_optimizer(cfg).init(params), rng=k_train)
+
+
+def mask_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(ks=tuple(sorted(int(k) for k in cfg.mask.ks)), n=int(cfg.mask.num_masks),
+                families=tuple(cfg.mask.families),
+                family_weights=tuple(float(w) for w in cfg.mask.family_weights))
+
+
+def loss_and_updates(model: nn.Module, cfg: ml_collections.ConfigDict, params, batch_stats,
+                     images: jax.Array, mask_batch: jax.Array, train: bool):
+    """Restores all n masked copies of each image in one forward pass; returns the loss."""
+    b, n, s, _ = mask_batch.shape
+    c = images.shape[-1]
+    flat_masks = mask_batch.reshape(b * n, s, s)
+    masked = (images[:, None] * mask_batch[..., None]).reshape(b * n, s, s, c)
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+        (restored, pred), upd = model.apply(variables, masked, flat_masks, train=True,
+                                            mutable=["batch_stats"])
+        new_stats = upd["batch_stats"]
+    else:
+        restored, pred = model.apply(variables, masked, flat_masks, train=False)
+        new_stats = batch_stats
+    x_hat = losses.composite(restored.reshape(b, n, s, s, c), mask_batch)
+    loss, parts = losses.ssm_loss(images, x_hat, pred.reshape(b, n, s, s), mask_batch,
+                                  cfg.loss.mse_weight, cfg.loss.gms_weight,
+                                  cfg.loss.ssim_weight, cfg.loss.mask_weight)
+    return loss, (parts, new_stats)
+
+
+def _example_keys(step_key: jax.Array, local_batch: int) -> jax.Array:
+    first = jax.lax.axis_index(DATA_AXIS) * local_batch
+    idx = first + jnp.arange(local_batch)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(idx)
+
+
+def draw_train_masks(cfg: ml_collections.ConfigDict, state: TrainState,
+                     images: jax.Array) -> jax.Array:
+    """The masks of one training step, ``[local_B, n, S, S]``: per example, from
+    ``fold_in(fold_in(rng, step), global_example_index)`` (inside the ``data`` mesh axis)."""
+    ms = mask_settings(cfg)
+    local_b = images.shape[0]
+    s = images.shape[1]  # data.image_size, or data.crop_size when training on crops
+    step_key = jax.random.fold_in(state.rng, state.step)
+    k_probs = masks.k_probabilities(state.step, cfg.train.steps, len(ms["ks"]),
+                                    cfg.mask.k_schedule)
+    keys = _example_keys(step_key, local_b)
+    return jax.vmap(lambda k: masks.sample_masks(
+        k, s, ms["ks"], ms["n"], k_probs, ms["families"], ms["family_weights"],
+        state.step, cfg.train.steps))(keys)
+
+
+def make_per_device_step(cfg: ml_collections.ConfigDict,
+                         lr_decay_steps: list[int | None] | None = None, mask_fn=None):
+    """The per-device body of the training step, ``(state, local_images) -> (state,
+    metrics)``, to run inside ``shard_map`` over ``data`` (``make_train_step``; vmapped
+    over models by ``ssm_jax.training.groups``). ``mask_fn(state, images)`` replaces
+    ``draw_train_masks``."""
+    model = make_model(cfg, axis_name=DATA_AXIS)
+    tx = make_optimizer(cfg, lr_decay_steps)
+    schedule = lr_schedule(cfg, lr_decay_steps)
+    if mask_fn is None:
+        def mask_fn(state, images):
+            return draw_train_masks(cfg, state, images)
+
+    def per_device(state: TrainState, images: jax.Array):
+        mask_batch = mask_fn(state, images)
+
+        def loss_fn(params):
+            return loss_and_updates(model, cfg, params, state.batch_stats, images,
+                                    mask_batch, train=True)
+
+        (_, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        grads = jax.lax.pmean(grads, DATA_AXIS)
+        parts = jax.lax.pmean(parts, DATA_AXIS)
+        new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        parts["learning_rate"] = schedule(state.step)
+        # Updated parameters can overflow while the loss (computed before the update) is
+        # still finite; checkpoints must never hold them.
+        parts["params_finite"] = jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
+        return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                             opt_state=opt_state), parts
+
+    return per_device
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
+                    lr_decay_steps: list[int | None] | None = None):
+    """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
+
+    ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
+    replicated. The state buffers are donated.
+    """
+    per_device = make_per_device_step(cfg, lr_decay_steps)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                            out_specs=(P(), P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+# Validation masks come from PRNGKey(seed + VAL_SEED_OFFSET), never from the training key.
+VAL_SEED_OFFSET = 7919
+
+
+def val_key(cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The key of a run's fixed validation masks."""
+    return jax.random.PRNGKey(cfg.seed + VAL_SEED_OFFSET)
+
+
+def val_masks(cfg: ml_collections.ConfigDict, key: jax.Array, indices: jax.Array,
+              size: int) -> jax.Array:
+    """Fixed grid masks ``[B, n, S, S]`` of validation examples ``indices`` (keyed by the
+    example index only, so the loss is comparable across checkpoints)."""
+    ms = mask_settings(cfg)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    return jax.vmap(lambda k: masks.sample_masks(
+        k, size, ms["ks"], ms["n"], None, ("grid",), (1.0,)))(keys)
+
+
+def val_example_losses(model: nn.Module, cfg: ml_collections.ConfigDict, state: TrainState,
+                       images: jax.Array, mask_batch: jax.Array) -> jax.Array:
+    """Per-example loss ``[B]`` with eval-mode BatchNorm."""
+    def one(img, m):
+        loss, _ = loss_and_updates(model, cfg, state.params, state.batch_stats, img[None],
+                                   m[None], train=False)
+        return loss
+
+    return jax.vmap(one)(images, mask_batch)
+
+
+def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
+    """Returns ``val(state, images, indices) -> per-example loss`` with fixed masks.
+
+    Validation uses eval-mode BatchNorm and masks keyed by the example index only, so the
+    value is comparable across checkpoints. Padding rows are dropped by the caller.
+    """
+    model = make_model(cfg)
+    key = val_key(cfg)
+
+    def per_device(state: TrainState, images: jax.Array, indices: jax.Array):
+        return val_example_losses(model, cfg, state, images,
+                                  val_masks(cfg, key, indices, images.shape[1]))
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+                            out_specs=P(DATA_AXIS), check_vma=False)
+    return jax.jit(sharded)

@@ -1,0 +1,307 @@
+"""Folder reader, synthetic set, grain pipeline, tfds builders."""
+
+import importlib.util
+import itertools
+import os
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssm_jax.core.errors import DataError
+from ssm_jax.data import folder, load_dataset, pipeline
+from ssm_jax.data.synthetic import make_synthetic, write_synthetic_folder
+
+REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")
+H, W = 37, 53  # odd, non-square
+# The fixture folders carry a notes.txt on purpose; tests that check the warning use
+# pytest.warns or record them explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore:skipped .* non-image")
+
+
+def _save(path, arr, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr, mode).save(path) if mode else Image.fromarray(arr).save(path)
+
+
+def _make_folder(root, h=H, w=W):
+    """train: L, RGB, RGBA + a text file; test: good (L) and one crack (RGB) with a mask
+    covering the top-left quarter."""
+    rng = np.random.default_rng(0)
+    _save(f"{root}/train/good/a.png", rng.integers(0, 255, (h, w), np.uint8))
+    _save(f"{root}/train/good/b.png", rng.integers(0, 255, (h, w, 3), np.uint8))
+    _save(f"{root}/train/good/c.png", rng.integers(0, 255, (h, w, 4), np.uint8))
+    (root / "train" / "good" / "notes.txt").write_text("not an image")
+    _save(f"{root}/test/good/g.png", rng.integers(0, 255, (h, w), np.uint8))
+    _save(f"{root}/test/crack/x.png", rng.integers(0, 255, (h, w, 3), np.uint8))
+    mask = np.zeros((h, w), np.uint8)
+    mask[: h // 2, : w // 2] = 255
+    _save(f"{root}/ground_truth/crack/x_mask.png", mask)
+
+
+@pytest.mark.parametrize("grayscale", [True, False])
+def test_folder_reader_odd_sizes_and_modes(tmp_path, grayscale):
+    _make_folder(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 1 non-image file.*good"):
+        train = folder.load_split(tmp_path, "train", 32, grayscale)
+    c = 1 if grayscale else 3
+    assert train.images.shape == (3, 32, 32, c) and train.images.dtype == np.float32
+    assert 0.0 <= train.images.min() and train.images.max() <= 1.0
+    assert train.images.std() > 0.05  # not blank
+    assert train.masks is None and list(train.labels) == [0, 0, 0] and len(train) == 3
+    assert [os.path.basename(p) for p in train.paths] == ["a.png", "b.png", "c.png"]
+    test = folder.load_split(tmp_path, "test", 32, grayscale)
+    assert test.defect_types == ["crack", "good"] and list(test.labels) == [1, 0]
+    assert test.labels.dtype == np.int32
+    assert test.masks.shape == (2, 32, 32) and test.masks.dtype == np.float32
+    assert set(np.unique(test.masks)) <= {0.0, 1.0}
+    m = test.masks[0]  # top-left quarter of 37x53 -> rows/cols < 16 of 32
+    assert m[:14, :14].min() == 1.0 and m[18:, :].max() == 0.0 and m[:, 18:].max() == 0.0
+    assert test.masks[1].max() == 0.0
+
+
+def test_folder_reader_16bit_palette_and_mask_01(tmp_path):
+    _save(f"{tmp_path}/train/good/a16.png", np.full((H, W), 32896, np.uint16))
+    pal = Image.new("P", (W, H), 0)
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.paste(1, (0, 0, W, H))
+    pal.save(f"{tmp_path}/train/good/p.png")
+    train = folder.load_split(tmp_path, "train", 16, True)
+    np.testing.assert_allclose(train.images[0], 128 / 255, atol=1e-6)  # fixed 1/257 scale
+    np.testing.assert_allclose(train.images[1], 1.0)
+    _save(f"{tmp_path}/test/hole/h.png", np.zeros((H, W), np.uint8))
+    mask = np.zeros((H, W), np.uint8)
+    mask[H // 2:, W // 2:] = 1  # a 0/1 mask is read as binary too
+    _save(f"{tmp_path}/ground_truth/hole/h_mask.png", mask)
+    test = folder.load_split(tmp_path, "test", 16, True)
+    assert test.masks[0][12:, 12:].min() == 1.0 and test.masks[0][:6].max() == 0.0
+
+
+def test_no_ground_truth_means_image_level_only(tmp_path):
+    _make_folder(tmp_path)
+    os.remove(tmp_path / "ground_truth" / "crack" / "x_mask.png")
+    os.rmdir(tmp_path / "ground_truth" / "crack")
+    os.rmdir(tmp_path / "ground_truth")
+    test = folder.load_split(tmp_path, "test", 16, True)
+    assert test.masks is None and list(test.labels) == [1, 0]
+
+
+def test_non_image_and_hidden_files_skipped(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "test" / "crack" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "test" / "crack" / "x.json").write_text("{}")
+    (tmp_path / "test" / "README.md").write_text("notes")
+    (tmp_path / "test" / ".hidden").mkdir()
+    _save(f"{tmp_path}/test/.hidden/z.png", np.zeros((4, 4), np.uint8))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        test = folder.load_split(tmp_path, "test", 16, True)
+    msgs = [str(x.message) for x in w]
+    assert any("skipped 2 non-image" in m and "crack" in m for m in msgs), msgs
+    assert any("skipped 1 non-image" in m and "README" in m for m in msgs), msgs
+    assert len(test) == 2
+
+
+def test_bad_inputs_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="data path does not exist: .*nope"):
+        folder.load_split(tmp_path / "nope", "train", 32, True)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(DataError, match="not an MVTec-layout folder .*no train/good.*x"):
+        folder.load_split(tmp_path / "x", "train", 32, True)
+    (tmp_path / "x" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images in .*x/train/good"):
+        folder.load_split(tmp_path / "x", "train", 32, True)
+    (tmp_path / "x" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images in .*x/test"):
+        folder.load_split(tmp_path / "x", "test", 32, True)
+
+    root = tmp_path / "r"
+    _make_folder(root)
+    data = (root / "train" / "good" / "a.png").read_bytes()
+    (root / "train" / "good" / "a.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="unreadable or truncated image: .*r/train/good/a.png"):
+        folder.load_split(root, "train", 32, True)
+    (root / "train" / "good" / "a.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="unreadable or truncated image: .*a.png"):
+        folder.load_split(root, "train", 32, True)
+
+    root = tmp_path / "m"
+    _make_folder(root)
+    _save(f"{root}/ground_truth/crack/x_mask.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(DataError, match="mask size .* differs .*m/ground_truth/crack/"
+                                        "x_mask.png vs .*m/test/crack/x.png"):
+        folder.load_split(root, "test", 32, True)
+
+    root = tmp_path / "o"
+    _make_folder(root)
+    _save(f"{root}/ground_truth/crack/y_mask.png", np.zeros((H, W), np.uint8))
+    with pytest.raises(DataError, match="mask has no matching test image: .*o/ground_truth/"
+                                        "crack/y_mask.png"):
+        folder.load_split(root, "test", 32, True)
+
+    root = tmp_path / "n"
+    _make_folder(root)
+    os.remove(root / "ground_truth" / "crack" / "x_mask.png")
+    with pytest.raises(DataError, match="mask missing for anomalous image: .*n/test/crack/x.png"):
+        folder.load_split(root, "test", 32, True)
+    with pytest.raises(DataError, match="unknown split 'val'"):
+        folder.load_split(root, "val", 32, True)
+
+
+def test_real_kolektor_test_split():
+    root = os.path.join(REAL, "kolektor")
+    if not os.path.isdir(root):
+        # CI always has ../shared/data: there a missing set is a failure, not a skip.
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the shared data set is missing: {root}")
+        pytest.skip("no shared data (../shared/data/kolektor)")
+    test = folder.load_split(root, "test", 32, True)
+    n_good = len(os.listdir(os.path.join(root, "test", "good")))
+    n_bad = len(os.listdir(os.path.join(root, "test", "crack")))
+    assert len(test) == n_good + n_bad and int(test.labels.sum()) == n_bad
+    assert test.images.shape == (n_good + n_bad, 32, 32, 1)
+    assert test.masks[test.labels == 1].sum() > 0 and test.masks[test.labels == 0].sum() == 0
+
+
+def test_split_validation():
+    train, _ = make_synthetic(16, True, num_train=10, num_test_good=1, num_test_anomalous=1)
+    tr, va = folder.split_validation(train, 0.2, seed=3)
+    assert (len(tr), len(va)) == (8, 2) and not set(tr.paths) & set(va.paths)
+    tr2, va2 = folder.split_validation(train, 0.2, seed=3)
+    assert va.paths == va2.paths
+    assert folder.split_validation(train, 0.2, seed=4)[1].paths != va.paths
+    assert len(folder.split_validation(train, 0.01, seed=0)[1]) == 1  # at least one
+    assert len(folder.split_validation(train, 0.0, seed=0)[1]) == 0
+    one = train.subset(np.array([0]))
+    assert len(folder.split_validation(one, 0.5, seed=0)[0]) == 1  # keeps the only image
+    with pytest.raises(DataError, match="fraction"):
+        folder.split_validation(train, 1.0, seed=0)
+
+
+def test_synthetic_deterministic(tmp_path):
+    kw = dict(num_train=5, num_test_good=3, num_test_anomalous=6)
+    a_train, a_test = make_synthetic(32, True, **kw)
+    b_train, b_test = make_synthetic(32, True, **kw)
+    c_train, c_test = make_synthetic(32, True, seed=1, **kw)
+    np.testing.assert_array_equal(a_train.images, b_train.images)
+    np.testing.assert_array_equal(a_test.images, b_test.images)
+    np.testing.assert_array_equal(a_test.masks, b_test.masks)
+    assert not np.array_equal(a_train.images, c_train.images)
+    assert not np.array_equal(a_test.masks, c_test.masks)
+    assert a_train.images.shape == (5, 32, 32, 1) and a_train.masks is None
+    assert 0.0 <= a_test.images.min() and a_test.images.max() <= 1.0
+    assert list(a_test.labels) == [0] * 3 + [1] * 6
+    assert a_test.masks[:3].sum() == 0 and all(m.sum() > 0 for m in a_test.masks[3:])
+    assert set(a_test.defect_types[3:]) == {"scratch", "blob", "hole"}
+    rgb_train, _ = make_synthetic(32, False, **kw)
+    assert rgb_train.images.shape == (5, 32, 32, 3)
+    write_synthetic_folder(tmp_path, 40, False, num_train=2, num_test_good=1,
+                           num_test_anomalous=2)
+    test = folder.load_split(tmp_path, "test", 40, False)
+    ref = make_synthetic(40, False, num_train=2, num_test_good=1, num_test_anomalous=2)[1]
+    assert len(test) == 3 and test.labels.sum() == 2
+    ours = {os.path.relpath(p, tmp_path): i for i, p in enumerate(test.paths)}
+    for j, p in enumerate(ref.paths):
+        i = ours[p.removeprefix("synthetic/")]
+        np.testing.assert_allclose(test.images[i], ref.images[j], atol=0.5 / 255 + 1e-6)
+        np.testing.assert_array_equal(test.masks[i], ref.masks[j])
+
+
+def test_load_dataset_validation_split():
+    d = load_dataset("", 32, True, 0.2, seed=0, synthetic_num_train=20)
+    assert len(d["train"]) == 16 and len(d["val"]) == 4 and len(d["test"]) == 80
+    assert not set(d["train"].paths) & set(d["val"].paths)
+    with pytest.raises(DataError, match="does not exist: /no/such/dir"):
+        load_dataset("/no/such/dir", 32, True, 0.2, seed=0)
+
+
+def test_pipeline_deterministic_resumable_sharded():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    take = lambda it, n: [b.ravel().tolist() for b in itertools.islice(it, n)]
+    a = take(pipeline.train_batches(x, 4, seed=0), 8)
+    assert all(len(b) == 4 for b in a)
+    assert next(pipeline.train_batches(x, 4, seed=0)).dtype == np.float32
+    assert a == take(pipeline.train_batches(x, 4, seed=0), 8)
+    assert a != take(pipeline.train_batches(x, 4, seed=1), 8)
+    for s in (1, 3, 5):
+        assert a[s:] == take(pipeline.train_batches(x, 4, seed=0, start_step=s), 8 - s)
+    flat = sum(a, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # each epoch reshuffled
+    s0 = take(pipeline.train_batches(x, 4, seed=0, shard_index=0, shard_count=2), 8)
+    s1 = take(pipeline.train_batches(x, 4, seed=0, shard_index=1, shard_count=2), 8)
+    for g, p, q in zip(a, s0, s1):
+        assert len(p) == len(q) == 2
+        assert p + q == g  # host blocks in process order are the global batch
+    x8 = x[:8]  # batches never straddle an epoch: images in the two shards are disjoint
+    u0 = take(pipeline.train_batches(x8, 4, seed=0, shard_index=0, shard_count=2), 4)
+    u1 = take(pipeline.train_batches(x8, 4, seed=0, shard_index=1, shard_count=2), 4)
+    assert all(not set(p) & set(q) for p, q in zip(u0, u1))
+    r1 = take(pipeline.train_batches(x, 4, seed=0, start_step=5, shard_index=1,
+                                     shard_count=2), 3)
+    assert r1 == s1[5:]
+    with pytest.raises(DataError, match="multiple"):
+        pipeline.train_batches(x, 5, seed=0, shard_count=2)
+    batches = list(pipeline.eval_batches(x, 4))
+    assert [r for _, r in batches] == [4, 4, 2] and batches[-1][0].shape[0] == 4
+    assert np.concatenate([b[:r] for b, r in batches]).ravel().tolist() == list(range(10))
+    assert batches[-1][0].ravel().tolist() == [8, 9, 9, 9]
+
+
+# The tfds builders need the tfds extra (pip install -e ".[tfds]"); CI installs it.
+needs_tfds = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("tensorflow", "tensorflow_datasets")),
+    reason='needs the tfds extra: pip install -e ".[tfds]"')
+
+
+@needs_tfds
+def test_tfds_mvtec_builder(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from ssm_jax.data.tfds_builders import MVTEC_CATEGORIES, MVTecAD, load_tfds_split
+    assert len(MVTEC_CATEGORIES) == 15 and len(MVTecAD.BUILDER_CONFIGS) == 15
+    _make_folder(tmp_path / "manual" / "bottle")
+    data_dir, manual = str(tmp_path / "tfds"), str(tmp_path / "manual")
+    ds = load_tfds_split("mvtec_ad/bottle", "test", data_dir, manual, 32, True)
+    ref = folder.load_split(tmp_path / "manual" / "bottle", "test", 32, True)
+    assert len(ds) == 2 and ds.masks.shape == (2, 32, 32) and list(ds.labels) == [1, 0]
+    assert ds.defect_types == ref.defect_types
+    np.testing.assert_array_equal(ds.masks, ref.masks)
+    np.testing.assert_allclose(ds.images, ref.images, atol=2 / 255)  # RGB round trip
+    train = load_tfds_split("mvtec_ad/bottle", "train", data_dir, manual, 32, False)
+    assert train.images.shape == (3, 32, 32, 3) and train.masks is None
+    b = MVTecAD(config="bottle", data_dir=data_dir)
+    assert b.info.splits["train"].num_examples == 3
+    assert b.info.splits["test"].num_examples == 2
+    assert isinstance(b.info.features["mask"], tfds.features.Image)
+    ex = next(iter(tfds.as_numpy(b.as_dataset(split="test").take(1))))
+    assert ex["image"].shape == (H, W, 3) and ex["mask"].shape == (H, W, 1)
+    with pytest.raises(DataError, match="unknown MVTec AD category 'bottel'"):
+        load_tfds_split("mvtec_ad/bottel", "test", data_dir, manual, 32, True)
+    _save(f"{tmp_path}/manual/cable/train/good/a.png", np.zeros((H, W), np.uint8))
+    _make_folder(tmp_path / "manual" / "cable")
+    _save(f"{tmp_path}/manual/cable/ground_truth/crack/y_mask.png", np.zeros((H, W), np.uint8))
+    with pytest.raises(DataError, match="mask has no matching test image: .*y_mask.png"):
+        load_tfds_split("mvtec_ad/cable", "test", data_dir, manual, 32, True)
+
+
+@needs_tfds
+def test_tfds_retinal_oct_builder(tmp_path):
+    from ssm_jax.data.tfds_builders import load_tfds_split
+    rng = np.random.default_rng(0)
+    man = tmp_path / "oct"
+    for split, classes in (("train", ["NORMAL", "CNV"]), ("test", ["NORMAL", "DME"])):
+        for cls in classes:
+            for i in range(2):
+                _save(f"{man}/{split}/{cls}/{cls}-{i}.jpeg",
+                      rng.integers(0, 255, (30, 40), np.uint8))
+    train = load_tfds_split("retinal_oct", "train", str(tmp_path / "t"), str(man), 16, True)
+    test = load_tfds_split("retinal_oct", "test", str(tmp_path / "t"), str(man), 16, False)
+    assert len(train) == 2 and train.labels.sum() == 0  # NORMAL only
+    assert train.images.shape == (2, 16, 16, 1) and test.images.shape == (4, 16, 16, 3)
+    assert len(test) == 4 and test.labels.sum() == 2 and test.masks is None
+    assert sorted(set(test.defect_types)) == ["DME", "NORMAL"]
+    with pytest.raises(DataError, match="data path does not exist: .*missing"):
+        load_tfds_split("retinal_oct", "test", str(tmp_path / "t2"), str(tmp_path / "missing"),
+                        16, True)

@@ -1,0 +1,160 @@
+"""One training run per workdir: a second train on a live workdir stops at once; a stale
+lock is taken over with a warning; a multi-process run holds one lock (process 0)."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ssm_jax.core.errors import WorkdirLocked
+from ssm_jax.runs import lock as workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
+        "--config.data.synthetic_num_train=24", "--config.mask.ks=(4,8)",
+        "--config.eval.ks=(8,)", "--config.eval.num_overlays=0"]
+
+
+def _env(**extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+
+
+def _train_cmd(wd, *extra):
+    return [sys.executable, "-m", "ssm_jax", "train", "--config", "configs/quickstart.py",
+            "--workdir", str(wd), *TINY, *extra]
+
+
+def test_second_train_on_live_workdir_exits_at_once(tmp_path, caplog):
+    wd = tmp_path / "wd"
+    first = subprocess.Popen(_train_cmd(wd, "--config.train.steps=100000",
+                                        "--config.train.checkpoint_every=100000",
+                                        "--config.train.eval_every=100000"),
+                             env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (wd / "config.json").exists():  # written under the lock
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() - t0 < 300
+            time.sleep(0.2)
+        info = json.loads((wd / workdir_lock.LOCK_FILE).read_text())
+        assert info["pid"] == first.pid and info["host"] == socket.gethostname()
+        res = subprocess.run(_train_cmd(wd, "--config.train.steps=3"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, res.stderr[-3000:]
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ssm-jax: error: workdir"), err
+        assert f"pid {first.pid}" in err[0] and socket.gethostname() in err[0]
+        assert "started 20" in err[0]
+        assert first.poll() is None  # the live run is untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # Its holder is gone (SIGKILL: no clean-up): the next run takes the lock over.
+    assert (wd / workdir_lock.LOCK_FILE).exists()
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(str(wd)):
+            pass
+    assert any("taking over the stale lock" in r.getMessage()
+               and f"process {first.pid} is gone" in r.getMessage() for r in caplog.records)
+    assert not (wd / workdir_lock.LOCK_FILE).exists()
+
+
+def _write_lock(wd, age_s, host="another-host.example", pid=12345):
+    wd.mkdir(parents=True, exist_ok=True)
+    path = wd / workdir_lock.LOCK_FILE
+    beat = time.time() - age_s
+    path.write_text(json.dumps({"host": host, "pid": pid, "start_time": beat - 60,
+                                "heartbeat": beat, "token": "x"}))
+    os.utime(path, (beat, beat))
+    return path
+
+
+def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path, caplog):
+    wd = tmp_path / "wd"
+    _write_lock(wd, age_s=5)
+    with pytest.raises(WorkdirLocked, match="host another-host.example, pid 12345"):
+        workdir_lock.WorkdirLock(str(wd)).acquire()
+    _write_lock(wd, age_s=workdir_lock.STALE_AFTER_S + 60)
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(str(wd)) as lock:
+            assert json.loads((wd / workdir_lock.LOCK_FILE).read_text())["token"] == lock.token
+    assert any("no heartbeat from host another-host.example" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_heartbeat_and_release(tmp_path):
+    wd = tmp_path / "wd"
+    lock = workdir_lock.WorkdirLock(str(wd), heartbeat_s=0.05)
+    lock.acquire()
+    path = wd / workdir_lock.LOCK_FILE
+    first = json.loads(path.read_text())["heartbeat"]
+    t0 = time.time()
+    while json.loads(path.read_text())["heartbeat"] == first:
+        assert time.time() - t0 < 5
+        time.sleep(0.02)
+    # A live lock of this very process (another run in it) is refused too.
+    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
+        workdir_lock.WorkdirLock(str(wd)).acquire()
+    lock.release()
+    assert not path.exists()
+    # Releasing never removes a lock that is not ours.
+    _write_lock(wd, age_s=0)
+    lock.release()
+    assert path.exists()
+
+
+MULTI = textwrap.dedent("""
+    import json, os, sys
+    from ssm_jax.runtime import distributed
+    from ssm_jax.core import parallel
+    from ssm_jax.runs import lock as workdir_lock
+    from ssm_jax.core.errors import WorkdirLocked
+    distributed.maybe_initialize()
+    import jax
+    for wd in sys.argv[1:]:
+        out = {"process": jax.process_index()}
+        try:
+            with workdir_lock.RunLock(wd) as run:
+                out["holds"] = run.lock is not None and run.lock.held
+                parallel.barrier("locked")
+                out["lock_pid"] = json.load(open(os.path.join(wd, workdir_lock.LOCK_FILE)))["pid"]
+                out["my_pid"] = os.getpid()
+                parallel.barrier("read")
+        except WorkdirLocked as e:
+            out["error"] = str(e)
+        print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def _launch(tmp_path, *wds):
+    """One launch of 2 processes; each takes RunLock on each workdir in turn. Returns, per
+    workdir, what processes 0 and 1 saw."""
+    env = dict(os.environ, SSM_LOG_PREFIX=str(tmp_path / "proc"))
+    res = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2",
+                          "1", sys.executable, "-c", MULTI, *map(str, wds)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
+    assert res.returncode == 0, "\n".join(logs)[-4000:]
+    results = [[json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")]
+               for log in logs]
+    assert all(len(r) == len(wds) for r in results), results
+    return list(zip(*results))
+
+
+def test_multi_process_run_holds_one_lock(tmp_path):
+    free, foreign = tmp_path / "wd", tmp_path / "locked"
+    # A live foreign lock on the second workdir.
+    _write_lock(foreign, age_s=0)
+    (p0, p1), (q0, q1) = _launch(tmp_path, free, foreign)
+    assert p0["holds"] and not p1["holds"]
+    assert p0["lock_pid"] == p1["lock_pid"] == p0["my_pid"] != p1["my_pid"]
+    assert not (free / workdir_lock.LOCK_FILE).exists()
+    # The live foreign lock stops both processes with the error (none goes on alone).
+    assert "another-host.example" in q0["error"] and "in use" in q1["error"]
