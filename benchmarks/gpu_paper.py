@@ -23,7 +23,7 @@ one's compiled programs.
   step) / the measured peak of a large matmul in the same dtype (as throughput.py).
 
     bash benchmarks/gpu_paper.sh            # the device script (wheels, then this)
-    python benchmarks/gpu_paper.py --data benchmarks/device_data/128 --budget 510
+    python benchmarks/gpu_paper.py --data tools/device_data/128 --budget 510
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ SETS = ("magnetic_tile", "kolektor")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "device_data", "128"))
+    p.add_argument("--data", default=os.path.join(ROOT, "tools", "device_data", "128"))
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--workdir", default="", help="default: a temporary folder")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for s in sets:
         if not os.path.isdir(os.path.join(a.data, s, "train", "good")):
             print(f"gpu_paper: error: no {s} copy under {a.data}: run "
-                  f"'python benchmarks/prep_device_data.py' and carry benchmarks/device_data",
+                  f"'python tools/prep_device_data.py' and carry tools/device_data",
                   file=sys.stderr)
             return 2
     common = ["--config.data.grayscale=True", "--config.train.log_every=50"]

@@ -5,10 +5,10 @@
 # minutes (benchmarks/gpu_paper.py shares the budget; see its docstring), then one table.
 #
 # Before the device call, on this machine (both folders are git-ignored):
-#   bash benchmarks/fetch_wheels.sh                 # 8.8 MB: grain, clu, ml_collections, ...
-#   python benchmarks/prep_device_data.py           # 14 MiB: the two sets at 128 px
+#   bash tools/fetch_wheels.sh                 # 8.8 MB: grain, clu, ml_collections, ...
+#   python tools/prep_device_data.py           # 14 MiB: the two sets at 128 px
 # Then, with the device tool: command "bash benchmarks/gpu_paper.sh",
-#   carry ["benchmarks/wheels", "benchmarks/device_data"], timeout_s 600.
+#   carry ["tools/wheels", "tools/device_data"], timeout_s 600.
 # The table is printed at the end; $OUT gets paper_results.json and each run's metrics.
 #
 #   bash benchmarks/gpu_paper.sh --smoke    # CPU, tiny (32 px copies of 8 images per
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 SITE="${TMPDIR:-/tmp}/ssm_jax_site"
-. benchmarks/carry_env.sh "$SITE" || exit 2
+. tools/carry_env.sh "$SITE" || exit 2
 
 echo "== device"
 python -c "import jax; print(jax.__version__, jax.devices())" || exit 3
@@ -32,7 +32,7 @@ if [[ $SMOKE == 1 ]]; then
   trap 'rm -rf "$data" "${work:-}"' EXIT
   work="$(mktemp -d "${TMPDIR:-/tmp}/ssm_jax_smoke_runs.XXXXXX")"
   export JAX_PLATFORMS=cpu
-  python benchmarks/prep_device_data.py --size 32 --limit 8 --out "$data" || exit 2
+  python tools/prep_device_data.py --size 32 --limit 8 --out "$data" || exit 2
   args=(--smoke --budget "${BUDGET_S:-1800}" --dtypes "${DTYPES:-bfloat16,float32}"
         --sets "${SETS:-magnetic_tile,kolektor}" --steps "${STEPS:-0}" --data "$data"
         --workdir "$work")

@@ -16,7 +16,7 @@ def _script(name):
 
 
 def test_throughput_measures_every_part(capsys):
-    """benchmarks/throughput.py (benchmarks/gpu_check.sh runs it): training, scoring with
+    """benchmarks/throughput.py (tools/gpu_check.sh runs it): training, scoring with
     one and with two passes, FLOPs; tiny settings, peak skipped."""
     result = _script("throughput").main([
         "--image-size", "32", "--width", "4", "--batch", "2", "--ks", "8", "--grayscale",

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Downloads the wheels that `ssm-jax train` / `evaluate` need on a JAX-only machine into
-# benchmarks/wheels/ (git-ignored; carry it with the device run). The lent GPU machines
+# tools/wheels/ (git-ignored; carry it with the device run). The lent GPU machines
 # (Python 3.12) have jax, flax, optax, orbax-checkpoint, tensorboard and, from their image,
 # matplotlib, pillow, scipy, tqdm, wrapt, cloudpickle, pyyaml, etils, pytest; they lack
 #   grain (+ array_record, portpicker), clu, ml_collections, flatbuffers and filelock (the
 #   compilation cache: ssm_jax.runtime.compile_cache).
 # grain and array_record are compiled: one wheel per Python version (PY_VERSIONS, default
-# the device's 3.12 and this machine's python3, which benchmarks/jax_only_check.sh uses).
+# the device's 3.12 and this machine's python3, which tools/jax_only_check.sh uses).
 # About 4.5 MB per Python version; clu, ml_collections and portpicker are pure Python.
 #
-#   bash benchmarks/fetch_wheels.sh            # then: du -sh benchmarks/wheels
-#   PY_VERSIONS="3.12" bash benchmarks/fetch_wheels.sh
+#   bash tools/fetch_wheels.sh            # then: du -sh tools/wheels
+#   PY_VERSIONS="3.12" bash tools/fetch_wheels.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 dest="$here/wheels"

@@ -2,14 +2,14 @@
 # One prepared check for a lent GPU machine (no network; it has jax, flax, optax,
 # orbax-checkpoint, tensorboard, but no tensorflow/tfds/grain/clu/ml_collections).
 #
-#   1. pytest tests/method/test_model.py tests/method/test_scoring.py tests/method/test_losses.py tests/method/test_masks.py
+#   1. pytest tests/method/test_{model,scoring,losses,masks}.py
 #   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
 #      float32 and bfloat16, then a short table (and one RESULT JSON line per run).
 #
-# Before the device call, on this machine: `bash benchmarks/fetch_wheels.sh` (grain,
+# Before the device call, on this machine: `bash tools/fetch_wheels.sh` (grain,
 # array_record, portpicker, clu, ml_collections for Python 3.12 and this machine's python,
-# 8.8 MB, into the git-ignored benchmarks/wheels/). Then run, with
-# the device tool:  command "bash benchmarks/gpu_check.sh", carry ["benchmarks/wheels"],
+# 8.8 MB, into the git-ignored tools/wheels/). Then run, with
+# the device tool:  command "bash tools/gpu_check.sh", carry ["tools/wheels"],
 # timeout_s 600 (the script keeps itself under ~9 minutes: every part has its own timeout).
 #
 # Options: --smoke (tiny sizes, runs on CPU in ~minutes; checks the script itself),
@@ -33,7 +33,7 @@ else
 fi
 
 # --- wheels the machine lacks (grain, clu, ml_collections, ...), into a private folder ----
-. benchmarks/carry_env.sh "${TMPDIR:-/tmp}/ssm_jax_site" || exit 2
+. tools/carry_env.sh "${TMPDIR:-/tmp}/ssm_jax_site" || exit 2
 
 echo "== device"
 python -c "import jax; print(jax.__version__, jax.devices())" || exit 3

@@ -4,15 +4,15 @@
 # flax, optax, orbax-checkpoint, tensorboard and what the GPU image also holds that ssm_jax
 # uses (matplotlib, tqdm, wrapt, cloudpickle; pillow, scipy, pyyaml, etils come with the
 # first five), no tensorflow, tfds, grain, clu or ml_collections, and ssm_jax not
-# installed. The carried wheels (benchmarks/fetch_wheels.sh) are installed into a private
-# folder exactly as the device scripts do (benchmarks/carry_env.sh), then train + evaluate
+# installed. The carried wheels (tools/fetch_wheels.sh) are installed into a private
+# folder exactly as the device scripts do (tools/carry_env.sh), then train + evaluate
 # run on the embedded synthetic data at a tiny size (32 px, width 4, 3 steps).
 #
 # CI runs it from .ci/run after the tests (it needs pip's registry for the venv, about a
 # minute to build; the run itself ~1-2 minutes on 2 cores). Package versions are the ones
 # of the calling python (CI's venv) where it has them, so both agree.
 #
-#   bash benchmarks/jax_only_check.sh        # JAX_ONLY_VENV=DIR to build the venv elsewhere
+#   bash tools/jax_only_check.sh        # JAX_ONLY_VENV=DIR to build the venv elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -36,7 +36,7 @@ quiet() {  # runs pip quietly, without this machine's find-links warnings
   return $rc
 }
 
-[[ -d "$ROOT/benchmarks/wheels" ]] || bash benchmarks/fetch_wheels.sh >/dev/null
+[[ -d "$ROOT/tools/wheels" ]] || bash tools/fetch_wheels.sh >/dev/null
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "== building $VENV: ${specs[*]}"
   python3 -m venv "$VENV"
@@ -56,7 +56,7 @@ for m in tensorflow tensorflow_datasets grain clu ml_collections ssm_jax; do
   fi
 done
 
-. benchmarks/carry_env.sh "$WORK/site"
+. tools/carry_env.sh "$WORK/site"
 
 TINY=(--config.data.image_size=32 --config.model.width=4 --config.train.batch_size=4
       --config.data.synthetic_num_train=24 "--config.mask.ks=(4,8)" "--config.eval.ks=(8,)"
@@ -75,7 +75,7 @@ res = json.load(open(os.path.join(work, "wd", "eval", "metrics.json")))
 assert res["num_images"] > 0 and 0.0 <= res["image_auroc"] <= 1.0, res
 events = glob.glob(os.path.join(work, "wd", "events.out.tfevents.*"))
 assert events, "no TensorBoard event file"
-from ssm_jax import tb_writer
+from ssm_jax.training import tb_writer
 scalars = tb_writer.read_scalars(os.path.join(work, "wd"))
 assert "loss" in scalars and "val_loss" in scalars, sorted(scalars)
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))

@@ -7,10 +7,10 @@ lossless PNG, so training on a copy at ``--size`` reads the same arrays as train
 original at ``data.image_size=--size`` (square resize, ``data.grayscale`` as given; the
 reader's resize of a copy is a no-op). A few images per set are checked for that.
 
-    python benchmarks/prep_device_data.py                 # -> benchmarks/device_data/128/
-    python benchmarks/prep_device_data.py --size 32 --limit 8 --out /tmp/dd   # smoke
+    python tools/prep_device_data.py                 # -> tools/device_data/128/
+    python tools/prep_device_data.py --size 32 --limit 8 --out /tmp/dd   # smoke
 
-Then carry ``benchmarks/device_data`` (git-ignored) with the device run.
+Then carry ``tools/device_data`` (git-ignored) with the device run.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def convert(src: str, dst: str, is_mask: bool, size: int, grayscale: bool) -> No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--src", default=os.path.join(ROOT, "..", "shared", "data"))
-    p.add_argument("--out", default="", help="default: benchmarks/device_data/<size>")
+    p.add_argument("--out", default="", help="default: tools/device_data/<size>")
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--size", type=int, default=128, help="training scale (data.image_size)")
     p.add_argument("--rgb", action="store_true", help="keep RGB (default: greyscale, L)")
     p.add_argument("--limit", type=int, default=0, help="> 0: first N images per folder")
     a = p.parse_args(argv)
-    out_root = a.out or os.path.join(ROOT, "benchmarks", "device_data", str(a.size))
+    out_root = a.out or os.path.join(ROOT, "tools", "device_data", str(a.size))
     total = 0
     for name in [s for s in a.sets.split(",") if s]:
         src = os.path.join(a.src, name)
