@@ -26,6 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
     # whole image (the network is fully convolutional).
     c.data.keep_aspect = False
     c.data.crop_size = 0
+    # Training images from data.path: "auto" keeps them decoded in memory up to 1 GiB of
+    # float32 (fastest for small sets) and streams them from their files above that (host
+    # memory flat in the set's size; each host decodes only its rows); "true" / "false"
+    # force one path. Both give the same batches (ssm_jax.data.stream).
+    c.data.stream = "auto"
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 64

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from ssm_jax.data import folder
 from ssm_jax.data.folder import ImageSet, load_split, padded_shape, split_validation
 
 
@@ -37,4 +40,39 @@ def load_dataset_for(cfg) -> dict[str, ImageSet]:
                         synthetic_num_train=d.synthetic_num_train, keep_aspect=d.keep_aspect)
 
 
-__all__ = ["ImageSet", "load_dataset", "load_dataset_for", "load_split", "split_validation"]
+def load_training_sets(cfg) -> tuple[ImageSet, ImageSet, object]:
+    """(train, validation, validation images as the loss scores them) for training.
+
+    In memory (``load_dataset_for``) or, when ``data.stream`` says so (see
+    ``ssm_jax.data.stream``), streamed: then ``train.images`` and ``val.images`` are
+    ``ImageFiles`` sources that decode on demand, and nothing is decoded here. The third
+    item is the validation images (their center crops when training on crops), an array or
+    a source; both index by slice into an array batch.
+    """
+    from ssm_jax.data import stream
+
+    d = cfg.data
+    setting = stream.stream_setting(d.stream)
+    if d.path and setting != "false":
+        n = len(folder.train_paths(d.path))
+        if stream.should_stream(setting, n, d.image_size, d.grayscale):
+            train, val, val_images = stream.streamed_training_split(
+                d.path, d.image_size, d.grayscale, d.val_fraction, cfg.seed, d.keep_aspect,
+                d.crop_size)
+
+            def as_set(files: stream.ImageFiles) -> ImageSet:
+                k = len(files)
+                return ImageSet(files, np.zeros(k, np.int32), None, files.paths, ["good"] * k,
+                                files.sizes)
+
+            return as_set(train), as_set(val), val_images
+    from ssm_jax.data.pipeline import center_crops
+
+    data = load_dataset_for(cfg)
+    train, val = data["train"], data["val"]
+    crop = d.crop_size
+    return train, val, (val.images if not crop else center_crops(val.images, val.sizes, crop))
+
+
+__all__ = ["ImageSet", "load_dataset", "load_dataset_for", "load_split", "load_training_sets",
+           "split_validation"]

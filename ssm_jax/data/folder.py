@@ -44,14 +44,17 @@ from ssm_jax.core.errors import DataError
 PAD_MULTIPLE = 16  # the U-Net halves the image 4 times
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # PIL decodes and resizes with the GIL released, so threads scale on I/O and decode.
-_WORKERS = min(16, 2 * (os.cpu_count() or 2))
+DECODE_THREADS = min(16, 2 * (os.cpu_count() or 2))
 
 
 @dataclasses.dataclass
 class ImageSet:
     """Images [N, H, W, C] float32 in [0, 1]; labels 0 normal / 1 anomalous; masks
     [N, H, W] float32 in {0, 1}, or None where the split has no ground truth; sizes
-    [N, 2] int32 valid (height, width) of padded images, or None (nothing padded)."""
+    [N, 2] int32 valid (height, width) of padded images, or None (nothing padded).
+
+    A streamed training set (``ssm_jax.data.load_training_sets``) holds an
+    ``ImageFiles`` source as ``images``: it decodes on demand and indexes like the array."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -175,6 +178,18 @@ def open_image(path: str, mode: str):
         raise DataError(f"unreadable or truncated image: {path} ({e})") from e
 
 
+def image_wh(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header only (nothing is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+            Image.DecompressionBombError) as e:
+        raise DataError(f"unreadable or truncated image: {path} ({e})") from e
+
+
 def target_size(wh: tuple[int, int], image_size: int, keep_aspect: bool) -> tuple[int, int]:
     """(width, height) an image of size ``wh`` is resized to."""
     if not keep_aspect:
@@ -229,7 +244,7 @@ def pad_images(arrays: list[np.ndarray], shape: tuple[int, int]) -> tuple[np.nda
 
 
 def _load_many(paths: list[str], image_size: int, grayscale: bool, keep_aspect: bool = False):
-    with ThreadPoolExecutor(max_workers=_WORKERS) as ex:
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as ex:
         out = list(ex.map(lambda p: _load_one(p, image_size, grayscale, keep_aspect), paths))
     c = 1 if grayscale else 3
     arrs = [a for a, _ in out]
@@ -319,16 +334,25 @@ def load_mask(mask_path: str, image_path: str, image_wh: tuple[int, int],
     return mask_to_array(resize(m, target_size(m.size, image_size, keep_aspect), nearest=True))
 
 
+def train_paths(root: str | os.PathLike) -> list[str]:
+    """The sorted training image files (train/good) of an MVTec-layout folder; none is a
+    DataError."""
+    root = os.fspath(root)
+    _check_root(root)
+    folder = os.path.join(root, "train", "good")
+    paths = list_images(folder)
+    if not paths:
+        raise DataError(f"no images in {folder}")
+    return paths
+
+
 def load_split(root: str | os.PathLike, split: str, image_size: int,
                grayscale: bool, keep_aspect: bool = False) -> ImageSet:
     """Reads ``train`` (train/good) or ``test`` (test/*, with ground_truth masks if any)."""
     root = os.fspath(root)
     _check_root(root)
     if split == "train":
-        folder = os.path.join(root, "train", "good")
-        paths = list_images(folder)
-        if not paths:
-            raise DataError(f"no images in {folder}")
+        paths = train_paths(root)
         images, sizes = load_images(paths, image_size, grayscale, keep_aspect)
         return ImageSet(images, np.zeros(len(paths), np.int32), None, paths,
                         ["good"] * len(paths), sizes)
@@ -351,7 +375,7 @@ def load_split(root: str | os.PathLike, split: str, image_size: int,
             h, w = images.shape[1:3]  # zero-padded to the images' common shape
             return np.pad(m, ((0, h - m.shape[0]), (0, w - m.shape[1])))
 
-        with ThreadPoolExecutor(max_workers=_WORKERS) as ex:
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as ex:
             masks = np.stack(list(ex.map(one, jobs)))
     labels = np.array([0 if k == "good" else 1 for k in kinds], np.int32)
     return ImageSet(images, labels, masks, paths, kinds, valid)
@@ -363,16 +387,22 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     At least one image is held out when ``fraction`` > 0 and there are two or more, and at
     least one is always left for training.
     """
+    train_idx, val_idx = validation_indices(len(train), fraction, seed)
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), each sorted, of :func:`split_validation` for ``n``
+    images (the streamed path splits file lists with it, so both paths hold out the same
+    images)."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"validation fraction must be in [0, 1), got {fraction}")
-    n = len(train)
     n_val = int(round(fraction * n))
     if fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
     n_val = min(n_val, max(n - 1, 0))
     order = np.random.default_rng([seed, 17]).permutation(n)
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return train.subset(train_idx), train.subset(val_idx)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:

@@ -27,7 +27,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from ssm_jax.core.errors import DataError
-from ssm_jax.data.folder import full_sizes
+from ssm_jax.data.folder import DECODE_THREADS, full_sizes
+from ssm_jax.data.stream import ImageFiles
+
+READ_THREADS = DECODE_THREADS  # streamed decoding threads per host
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,6 +59,41 @@ class _GlobalBatches:
         return out
 
 
+class _HostExamples:
+    """Random-access source of this host's examples, in order: element ``j`` is row
+    ``j % b`` of this host's block (``b`` rows) of global batch ``j // b``, decoded from
+    ``files`` on demand and cut like the in-memory path cuts it."""
+
+    def __init__(self, files, global_batch_size: int, per_host: int, shard_index: int,
+                 seed: int, crop_size: int, sizes: np.ndarray) -> None:
+        self.files, self.per_host, self.first = files, per_host, shard_index * per_host
+        self.batches = _GlobalBatches(len(files), global_batch_size, seed)
+        self.seed, self.crop_size, self.sizes = seed, crop_size, sizes
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __repr__(self) -> str:
+        return f"_HostExamples({self.files!r}, rows {self.first}+{self.per_host})"
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one per pipeline, lives as long)
+    def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        idx = self.batches[step]
+        if not self.crop_size:
+            return idx, None
+        return idx, crop_offsets(self.sizes[idx], self.crop_size, self.seed, step)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        step, r = divmod(int(j), self.per_host)
+        idx, offsets = self._batch(step)
+        row = self.first + r
+        image = self.files[int(idx[row])]
+        if offsets is None:
+            return image
+        y, x = offsets[row]
+        return image[y:y + self.crop_size, x:x + self.crop_size]
+
+
 def global_batch_indices(n: int, global_batch_size: int, seed: int, step: int) -> np.ndarray:
     """Image indices of global batch ``step`` (all hosts together), for checks and tools."""
     return _GlobalBatches(n, global_batch_size, seed)[step]
@@ -82,14 +120,17 @@ def center_crops(images: np.ndarray, sizes: np.ndarray | None, crop: int) -> np.
     return crop_batch(images, offsets, crop)
 
 
-def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_step: int = 0,
-                  shard_index: int = 0, shard_count: int = 1,
+def train_batches(images: np.ndarray | ImageFiles, global_batch_size: int, seed: int,
+                  start_step: int = 0, shard_index: int = 0, shard_count: int = 1,
                   prefetch_threads: int = 2, crop_size: int = 0,
                   sizes: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32
     (``S`` = ``crop_size`` when cropping; ``sizes`` [N, 2] are the valid image sizes).
 
     The k-th batch yielded is this host's block of global batch ``start_step + k``.
+    ``images`` is an array (in memory) or an :class:`ImageFiles` source (streamed: this
+    host decodes only its rows, in ``stream.READ_THREADS`` threads); both give the same
+    batches.
     """
     import grain
 
@@ -100,8 +141,19 @@ def train_batches(images: np.ndarray, global_batch_size: int, seed: int, start_s
                         f"{shard_count} hosts")
     if not 0 <= shard_index < shard_count or start_step < 0:
         raise DataError(f"bad shard {shard_index} of {shard_count} or start step {start_step}")
-    images = np.asarray(images, np.float32)
     per_host = global_batch_size // shard_count
+    if isinstance(images, ImageFiles):
+        if sizes is None:
+            sizes = np.tile(np.array(images.shape, np.int32), (len(images), 1))
+        examples = _HostExamples(images, global_batch_size, per_host, shard_index, seed,
+                                 crop_size, sizes)
+        # One element per image, so the reading threads decode images (not whole batches)
+        # in parallel; the prefetch buffer bounds what is held to a few batches.
+        ds = grain.MapDataset.source(examples)[start_step * per_host:]
+        it = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=READ_THREADS, prefetch_buffer_size=max(2 * per_host, 2 * READ_THREADS)))
+        return iter(it.batch(per_host, batch_fn=np.stack))
+    images = np.asarray(images, np.float32)
     rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     source = _GlobalBatches(len(images), global_batch_size, seed)
     if sizes is None:

@@ -161,16 +161,12 @@ def validation_losses(val_fn, state, mesh, images: np.ndarray, batch_size: int) 
 
 def load_training_data(cfg: ml_collections.ConfigDict):
     """(train set, validation set, validation images): the images validation scores are the
-    validation set's center crops when training on crops. An empty train split (everything
-    held out) is a ConfigError."""
-    from ssm_jax.data import load_dataset_for
-    from ssm_jax.data.pipeline import center_crops
+    validation set's center crops when training on crops; in memory, or sources that decode
+    on demand when ``data.stream`` streams them (``ssm_jax.data.load_training_sets``). An
+    empty train split (everything held out) is a ConfigError."""
+    from ssm_jax.data import load_training_sets
 
-    data = load_dataset_for(cfg)
-    train_set, val_set = data["train"], data["val"]
-    crop = cfg.data.crop_size
-    val_images = val_set.images if not crop else center_crops(val_set.images, val_set.sizes,
-                                                              crop)
+    train_set, val_set, val_images = load_training_sets(cfg)
     if len(train_set) < 1:
         raise ConfigError("no training images left after holding out the validation split")
     return train_set, val_set, val_images
