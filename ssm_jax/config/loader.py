@@ -24,7 +24,8 @@ from ssm_jax.core.errors import ConfigError
 # Key groups: which config keys matter where. A name ending in "." is a whole section.
 # Keys that may change when resuming a training run (its length and reporting).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
-                  "train.eval_every", "train.keep_checkpoints")
+                  "train.eval_every", "train.keep_checkpoints",
+                  "data.stream")  # streamed and in-memory batches are the same
 # Keys that fix the parameter shapes: a checkpoint only fits the values it was trained with.
 MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
 # Mask settings that only change which training masks are drawn.
@@ -238,6 +239,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     elif cfg.data.keep_aspect and cfg.data.path:
         raise ConfigError("data.keep_aspect=True needs data.crop_size > 0 (images of "
                           "different shapes are trained on square crops)")
+    from ssm_jax.data.stream import stream_setting
+
+    stream_setting(cfg.data.stream)  # auto | true | false
     t = cfg.train
     if not 0.0 <= t.lr_decay_factor <= 1.0:
         raise ConfigError(f"train.lr_decay_factor must be in [0, 1] (the learning rate is "

@@ -146,3 +146,14 @@ def test_bad_setting_and_data_errors_are_one_line(square_folder, tmp_path):
     with pytest.raises(DataError, match="unreadable or truncated image: .*0002.png"):
         next(pipeline.train_batches(train.images, 4, seed=0))
     assert os.path.exists(bad)
+
+
+def test_config_key_checked_at_load_and_resumable():
+    from ssm_jax.config import loader
+
+    quick = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.py")
+    assert loader.load(quick, ["data.stream=true"]).data.stream == "True"
+    assert loader.load(quick).data.stream == "auto"
+    with pytest.raises(ConfigError, match="data.stream must be auto, true or false"):
+        loader.load(quick, ["data.stream=sometimes"])
+    assert "data.stream" in loader.RESUMABLE_KEYS  # both paths give the same batches
