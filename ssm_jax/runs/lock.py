@@ -4,12 +4,30 @@
 ends. A second ``train`` on a live workdir stops at once with one line naming the holder.
 A lock is *stale*, and is taken over with a warning, when its holder is gone: on the same
 host, its process no longer exists (or the pid now belongs to a younger process); on
-another host, its heartbeat (the holder rewrites the file every ``HEARTBEAT_S`` seconds)
+another host, its heartbeat (the holder rewrites the lock every ``HEARTBEAT_S`` seconds)
 is older than ``STALE_AFTER_S``. A multi-process run holds one lock, taken by process 0;
 the other processes learn the outcome from it and fail with it.
 
-The lock file is created complete and atomically (written to a private file, then
-hard-linked into place, which fails if a lock exists), so a reader never sees half a lock.
+How the lock is made exclusive depends on where the workdir is:
+
+* **Local disk**: the lock file is written to a private file, then hard-linked into place,
+  which fails if a lock exists (atomic on POSIX file systems, NFS included), so a reader
+  never sees half a lock. A stale lock is renamed aside first; of several contenders only
+  one rename succeeds.
+* **Google Cloud Storage** (``gs://``): object stores have no links or renames, but every
+  GCS write can carry a *generation precondition*, checked atomically by the store. The
+  lock is taken by creating the object only if absent (``ifGenerationMatch=0``); the
+  holder renews its lease by rewriting it only if it is still the generation it wrote;
+  a stale (or released) lock is taken over by rewriting it only if it is still the
+  generation that was judged stale, so of two contenders exactly one wins and the other
+  re-reads a live lock. Releasing rewrites the object, again conditionally, as a
+  ``"released"`` record that the next run takes over silently (a conditional *delete*
+  would do the same on GCS, but the emulator, fake-gcs-server, ignores preconditions on
+  deletes; conditional writes it checks). This goes through google-cloud-storage (the
+  ``gcs`` extra), whose uploads take ``if_generation_match``; gcsfs has no such argument.
+  The heartbeat age is measured against the object's server-side update time too.
+* Other URL schemes (``s3://`` ...): no precondition is used; the workdir is not locked
+  (one warning line).
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ import threading
 import time
 import uuid
 
+from ssm_jax.core import storage
 from ssm_jax.core.errors import WorkdirLocked
 
 log = logging.getLogger("ssm_jax")
@@ -82,6 +101,9 @@ def stale_reason(info: dict, now: float | None = None) -> str | None:
 
 def read_lock(path: str) -> dict | None:
     """The lock's contents (plus its file ``mtime``), ``{}`` if unreadable, None if absent."""
+    if storage.scheme(path) == "gs":
+        got = GcsLockObject(path).read()
+        return None if got is None else got[0]
     try:
         mtime = os.stat(path).st_mtime
         with open(path) as f:
@@ -100,17 +122,65 @@ def read_lock(path: str) -> dict | None:
     return info
 
 
+class GcsLockObject:
+    """``train.lock`` as one GCS object whose every write is conditional on its generation
+    (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        from google.api_core import exceptions
+        from google.cloud import storage as gcs
+
+        storage.configure()
+        bucket, _, self.name = url[len("gs://"):].partition("/")
+        self.url = url
+        self._bucket = gcs.Client().bucket(bucket)
+        self._lost = (exceptions.PreconditionFailed, exceptions.NotFound)
+
+    def read(self) -> tuple[dict, int] | None:
+        """(contents plus ``mtime``, generation), ``{}`` contents if unreadable; None if
+        there is no lock (or it changed while being read: the caller reads again)."""
+        blob = self._bucket.get_blob(self.name)
+        if blob is None:
+            return None
+        try:
+            data = blob.download_as_bytes(if_generation_match=blob.generation)
+        except self._lost:
+            return None
+        try:
+            info = json.loads(data)
+            if not isinstance(info, dict):
+                info = {}
+        except ValueError:
+            info = {}
+        info["mtime"] = blob.updated.timestamp() if blob.updated else 0.0
+        return info, int(blob.generation)
+
+    def write(self, info: dict, generation: int) -> int | None:
+        """Writes ``info`` if the object is still at ``generation`` (0: absent); the new
+        generation, or None when the precondition failed."""
+        blob = self._bucket.blob(self.name)
+        try:
+            blob.upload_from_string(json.dumps(info), content_type="application/json",
+                                    if_generation_match=generation)
+        except self._lost:
+            return None
+        return int(blob.generation)
+
+
 class WorkdirLock:
     """``with WorkdirLock(workdir):`` holds ``workdir/train.lock`` (see module docstring)."""
 
     def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.workdir = storage.resolve(workdir) if storage.is_remote(workdir) else workdir
+        self.path = storage.join(self.workdir, LOCK_FILE)
         self.heartbeat_s = heartbeat_s
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
+        self._scheme = storage.scheme(workdir)
+        self._gcs: GcsLockObject | None = None
+        self._generation = 0
 
     def _info(self) -> dict:
         pid = os.getpid()
@@ -124,9 +194,49 @@ class WorkdirLock:
             json.dump(self._info(), f)
         return tmp
 
+    def _in_use(self, info: dict) -> WorkdirLocked:
+        return WorkdirLocked(
+            f"workdir {self.workdir} is in use by another training run "
+            f"({_describe(info)}; lock file {self.path}); wait for it to finish or "
+            f"stop it (delete the lock file only if that run is really gone)")
+
+    def _acquire_gcs(self) -> None:
+        self._gcs = GcsLockObject(self.path)
+        for _ in range(20):
+            gen = self._gcs.write(self._info(), 0)  # create only if absent
+            if gen is not None:
+                self._generation = gen
+                return
+            got = self._gcs.read()
+            if got is None:  # released or changed in between: try again
+                continue
+            info, stale_gen = got
+            why = "released" if info.get("released") else stale_reason(info)
+            if why is None:
+                raise self._in_use(info)
+            # Replace exactly the generation judged stale: one contender wins.
+            gen = self._gcs.write(self._info(), stale_gen)
+            if gen is None:
+                continue
+            self._generation = gen
+            if why != "released":
+                log.warning("taking over the stale lock of workdir %s (%s; %s)", self.workdir,
+                            _describe(info), why)
+            return
+        raise WorkdirLocked(f"could not take the lock {self.path} (contended)")
+
     def acquire(self) -> None:
-        os.makedirs(self.workdir, exist_ok=True)
         self._start = time.time()
+        if self._scheme is not None:
+            if self._scheme != "gs":
+                log.warning("workdir %s is not locked: locks need gs:// or a local disk "
+                            "(two runs on it would overwrite each other)", self.workdir)
+                return
+            self._acquire_gcs()
+            self.held = True
+            self._start_heartbeat()
+            return
+        os.makedirs(self.workdir, exist_ok=True)
         for _ in range(20):
             tmp = self._write_private()
             try:
@@ -142,10 +252,7 @@ class WorkdirLock:
                 continue
             why = stale_reason(info)
             if why is None:
-                raise WorkdirLocked(
-                    f"workdir {self.workdir} is in use by another training run "
-                    f"({_describe(info)}; lock file {self.path}); wait for it to finish or "
-                    f"stop it (delete the lock file only if that run is really gone)")
+                raise self._in_use(info)
             # Move the stale lock out of the way; of several contenders only one succeeds.
             aside = f"{self.path}.stale.{self.token}"
             try:
@@ -166,12 +273,26 @@ class WorkdirLock:
                         _describe(info), why)
         else:
             raise WorkdirLocked(f"could not take the lock {self.path} (contended)")
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="ssm_jax-lock-heartbeat",
                                         daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            if self._gcs is not None:
+                try:
+                    gen = self._gcs.write(self._info(), self._generation)
+                except Exception as e:  # noqa: BLE001 - a storage hiccup must not stop training
+                    log.debug("lock heartbeat failed: %s", e)
+                    continue
+                if gen is None:
+                    log.warning("the lock %s was taken by another run", self.path)
+                    return
+                self._generation = gen
+                continue
             try:
                 info = read_lock(self.path)
                 if not info or info.get("token") != self.token:
@@ -186,6 +307,14 @@ class WorkdirLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.held and self._gcs is not None:
+            # Conditional on our generation: a lock taken over meanwhile stays.
+            try:
+                self._gcs.write({"released": True, "token": self.token,
+                                 "released_at": time.time()}, self._generation)
+            except Exception as e:  # noqa: BLE001 - the next run sees a stale lock instead
+                log.warning("could not release the lock %s: %s", self.path, e)
+            self.held = False
         if self.held:
             info = read_lock(self.path)
             if info and info.get("token") == self.token:

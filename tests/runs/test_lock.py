@@ -158,3 +158,120 @@ def test_multi_process_run_holds_one_lock(tmp_path):
     assert not (free / workdir_lock.LOCK_FILE).exists()
     # The live foreign lock stops both processes with the error (none goes on alone).
     assert "another-host.example" in q0["error"] and "in use" in q1["error"]
+
+
+# --- The same promises on object storage (gs://, against the conftest's GCS emulator) ------
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from ssm_jax.runs import lock as workdir_lock
+    workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def _gcs_lock(url):
+    return workdir_lock.GcsLockObject(f"{url}/{workdir_lock.LOCK_FILE}")
+
+
+def test_gcs_second_run_refused_and_dead_holder_taken_over(gcs_bucket, caplog):
+    wd = f"{gcs_bucket}/lock-dead-holder"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, wd], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-3000:]
+        info, _ = _gcs_lock(wd).read()
+        assert info["pid"] == holder.pid and info["host"] == socket.gethostname()
+        with pytest.raises(WorkdirLocked, match=f"pid {holder.pid}") as e:
+            workdir_lock.WorkdirLock(wd).acquire()
+        assert "\n" not in str(e.value) and f"lock file {wd}/train.lock" in str(e.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # SIGKILL: no clean-up; the lock still names the dead process and is taken over.
+    assert _gcs_lock(wd).read()[0]["pid"] == holder.pid
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(wd) as lock:
+            assert _gcs_lock(wd).read()[0]["token"] == lock.token
+    assert any("taking over the stale lock" in r.getMessage()
+               and f"process {holder.pid} is gone" in r.getMessage() for r in caplog.records)
+    # Released: a record the next run takes without a warning.
+    assert _gcs_lock(wd).read()[0]["released"] is True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(wd):
+            pass
+    assert not caplog.records
+    assert not os.path.exists("gs:")  # no local folder named after the URL
+
+
+def test_gcs_heartbeat_renews_and_release_keeps_a_lock_taken_over(gcs_bucket, monkeypatch,
+                                                                    caplog):
+    wd = f"{gcs_bucket}/lock-heartbeat"
+    lock = workdir_lock.WorkdirLock(wd, heartbeat_s=0.1)
+    lock.acquire()
+    obj = _gcs_lock(wd)
+    first, gen = obj.read()
+    t0 = time.time()
+    while obj.read()[0]["heartbeat"] == first["heartbeat"]:
+        assert time.time() - t0 < 10
+        time.sleep(0.05)
+    # Another host takes it over (its write is conditional on the current generation).
+    monkeypatch.setattr(workdir_lock, "STALE_AFTER_S", 0.0)
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        for _ in range(20):
+            info, gen = obj.read()
+            if obj.write({"host": "another-host.example", "pid": 1, "heartbeat": time.time(),
+                          "token": "theirs"}, gen) is not None:
+                break
+        else:
+            pytest.fail("could not replace the lock")
+        t0 = time.time()
+        while not any("was taken by another run" in r.getMessage() for r in caplog.records):
+            assert time.time() - t0 < 10
+            time.sleep(0.05)
+    lock.release()  # conditional on our generation: theirs stays
+    assert obj.read()[0]["token"] == "theirs"
+
+
+def test_gcs_stale_lock_two_contenders_one_wins(gcs_bucket, monkeypatch, caplog):
+    """A lock whose heartbeat stopped (another host) is taken over by exactly one of two
+    runs racing for it: the write is conditional on the stale generation."""
+    import threading
+
+    monkeypatch.setattr(workdir_lock, "STALE_AFTER_S", 1.0)
+    for round_ in range(3):
+        wd = f"{gcs_bucket}/lock-race-{round_}"
+        assert _gcs_lock(wd).write({"host": "another-host.example", "pid": 12345,
+                                    "heartbeat": time.time(), "token": "old"}, 0)
+        # Fresh: refused (the object's server-side update time counts as a heartbeat).
+        with pytest.raises(WorkdirLocked, match="another-host.example"):
+            workdir_lock.WorkdirLock(wd).acquire()
+        time.sleep(1.5)
+        locks = [workdir_lock.WorkdirLock(wd) for _ in range(2)]
+        outcome = [None, None]
+        start = threading.Barrier(2)
+
+        def contend(i, locks=locks, outcome=outcome, start=start):
+            start.wait()
+            try:
+                locks[i].acquire()
+                outcome[i] = "held"
+            except WorkdirLocked as e:
+                outcome[i] = str(e)
+
+        with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+            threads = [threading.Thread(target=contend, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+        winners = [i for i in range(2) if outcome[i] == "held"]
+        assert len(winners) == 1, outcome
+        loser = outcome[1 - winners[0]]
+        assert loser.startswith(f"workdir {wd} is in use") and f"pid {os.getpid()}" in loser
+        assert _gcs_lock(wd).read()[0]["token"] == locks[winners[0]].token
+        assert any("no heartbeat from host another-host.example" in r.getMessage()
+                   for r in caplog.records)
+        locks[winners[0]].release()
