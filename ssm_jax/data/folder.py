@@ -32,6 +32,7 @@ Policies:
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 import zlib
@@ -39,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ssm_jax.core import storage
 from ssm_jax.core.errors import DataError
 
 PAD_MULTIPLE = 16  # the U-Net halves the image 4 times
@@ -119,31 +121,58 @@ def _warn_skipped(folder: str, skipped: list[str]) -> None:
                       f"(e.g. {sorted(skipped)[0]})", stacklevel=3)
 
 
+def _isdir(path: str) -> bool:
+    return storage.isdir(path) if storage.is_remote(path) else os.path.isdir(path)
+
+
+def _entries(folder: str) -> list[tuple[str, str]]:
+    """(name, "file" | "dir" | "other") of each entry of a folder, sorted by name, from one
+    listing (one request per 1000 entries on object storage, not one per file)."""
+    if not storage.is_remote(folder):
+        with os.scandir(folder) as it:
+            out = [(e.name, "dir" if e.is_dir() else "file" if e.is_file() else "other")
+                   for e in it]
+        return sorted(out)
+    import fsspec
+
+    storage.configure()
+    fs, root = fsspec.core.url_to_fs(folder)
+    out = []
+    for e in fs.ls(root, detail=True, refresh=True):
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name and e["name"].rstrip("/") != root.rstrip("/"):
+            out.append((name, "dir" if e["type"] == "directory" else "file"))
+    return sorted(out)
+
+
 def list_images(folder: str, recursive: bool = False) -> list[str]:
-    """Sorted image files of a folder; other files are skipped with one warning."""
-    if not os.path.isdir(folder):
+    """Sorted image files of a folder (local or URL); other files are skipped with one
+    warning."""
+    folder = os.fspath(folder)
+    if not _isdir(folder):
         raise DataError(f"folder does not exist: {folder}")
     found, skipped = [], []
-    walker = os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]
-    for dirpath, dirnames, files in walker:
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in files:
-            p = os.path.join(dirpath, f)
-            if not os.path.isfile(p):
-                continue
-            if _is_image_name(f):
-                found.append(p)
-            else:
-                skipped.append(f)
+    pending = [folder]
+    while pending:
+        d = pending.pop()
+        for name, kind in _entries(d):
+            if kind == "dir":
+                if recursive and not name.startswith("."):
+                    pending.append(storage.join(d, name))
+            elif kind == "file":
+                if _is_image_name(name):
+                    found.append(storage.join(d, name))
+                else:
+                    skipped.append(name)
     _warn_skipped(folder, skipped)
     return sorted(found)
 
 
 def _subfolders(folder: str) -> list[str]:
     """Sorted visible subfolder names; stray files are skipped with one warning."""
-    names = sorted(os.listdir(folder))
-    _warn_skipped(folder, [n for n in names if not os.path.isdir(os.path.join(folder, n))])
-    return [n for n in names if os.path.isdir(os.path.join(folder, n)) and not n.startswith(".")]
+    entries = _entries(folder)
+    _warn_skipped(folder, [n for n, kind in entries if kind != "dir"])
+    return [n for n, kind in entries if kind == "dir" and not n.startswith(".")]
 
 
 def _to_8bit(im):
@@ -162,12 +191,22 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
 
 
+def _readable(path: str):
+    """What PIL opens: the path itself, or an object's bytes (one read) for a URL."""
+    if not storage.is_remote(path):
+        return path
+    try:
+        return io.BytesIO(storage.read_bytes(path))
+    except OSError as e:
+        raise DataError(f"unreadable image: {path} ({type(e).__name__}: {e})") from e
+
+
 def open_image(path: str, mode: str):
     """Decodes ``path`` fully and converts it to PIL mode ``mode`` ('L' or 'RGB')."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(_readable(path)) as im:
             im.load()  # decode now so truncated files fail here, with their path
             im = _to_8bit(im)
             if im.mode == "P":
@@ -183,7 +222,7 @@ def image_wh(path: str) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(_readable(path)) as im:
             return im.size
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
             Image.DecompressionBombError) as e:
@@ -277,9 +316,10 @@ def _stem(path: str) -> str:
 
 
 def _check_root(root: str) -> None:
-    if not os.path.isdir(root):
+    storage.require_backend(root, "data.path")
+    if not _isdir(root):
         raise DataError(f"data path does not exist: {root}")
-    if not os.path.isdir(os.path.join(root, "train", "good")):
+    if not _isdir(storage.join(root, "train", "good")):
         raise DataError(f"not an MVTec-layout folder (no train/good): {root}")
 
 
@@ -293,20 +333,20 @@ def mvtec_test_entries(
     """
     root = os.fspath(root)
     _check_root(root)
-    test_dir = os.path.join(root, "test")
-    if not os.path.isdir(test_dir):
+    test_dir = storage.join(root, "test")
+    if not _isdir(test_dir):
         raise DataError(f"no test folder: {test_dir}")
     entries: list[tuple[str, str]] = []
     for kind in _subfolders(test_dir):
-        entries += [(p, kind) for p in list_images(os.path.join(test_dir, kind))]
+        entries += [(p, kind) for p in list_images(storage.join(test_dir, kind))]
     if not entries:
         raise DataError(f"no images in {test_dir}")
-    gt_dir = os.path.join(root, "ground_truth")
-    if not os.path.isdir(gt_dir):
+    gt_dir = storage.join(root, "ground_truth")
+    if not _isdir(gt_dir):
         return [(p, k, None) for p, k in entries], False
     masks: dict[tuple[str, str], str] = {}
     for kind in _subfolders(gt_dir):
-        for mp in list_images(os.path.join(gt_dir, kind)):
+        for mp in list_images(storage.join(gt_dir, kind)):
             stem = _stem(mp)
             stem = stem[:-len("_mask")] if stem.endswith("_mask") else stem
             masks[(kind, stem)] = mp
@@ -319,7 +359,7 @@ def mvtec_test_entries(
         mp = masks.get((k, _stem(p)))
         if k != "good" and mp is None:
             raise DataError(f"mask missing for anomalous image: {p} (expected "
-                            f"{os.path.join(gt_dir, k, _stem(p) + '_mask.png')})")
+                            f"{storage.join(gt_dir, k, _stem(p) + '_mask.png')})")
         out.append((p, k, mp))
     return out, True
 
@@ -339,7 +379,7 @@ def train_paths(root: str | os.PathLike) -> list[str]:
     DataError."""
     root = os.fspath(root)
     _check_root(root)
-    folder = os.path.join(root, "train", "good")
+    folder = storage.join(root, "train", "good")
     paths = list_images(folder)
     if not paths:
         raise DataError(f"no images in {folder}")

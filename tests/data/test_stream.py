@@ -157,3 +157,34 @@ def test_config_key_checked_at_load_and_resumable():
     with pytest.raises(ConfigError, match="data.stream must be auto, true or false"):
         loader.load(quick, ["data.stream=sometimes"])
     assert "data.stream" in loader.RESUMABLE_KEYS  # both paths give the same batches
+
+
+def test_gcs_folder_lists_decodes_and_streams(gcs_bucket, square_folder, tmp_path):
+    """data.path on gs:// (the GCS emulator): the same files, arrays and streamed batches
+    as the local copy; a missing folder is one DataError line."""
+    import fsspec
+
+    from ssm_jax.core import storage
+    from ssm_jax.data import folder
+
+    url = f"{gcs_bucket}/test_stream_folder"
+    storage.configure()
+    fs = fsspec.filesystem("gs")
+    fs.put(str(square_folder), url.removeprefix("gs://"), recursive=True)
+    fs.invalidate_cache()
+    local_test = folder.load_split(square_folder, "test", 32, False)
+    remote_test = folder.load_split(url, "test", 32, False)
+    assert [p.removeprefix(url) for p in remote_test.paths] == \
+        [p.removeprefix(str(square_folder)) for p in local_test.paths]
+    assert remote_test.paths[0].startswith(f"{url}/test/")
+    np.testing.assert_array_equal(remote_test.images, local_test.images)
+    np.testing.assert_array_equal(remote_test.masks, local_test.masks)
+    mem, _, _ = load_training_sets(_cfg(square_folder, stream="false", crop_size=16))
+    st_cfg = _cfg(url, stream="true", crop_size=16)
+    st, _, st_val_images = load_training_sets(st_cfg)
+    assert isinstance(st.images, stream.ImageFiles) and st.paths[0].startswith(url)
+    for e, g in zip(_batches(mem, st_cfg, 3), _batches(st, st_cfg, 3)):
+        np.testing.assert_array_equal(e, g)
+    assert st_val_images[:].shape[1:] == (16, 16, 3)
+    with pytest.raises(DataError, match=f"data path does not exist: {url}-missing"):
+        load_training_sets(_cfg(f"{url}-missing", stream="true"))
