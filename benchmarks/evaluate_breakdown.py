@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
 
     from ssm_jax import data as data_pkg
     from ssm_jax.commands import evaluate
-    from ssm_jax.report import writer as report
+    from ssm_jax.report import page as report
     from ssm_jax.scoring import batch as batch_scoring
     from ssm_jax.scoring import metrics
     from ssm_jax.serving import detector

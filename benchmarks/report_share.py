@@ -1,11 +1,12 @@
 """The report's share of ``ssm-jax evaluate``: the whole command timed, and
-``ssm_jax.report.writer.write_report`` inside it.
+``ssm_jax.report.page.write_report`` inside it.
 
     python benchmarks/report_share.py --workdir RUN            # the current report
     python benchmarks/report_share.py --workdir RUN --report-from 843f22f   # report.py of a commit
 
-``--report-from`` runs ``ssm_jax/report/writer.py`` as it was at that git commit (everything else
-as it is now), for before/after figures. Prints one JSON line.
+``--report-from`` runs the one-module report ``ssm_jax/report.py`` as it was at that git commit
+(before the report became a package; everything else as it is now), for before/after figures.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 import types
 
@@ -24,21 +24,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--report-from", default=None, help="git commit of ssm_jax/report/writer.py")
+    p.add_argument("--report-from", default=None, help="git commit of ssm_jax/report.py")
     args = p.parse_args()
-    import ssm_jax
-
-    if args.report_from:
-        src = subprocess.run(["git", "show", f"{args.report_from}:ssm_jax/report/writer.py"],
-                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
-        mod = types.ModuleType("ssm_jax.report.writer")
-        mod.__file__ = f"report.py@{args.report_from}"
-        exec(compile(src, mod.__file__, "exec"), mod.__dict__)
-        sys.modules["ssm_jax.report.writer"] = ssm_jax.report.writer = mod
     from ssm_jax.commands import cli
-    from ssm_jax.report import writer as report
+    from ssm_jax.report import page as report
 
     write, spent = report.write_report, {}
+    if args.report_from:
+        src = subprocess.run(["git", "show", f"{args.report_from}:ssm_jax/report.py"],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        mod = types.ModuleType("ssm_jax_report_at_commit")
+        mod.__file__ = f"report.py@{args.report_from}"
+        exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+        write = mod.write_report
 
     def timed(*a, **k):
         t = time.perf_counter()

@@ -26,7 +26,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     left as it is (no calibration files saved): a scoring variant of the run.
     """
     from ssm_jax.data import load_dataset_for
-    from ssm_jax.report import writer as report
+    from ssm_jax.report import page as report
     from ssm_jax.scoring import metrics as metrics_lib
 
     det = Detector.from_config(cfg, workdir, read_calibration=False)

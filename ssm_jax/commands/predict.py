@@ -30,7 +30,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
             output_dir: str) -> list[dict]:
     """Writes ``scores.csv``, ``scores.json`` and ``<stem>_overlay.png`` files to output_dir."""
     from ssm_jax.data import folder
-    from ssm_jax.report import writer as report
+    from ssm_jax.report import page as report
 
     paths = _input_paths(input_path)
     images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,

@@ -1,4 +1,7 @@
-"""Evaluation reports: the HTML page, overlays, curves and per-image tables (``writer``).
+"""Evaluation reports, one module per job: ``page`` (the evaluate and predict pages: it
+composes the others), ``overlays`` (heat maps, thumbnails, image files), ``grid`` (the
+sample and its figure), ``curves`` (ROC / PRO / score figures from ``scoring.metrics``'
+curves) and ``tables`` (per-image rows, CSV, HTML tables).
 
 May import: ``core``, ``data``, ``runs``, ``scoring``.
 """

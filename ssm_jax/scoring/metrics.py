@@ -20,8 +20,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["aupro", "compute_all", "detection_rates", "f1_max", "pro_curve", "roc_auc",
-           "roc_curve", "threshold_expected_fpr", "threshold_from_normal_scores",
+__all__ = ["aupro", "compute_all", "detection_rates", "f1_max", "pixel_curves", "pro_curve",
+           "roc_auc", "roc_curve", "threshold_expected_fpr", "threshold_from_normal_scores",
            "threshold_sample_check"]
 
 
@@ -336,6 +336,39 @@ def _none_if_nan(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
+def _pixel_sweep(masks: np.ndarray, maps: np.ndarray, sizes: np.ndarray | None = None
+                 ) -> tuple[_Sweep, int]:
+    """One sweep over every (valid) pixel with PRO region weights, and the region count."""
+    m, s = _check_pixels(masks, maps)
+    if sizes is not None:
+        from ssm_jax.data.folder import valid_masks
+
+        valid = valid_masks(m.shape, sizes)
+        region, n, weight = _regions(m & valid)
+        keep = valid.reshape(-1)
+        region, s = region[keep], s[keep]
+    else:
+        region, n, weight = _regions(m)
+    return _sweep(s, region, weight), n
+
+
+def pixel_curves(masks: np.ndarray, maps: np.ndarray, sizes: np.ndarray | None = None
+                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None,
+                            tuple[np.ndarray, np.ndarray] | None]:
+    """``(roc, pro)`` of the pixels from the one sort ``compute_all`` integrates: the pixel
+    ROC ``(fpr, tpr)`` (as :func:`roc_curve`; None with one pixel class only) and the PRO
+    curve ``(fpr, pro)`` (as :func:`pro_curve`; None without regions or normal pixels).
+    ``sizes`` as in :func:`compute_all`."""
+    if not np.asarray(maps).size:
+        return None, None
+    sw, n = _pixel_sweep(masks, maps, sizes)
+    n_pos, n_neg = int(sw.tps[-1]), int(sw.fps[-1])
+    fpr = np.r_[0.0, sw.fps / max(n_neg, 1)]
+    roc = (fpr, np.r_[0.0, sw.tps / n_pos]) if n_pos and n_neg else None
+    pro = (fpr, np.r_[0.0, sw.pro]) if n and n_neg else None
+    return roc, pro
+
+
 def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
                 masks: np.ndarray | None, maps: np.ndarray, fpr_limit: float = 0.3,
                 sizes: np.ndarray | None = None) -> dict:
@@ -352,17 +385,7 @@ def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
            "pixel_auroc": None, "aupro": None, "pixel_f1_max": None}
     if masks is None:
         return out
-    m, s = _check_pixels(masks, maps)
-    if sizes is not None:
-        from ssm_jax.data.folder import valid_masks
-
-        valid = valid_masks(m.shape, sizes)
-        region, n, weight = _regions(m & valid)
-        keep = valid.reshape(-1)
-        region, s = region[keep], s[keep]
-    else:
-        region, n, weight = _regions(m)
-    sw = _sweep(s, region, weight)
+    sw, n = _pixel_sweep(masks, maps, sizes)
     out["pixel_auroc"] = _none_if_nan(_auc_from_sweep(sw))
     out["pixel_f1_max"] = _none_if_nan(_f1_from_sweep(sw))
     n_normal = int(sw.fps[-1])

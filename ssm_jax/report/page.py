@@ -1,0 +1,201 @@
+"""The report pages: ``ssm-jax evaluate``'s (:func:`write_report`: overlays of a sample,
+the sample grid, ROC/PRO curves, the score histogram, every image's row, ``index.html``
+and ``index.md``) and ``ssm-jax predict``'s (:func:`write_predict_report`: the same
+per-image section without ground truth). Each part comes from its module in this
+package; every file is written atomically (:mod:`ssm_jax.runs.rundir`), all paths in the
+pages are relative.
+
+matplotlib (Agg back end) is imported only when a report is written, so importing this
+module stays cheap and works without a display.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ssm_jax.report import curves, grid, overlays, tables
+from ssm_jax.runs import rundir
+
+STYLE = ("body{font-family:sans-serif}td{padding:2px 8px}figure{display:inline-block;"
+         "margin:4px}figcaption{font-size:small}table.images img{max-width:96px;"
+         "max-height:96px}tr.wrong{background:#fdd}tr.flagged{background:#ffe}"
+         "p.summary{font-size:larger}")
+
+
+def _head(title: str) -> str:
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>\n")
+
+
+def _write_page(path: str, text: str) -> None:
+    rundir.atomic_write(path, text.encode("utf-8"))
+
+
+def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str],
+                         images: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+                         threshold: float | None, sizes: np.ndarray | None = None,
+                         title: str = "ssm_jax predictions") -> list[dict[str, Any]]:
+    """``ssm-jax predict``'s report: ``<name>_overlay.png`` per image in ``out_dir``,
+    thumbnails in ``out_dir/images``, ``per_image.csv`` and ``index.html`` (the evaluation
+    report's per-image section without the ground-truth columns). Returns the rows."""
+    vmin, vmax = overlays.heat_scale(threshold, maps)  # the threshold at a fixed colour
+    if sizes is None:
+        crops_i, crops_m = list(images), list(maps)
+    else:  # each image drawn at its own (valid) shape
+        crops_i = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
+        crops_m = [m[:h, :w] for m, (h, w) in zip(maps, sizes)]
+    os.makedirs(out_dir, exist_ok=True)
+    files_rel = overlays.write_image_files(out_dir, crops_i, crops_m,
+                                           overlays.unique_stems(names), vmin, vmax,
+                                           overlay_dir="", thumb_dir=overlays.IMAGES_DIR)
+    rows = tables.per_image_rows([str(n) for n in names], paths, scores, threshold, files_rel)
+    tables.write_rows_csv(os.path.join(out_dir, tables.PER_IMAGE_CSV), rows)
+    thr = "none" if threshold is None else f"{threshold:.4g}"
+    page = [_head(title),
+            f"<h1>{html.escape(title)}</h1>\n<p>{len(rows)} image(s); threshold {thr}; "
+            f"{overlays.scale_note(vmin, vmax)}.</p>\n",
+            tables.rows_summary_html(rows, False), tables.rows_table_html(rows, False),
+            "</body></html>\n"]
+    _write_page(os.path.join(out_dir, "index.html"), "".join(page))
+    return rows
+
+
+def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
+                 threshold: float | None, num_overlays: int) -> str:
+    """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png``, every
+    image's overlay and thumbnail (``images/``), ``per_image.csv`` and
+    ``index.md``/``index.html`` into ``eval_dir`` (see :mod:`ssm_jax.report.grid` for the
+    sample and :mod:`ssm_jax.report.tables` for the row order). Plots that cannot be drawn
+    are skipped with a note. Returns the index.html path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(eval_dir, exist_ok=True)
+    images = np.asarray(test_set.images)
+    raw_maps = np.asarray(out["map"], np.float32)
+    scores = np.asarray(out["score"], np.float64).reshape(-1)
+    labels = np.asarray(test_set.labels).reshape(-1)
+    masks = None if test_set.masks is None else np.asarray(test_set.masks)
+    restored = out.get("restored")
+    sizes = getattr(test_set, "sizes", None)
+    maps = raw_maps
+    if sizes is not None:  # padded images: draw and count only each image's valid region
+        from ssm_jax.data.folder import valid_masks
+
+        maps = np.where(valid_masks(maps.shape, sizes), maps, np.nan)
+    arrays = {"image": images, "map": maps, "mask": masks, "restored": restored}
+
+    def valid(name: str, i: int) -> np.ndarray | None:
+        a = arrays[name]
+        if a is None or sizes is None:
+            return None if a is None else a[i]
+        return a[i][:sizes[i][0], :sizes[i][1]]
+
+    n = len(labels)
+    has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
+    pix_thr = grid.pixel_threshold(maps, labels, threshold)
+    vmin, vmax = overlays.heat_scale(pix_thr, maps[np.isfinite(maps)])
+    scale_note = overlays.scale_note(vmin, vmax, "the pixel threshold")
+    figures: list[tuple[str, str]] = []
+    notes: list[str] = []
+
+    def save(fig: Any, name: str, title: str) -> None:
+        try:
+            with rundir.atomic_open(os.path.join(eval_dir, name), "wb", fsync=False) as f:
+                fig.savefig(f, format="png", dpi=80)
+        finally:
+            plt.close(fig)
+        figures.append((title, name))
+
+    def caption(i: int) -> str:
+        return f"{test_set.defect_types[i]} ({'anomalous' if labels[i] == 1 else 'normal'})"
+
+    # 1. Overlays of the sample, then every image's overlay + thumbnail and its row.
+    idx = grid.sample(labels, scores, num_overlays) if n else np.zeros(0, int)
+    names = [f"{os.path.splitext(os.path.basename(str(test_set.paths[i])))[0]}_"
+             f"{test_set.defect_types[i]}" for i in idx]
+    sample_files = overlays.save_overlays(eval_dir, [valid("image", i) for i in idx],
+                                          [valid("map", i) for i in idx], names, vmin, vmax)
+    all_names = [f"{os.path.splitext(os.path.basename(str(p)))[0]}_{d}"
+                 for p, d in zip(test_set.paths, test_set.defect_types)]
+    files_rel = overlays.write_image_files(
+        eval_dir, [valid("image", i) for i in range(n)], [valid("map", i) for i in range(n)],
+        overlays.unique_stems(all_names), vmin, vmax)
+    files = ["/".join(str(p).replace(os.sep, "/").split("/")[-2:]) for p in test_set.paths]
+    rows = tables.per_image_rows(files, test_set.paths, scores, threshold, files_rel, labels,
+                                 test_set.defect_types)
+    tables.write_rows_csv(os.path.join(eval_dir, tables.PER_IMAGE_CSV), rows)
+
+    # 2. The sample grid.
+    if len(idx):
+        titles = [f"{caption(i)}\nscore {scores[i]:.4g}" for i in idx]
+        save(grid.grid_figure(idx, valid, titles, pix_thr, vmin, vmax,
+                              "threshold" if threshold is not None else "normal 99% quantile"),
+             "grid.png", "Samples: input, restoration, ground truth, overlay, region")
+    else:
+        notes.append("No sample grid: no images were sampled (empty test set or "
+                     "num_overlays = 0).")
+
+    # 3. ROC (image, and pixel when masks have both classes) and PRO, from metrics' curves.
+    pixel_roc, pro = (curves.pixel_points(masks, raw_maps, sizes) if masks is not None
+                      else (None, None))
+    if has_bad and has_good:
+        save(curves.roc_figure(curves.roc_points(labels == 1, scores),
+                               tables.fmt(result.get("image_auroc")), pixel_roc,
+                               tables.fmt(result.get("pixel_auroc"))), "roc.png", "ROC")
+    else:
+        notes.append("ROC skipped: the test set has no "
+                     f"{'anomalous' if not has_bad else 'normal'} images.")
+    if pro is not None and has_bad:
+        save(curves.pro_figure(pro, tables.fmt(result.get("aupro"))), "pro.png",
+             f"PRO (FPR <= {curves.PRO_FPR_LIMIT})")
+    else:
+        notes.append("PRO skipped: " + ("no ground-truth masks." if masks is None else
+                                         "no anomalous regions in the masks."))
+
+    # 4. Score histogram.
+    save(curves.histogram_figure(scores, labels, threshold), "scores_hist.png", "Image scores")
+
+    # 5. Index pages.
+    ovl = [os.path.basename(p) for p in sample_files]
+    caps = [f"{caption(i)}, score {scores[i]:.4g}" for i in idx]
+    has_json = os.path.isfile(os.path.join(eval_dir, rundir.METRICS_FILE))
+    esc = html.escape
+    head = (f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
+            f"{pix_thr:.4g}; {scale_note}.")
+    parts = [_head("ssm_jax evaluation"), "<h1>Evaluation</h1>\n", f"<p>{esc(head)}</p>\n",
+             tables.rows_summary_html(rows, True), tables.metrics_table_html(result)]
+    if has_json:
+        parts.append(f"<p><a href='{rundir.METRICS_FILE}'>{rundir.METRICS_FILE}</a></p>\n")
+    parts += [f"<p><em>{esc(t)}</em></p>\n" for t in notes]
+    parts += [f"<h2>{esc(t)}</h2>\n<a href='{esc(f)}'><img src='{esc(f)}' alt='{esc(t)}'>"
+              f"</a>\n" for t, f in figures]
+    if ovl:
+        parts.append("<h2>Overlays</h2>\n")
+        parts += [f"<figure><a href='{esc(f)}'><img src='{esc(f)}' width='192' "
+                  f"alt='{esc(f)}'></a><figcaption>{esc(c)}</figcaption></figure>\n"
+                  for f, c in zip(ovl, caps)]
+    parts += [tables.rows_table_html(rows, True), "</body></html>\n"]
+    page = os.path.join(eval_dir, "index.html")
+    _write_page(page, "".join(parts))
+
+    md = ["# Evaluation", "", head, "", *tables.metrics_table_md(result)]
+    if has_json:
+        md += ["", f"[{rundir.METRICS_FILE}]({rundir.METRICS_FILE})"]
+    md += [f"\n_{t}_" for t in notes]
+    md += [f"\n## {t}\n\n![{t}]({f})" for t, f in figures]
+    if ovl:
+        md += ["\n## Overlays\n"] + [f"![{c}]({f})" for f, c in zip(ovl, caps)]
+    c = tables.mistakes(rows)
+    md += ["\n## Per-image results\n", f"[{tables.PER_IMAGE_CSV}]({tables.PER_IMAGE_CSV}): "
+           f"{n} rows, {c['false positive']} false positive(s) and {c['false negative']} "
+           f"false negative(s) first (index.html shows them with thumbnails)."]
+    _write_page(os.path.join(eval_dir, "index.md"), "\n".join(md) + "\n")
+    return page

@@ -1,0 +1,171 @@
+"""The per-image results of a report: one row per image (score, margin to the threshold,
+decision and, with ground truth, whether it was right), misclassified images first; the
+same rows as ``per_image.csv`` and as the page's HTML table; and the metric table's value
+format. Pure Python + numpy.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ssm_jax.runs import rundir
+
+PER_IMAGE_CSV = "per_image.csv"
+OUTCOMES = {(True, True): "true positive", (False, True): "false positive",
+            (True, False): "false negative", (False, False): "true negative"}
+
+
+def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarray,
+                   threshold: float | None, files_rel: Sequence[tuple[str, str]],
+                   labels: np.ndarray | None = None,
+                   defect_types: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per image, in report order: false positives (highest score first), false
+    negatives (lowest score first: the worst misses), then every other image by score,
+    highest first. ``labels`` None: no ground-truth columns (``predict``)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    has_thr = threshold is not None and math.isfinite(threshold)
+    rows = []
+    for i, (file, path, score, (ovl, thumb)) in enumerate(zip(files, paths, scores, files_rel)):
+        flagged = bool(score > threshold) if has_thr else None
+        row: dict[str, Any] = {"rank": 0, "file": file}
+        if labels is not None:
+            truth = bool(labels[i] == 1)
+            row["defect_type"] = defect_types[i] if defect_types is not None else ""
+            row["truth"] = "anomalous" if truth else "normal"
+        row.update({"score": float(score), "threshold": float(threshold) if has_thr else None,
+                    "margin": float(score - threshold) if has_thr else None,
+                    "decision": "n/a" if flagged is None else
+                    ("anomalous" if flagged else "normal")})
+        if labels is not None:
+            row["correct"] = "n/a" if flagged is None else ("yes" if flagged == truth else "no")
+            row["outcome"] = "n/a" if flagged is None else OUTCOMES[(truth, flagged)]
+        row.update({"overlay": ovl, "thumbnail": thumb, "path": str(path)})
+        rows.append(row)
+
+    def order(i: int) -> tuple[int, float]:
+        s = scores[i] if math.isfinite(scores[i]) else -np.inf
+        outcome = rows[i].get("outcome")
+        if outcome == "false positive":
+            return 0, -s
+        if outcome == "false negative":
+            return 1, s
+        return 2, -s
+
+    ranked = [rows[i] for i in sorted(range(len(rows)), key=order)]
+    for r, row in enumerate(ranked, 1):
+        row["rank"] = r
+    return ranked
+
+
+def write_rows_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    """The rows as CSV (atomically); scores with full precision, empty for None."""
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    rundir.atomic_write(path, buf.getvalue().encode("utf-8"))
+
+
+def mistakes(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """``{"false positive": n, "false negative": m}`` of the rows."""
+    out = {"false positive": 0, "false negative": 0}
+    for r in rows:
+        if r.get("outcome") in out:
+            out[r["outcome"]] += 1
+    return out
+
+
+def rows_summary_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
+    """One paragraph for the top of the page: how many images and mistakes, linking to the
+    per-image table (misclassified rows come first there)."""
+    n = len(rows)
+    link = f"<a href='#per-image'>every image ({n} rows)</a>"
+    if not rows or rows[0]["threshold"] is None:
+        return (f"<p class='summary'><b>Per-image results</b>: {link}, by score (no "
+                f"threshold: no decisions).</p>\n")
+    if not has_truth:
+        flagged = sum(r["decision"] == "anomalous" for r in rows)
+        return (f"<p class='summary'><b>Per-image results</b>: {link}; <a href='#img-1'>"
+                f"{flagged} flagged anomalous</a> (score above the threshold "
+                f"{rows[0]['threshold']:.4g}), listed first.</p>\n")
+    c = mistakes(rows)
+    wrong = c["false positive"] + c["false negative"]
+    what = (f"<a href='#img-1'>{wrong} misclassified: {c['false positive']} false "
+            f"positive(s) (normal, flagged), {c['false negative']} false negative(s) "
+            f"(anomalous, missed)</a>, listed first" if wrong else "none misclassified")
+    return (f"<p class='summary'><b>Per-image results</b>: {link} at the threshold "
+            f"{rows[0]['threshold']:.4g}; {what}. Also in "
+            f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a>.</p>\n")
+
+
+def rows_table_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
+    """The per-image section: a table, one row per image, each linking to its overlay."""
+    esc = html.escape
+    head = ["#", "image", "overlay", "file"] + (["defect type", "truth"] if has_truth else [])
+    head += ["score", "score - threshold", "decision"] + (["result"] if has_truth else [])
+    out = ["<h2 id='per-image'>Per-image results</h2>\n",
+           f"<p>Misclassified images first (false positives by score, highest first; then "
+           f"false negatives, lowest first), then by score. Click an image for its overlay. "
+           f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a></p>\n" if has_truth else
+           f"<p>By score, highest first. Click an image for its overlay. "
+           f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a></p>\n",
+           "<table class='images' border='1'>\n<tr>",
+           "".join(f"<th>{esc(h)}</th>" for h in head), "</tr>\n"]
+    for r in rows:
+        ovl, thumb, file = esc(r["overlay"]), esc(r["thumbnail"]), esc(r["file"])
+        wrong = r.get("correct") == "no"
+        cls = ("wrong" if wrong else "flagged" if r["decision"] == "anomalous" else "ok")
+        cells = [str(r["rank"]),
+                 f"<a href='{ovl}'><img src='{thumb}' alt='{file}' loading='lazy'></a>",
+                 f"<a href='{ovl}'><img src='{ovl}' alt='overlay of {file}' "
+                 f"loading='lazy'></a>",
+                 f"<a href='{ovl}'>{file}</a>"]
+        if has_truth:
+            cells += [esc(str(r["defect_type"])), esc(r["truth"])]
+        cells += [f"{r['score']:.4g}", "" if r["margin"] is None else f"{r['margin']:+.4g}",
+                  esc(r["decision"])]
+        if has_truth:
+            cells.append(esc(r["outcome"]))
+        out.append(f"<tr id='img-{r['rank']}' class='{cls}'>"
+                   + "".join(f"<td>{c}</td>" for c in cells) + "</tr>\n")
+    out.append("</table>\n")
+    return "".join(out)
+
+
+def fmt(v: Any) -> str:
+    """A metric value for the metric table."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):  # bool included
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) and abs(v) < 1e6 else f"{v:.6g}"
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, default=str)
+
+
+def metrics_table_html(result: dict[str, Any]) -> str:
+    """The metric table of the evaluation page."""
+    esc = html.escape
+    body = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(fmt(v))}</td></tr>\n"
+                   for k, v in result.items())
+    return (f"<h2>Metrics</h2>\n<table border='1'>\n"
+            f"<tr><th>metric</th><th>value</th></tr>\n{body}</table>\n")
+
+
+def metrics_table_md(result: dict[str, Any]) -> list[str]:
+    """The metric table as Markdown lines."""
+    return ["| metric | value |", "|---|---|"] + [
+        f"| {str(k).replace('|', '/')} | {fmt(v).replace('|', '/')} |" for k, v in result.items()]
