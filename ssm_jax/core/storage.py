@@ -17,6 +17,11 @@ the only setting needed to point everything at a GCS emulator: :func:`configure`
 onto what each component reads (gcsfs honours it itself; tensorstore, which orbax writes
 arrays with, reads ``TENSORSTORE_GCS_HTTP_URL`` and needs a placeholder token; gcsfs'
 bucket-layout probe and epath's TensorFlow back end do not know it and are turned off).
+
+fsspec file systems cache directory listings for the life of the process by default; here
+the listing cache is off (:func:`configure`), because other processes write the same run
+directory (the other hosts of a pod, a resumed run, ``evaluate`` beside ``train``) and a
+stale listing would hide their checkpoints.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ BACKENDS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", None), "az": ("adlfs", None),
             "hf": ("huggingface_hub", None)}
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _configured: str | None = None
+_fsspec_configured = False
 _lock = threading.Lock()
 
 
@@ -62,7 +68,14 @@ def configure() -> None:
     Must run before gcsfs is imported and before epath first picks a back end for a URL
     (both read their settings once): :func:`as_path` and :func:`require_backend` call it.
     """
-    global _configured
+    global _configured, _fsspec_configured
+    if not _fsspec_configured:
+        import fsspec.config
+
+        # Read by each file system instance as it is made (epath makes one per scheme).
+        for proto in ("gs", "gcs", "s3", "s3a", "az", "abfs", "hf"):
+            fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
+        _fsspec_configured = True
     host = os.environ.get(EMULATOR_ENV, "").strip()
     if host == (_configured or ""):
         return
@@ -208,8 +221,20 @@ def rmtree(path: PathLike) -> None:
 
 
 def rename(src: PathLike, dst: PathLike) -> None:
-    """Moves a file or folder (on object storage: copy then delete, not atomic)."""
-    as_path(src).rename(as_path(dst))
+    """Moves a file or folder (on object storage: copy then delete, not atomic).
+    Locally ``dst`` must not exist and its folder must."""
+    if is_remote(src) or is_remote(dst):
+        import fsspec
+
+        # Not epath's rename: it asks for dst's folder to exist, and object storage has
+        # no folders until something is written in them. Not fs.mv either: gcsfs tries a
+        # moveTo call first, which the emulator lacks (a logged traceback per object).
+        src_s, dst_s = str(as_path(src)), str(as_path(dst))
+        fs, _ = fsspec.core.url_to_fs(src_s)
+        fs.copy(src_s, dst_s, recursive=True)
+        fs.rm(src_s, recursive=True)
+        return
+    os.rename(as_path(src), as_path(dst))
 
 
 def temp_name(target: PathLike) -> str:

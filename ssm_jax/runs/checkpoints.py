@@ -9,6 +9,10 @@ step that failed is reported in one warning line and moved, untouched, to
 ``WORKDIR/damaged/<name>/<step>`` (with the reason in ``damaged/README.txt``), so it is
 kept for the user but never listed, chosen or overwritten again. Nothing is moved when no
 step restores (then the config, not the files, may be at fault): one error.
+
+The workdir may be a URL (``gs://bucket/run``): orbax gets it as an ``epath.Path``
+(:func:`ssm_jax.core.storage.as_path`), never through ``os.path.abspath``, which would
+turn it into a local folder ``./gs:/bucket/run``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -25,6 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ssm_jax.core import storage
 from ssm_jax.core.errors import CheckpointError
 from ssm_jax.runs.rundir import BEST_DIR, CHECKPOINTS_DIR, DAMAGED_DIR
 
@@ -36,7 +40,7 @@ def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=False,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options)
+    return ocp.CheckpointManager(storage.as_path(storage.join(workdir, name)), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
@@ -86,7 +90,7 @@ def _restore_fields(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> d
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                        dtype=a.dtype), abstract)
     with ocp.PyTreeCheckpointer() as ckpt:
-        return ckpt.restore(os.path.join(str(mngr.directory), str(step), "state"),
+        return ckpt.restore(storage.as_path(storage.join(mngr.directory, str(step), "state")),
                             args=ocp.args.PyTreeRestore(item=abstract,
                                                         restore_args=restore_args,
                                                         partial_restore=True))
@@ -153,13 +157,12 @@ def _reason(e: BaseException) -> str:
 
 def _metadata_problem(directory: str, step: int) -> str | None:
     """Why the step's ``_CHECKPOINT_METADATA`` shows damage (orbax itself only logs it)."""
-    path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
-    if not os.path.exists(path):
+    path = storage.join(directory, str(step), "_CHECKPOINT_METADATA")
+    if not storage.exists(path):
         return None  # older orbax versions do not write it
     try:
-        with open(path) as f:
-            if isinstance(json.load(f), dict):
-                return None
+        if isinstance(json.loads(storage.read_text(path)), dict):
+            return None
     except (OSError, ValueError, UnicodeDecodeError):
         pass
     return "_CHECKPOINT_METADATA is not valid JSON"
@@ -169,19 +172,21 @@ def _set_aside(mngr: ocp.CheckpointManager, workdir: str, name: str, step: int,
                why: str) -> str | None:
     """Moves a damaged step to ``workdir/damaged/name/step`` (process 0); returns its path
     relative to the workdir, or None when it could not be moved."""
-    src = os.path.join(str(mngr.directory), str(step))
-    rel = os.path.join(DAMAGED_DIR, name, str(step))
-    dest = os.path.join(workdir, rel)
+    src = storage.join(mngr.directory, str(step))
+    rel = f"{DAMAGED_DIR}/{name}/{step}"
+    dest = storage.join(workdir, rel)
     k = 2
-    while os.path.exists(dest):
-        rel = os.path.join(DAMAGED_DIR, name, f"{step}-{k}")
-        dest, k = os.path.join(workdir, rel), k + 1
+    while storage.exists(dest):
+        rel = f"{DAMAGED_DIR}/{name}/{step}-{k}"
+        dest, k = storage.join(workdir, rel), k + 1
     try:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.rename(src, dest)
-        with open(os.path.join(workdir, DAMAGED_DIR, "README.txt"), "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}/{step} -> {rel}: "
-                    f"does not restore ({why})\n")
+        storage.makedirs(storage.dirname(dest))
+        storage.rename(src, dest)
+        # Appended by rewriting: object storage has no append (the file is a few lines).
+        readme = storage.join(workdir, DAMAGED_DIR, "README.txt")
+        before = storage.read_text(readme) if storage.exists(readme) else ""
+        storage.atomic_write(readme, f"{before}{time.strftime('%Y-%m-%d %H:%M:%S')} "
+                                     f"{name}/{step} -> {rel}: does not restore ({why})\n")
     except OSError:
         return None
     return rel
@@ -212,8 +217,8 @@ def set_aside_failed(mngr: ocp.CheckpointManager, workdir: str, name: str,
     parallel.barrier(f"{tag}_tried")  # nobody is still reading them
     for bad, why in failed:
         rel = (_set_aside(mngr, workdir, name, bad, why) if jax.process_index() == 0
-               else os.path.join(DAMAGED_DIR, name, str(bad)))
-        where = (f"moved to {os.path.join(workdir, rel)}" if rel else
+               else f"{DAMAGED_DIR}/{name}/{bad}")
+        where = (f"moved to {storage.join(workdir, rel)}" if rel else
                  "left in place (could not be moved)")
         log.warning("checkpoint %s/%d does not restore (%s); %s; using %s", name, bad, why,
                     where, using)
@@ -245,7 +250,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, abstract_state: Any,
         try:
             state, extra = restore(mngr, abstract_state, sharding, step)
         except Exception as e:  # noqa: BLE001 - any failure: this step is unusable
-            if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
+            if not storage.isdir(storage.join(mngr.directory, str(step))):
                 continue  # deleted meanwhile (e.g. by a run rotating its checkpoints)
             failed.append((step, _reason(e)))
             continue
@@ -267,9 +272,9 @@ def restore_for_inference(workdir: str, abstract_state: Any,
     """
     best_failed: list[tuple[int, str]] = []
     best_error: CheckpointError | None = None
-    best_dir = os.path.join(workdir, BEST_DIR)
+    best_dir = storage.join(workdir, BEST_DIR)
     for name in (BEST_DIR, CHECKPOINTS_DIR):
-        if not os.path.isdir(os.path.join(workdir, name)):
+        if not storage.isdir(storage.join(workdir, name)):
             continue
         mngr = manager(workdir, name, 1, create=False)
         try:
@@ -290,7 +295,7 @@ def restore_for_inference(workdir: str, abstract_state: Any,
                                      f"the latest good checkpoint, step {step}")
                 finally:
                     best.close()
-            elif name == CHECKPOINTS_DIR and os.path.isdir(best_dir):
+            elif name == CHECKPOINTS_DIR and storage.isdir(best_dir):
                 log.warning("no checkpoint in %s; using the latest checkpoint, step %d",
                             best_dir, step)
             return state, step

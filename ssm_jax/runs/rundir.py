@@ -15,18 +15,21 @@ A training run directory (``ssm-jax train --workdir DIR``) holds::
 A sweep directory holds ``sweep.json``, ``results.csv``, ``summary.csv``, ``summary.png``
 and ``runs/<cell>/seed<k>/`` (each a run directory with ``sweep_result.json``).
 
-:func:`atomic_write` / :func:`atomic_open` write through a temporary file whose name is
-unique to the process and thread, then rename it over the target: a reader never sees a
-half-written file, and two processes writing the same file never share a temporary.
+A run or sweep directory may be a local folder or a URL (``gs://bucket/run``): names are
+joined and files written through :mod:`ssm_jax.core.storage`. :func:`atomic_write` /
+:func:`atomic_open` write through a temporary file whose name is unique to the process,
+thread and call, then rename it over the target (on object storage: one PUT of the whole
+file): a reader never sees a half-written file, and two processes writing the same file
+never share a temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 from collections.abc import Iterator
 from typing import IO
+
+from ssm_jax.core import storage
 
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
@@ -50,43 +53,32 @@ RUN_OUTPUT_DIRS = (CHECKPOINTS_DIR, BEST_DIR, EVAL_DIR)
 
 
 def path(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name)
+    return storage.join(workdir, name)
 
 
 def config_path(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG_FILE)
+    return storage.join(workdir, CONFIG_FILE)
 
 
 def sweep_run_dir(sweep_dir: str, cell: str, seed: int) -> str:
     """The run directory of one (cell, seed) of a sweep."""
-    return os.path.join(sweep_dir, RUNS_DIR, cell, f"seed{seed}")
+    return storage.join(sweep_dir, RUNS_DIR, cell, f"seed{seed}")
 
 
 def temp_name(target: str) -> str:
-    """A temporary name next to ``target`` unique to this process and thread."""
-    return f"{target}.tmp.{os.getpid()}.{threading.get_ident()}"
+    """A temporary name next to ``target`` unique to this process, thread and call."""
+    return storage.temp_name(target)
 
 
 @contextlib.contextmanager
 def atomic_open(target: str, mode: str = "w", fsync: bool = True, **kwargs) -> Iterator[IO]:
-    """``open`` for writing ``target`` atomically: the data goes to a per-process temporary
-    file that replaces ``target`` only when the block ends without an exception (else it
-    is removed and ``target`` stays as it was). ``fsync``: the data reaches the disk before
-    the rename (off for files written by the thousand, e.g. report images)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files (mode w or wb), got {mode!r}")
-    tmp = temp_name(target)
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """``open`` for writing ``target`` (a local path or a URL) atomically: ``target``
+    changes only when the block ends without an exception, and then to the whole new
+    content (:func:`ssm_jax.core.storage.atomic_open`). ``fsync``: locally, the data
+    reaches the disk before the rename (off for files written by the thousand, e.g.
+    report images)."""
+    with storage.atomic_open(target, mode, fsync=fsync, **kwargs) as f:
+        yield f
 
 
 def atomic_write(target: str, data: str | bytes) -> None:
@@ -110,8 +102,7 @@ def read_config(workdir: str):
     from ssm_jax.core.errors import CheckpointError
 
     p = config_path(workdir)
-    if not os.path.isfile(p):
+    if not storage.isfile(p):
         raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
                               f"directory, or training has not started)")
-    with open(p) as f:
-        return config_utils.from_json(f.read())
+    return config_utils.from_json(storage.read_text(p))

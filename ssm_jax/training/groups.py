@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 
 import jax
@@ -34,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ssm_jax.config import loader as config_utils
-from ssm_jax.core import parallel
+from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError
 from ssm_jax.core.parallel import DATA_AXIS
 from ssm_jax.runs import rundir
@@ -267,8 +266,8 @@ def can_train_together(cfgs: Sequence[ml_collections.ConfigDict],
         return False
     steps = set()
     for wd in workdirs:
-        d = os.path.join(wd, rundir.CHECKPOINTS_DIR)
-        found = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+        d = storage.join(wd, rundir.CHECKPOINTS_DIR)
+        found = [int(n) for n in storage.listdir(d) if n.isdigit()] if storage.isdir(d) else []
         steps.add(max(found) if found else None)
     return len(steps) == 1
 
@@ -285,7 +284,7 @@ def train_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
     """
     from ssm_jax.runs import lock as workdir_lock
 
-    if len(cfgs) != len(workdirs) or len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+    if len(cfgs) != len(workdirs) or len(set(map(storage.resolve, workdirs))) != len(workdirs):
         raise ConfigError("train_group needs one distinct workdir per config")
     check_group(cfgs)
     for c in cfgs:

@@ -21,9 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import platform
-import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -34,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from ssm_jax.config import loader as config_utils
-from ssm_jax.core import parallel
+from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError, TrainingDiverged
 from ssm_jax.core.progress import TrainProgress
 from ssm_jax.runs import checkpoints, rundir
@@ -65,22 +63,22 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str, resume: bool =
     """Refuses to mix a different config into a workdir unless told to."""
     path = rundir.config_path(workdir)
     # Every process checks (so none goes on alone); only process 0 writes.
-    if os.path.exists(path):
+    if storage.exists(path):
         old = rundir.read_config(workdir)
         diff = config_utils.diff(old, cfg)
         resumable = not config_utils.diff(old, cfg, ignore=config_utils.RESUMABLE_KEYS)
         if diff and overwrite and jax.process_index() == 0:
             for sub in rundir.RUN_OUTPUT_DIRS:
-                shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+                storage.rmtree(storage.join(workdir, sub))
         elif diff and not overwrite and not (resume and resumable):
             hint = ("only train.steps and reporting keys may change on --resume"
                     if resume else "pass --resume to continue or --overwrite to start over")
             raise ConfigError(f"workdir {workdir} holds a run with a different config "
                               f"({config_utils.describe_diff(diff)}); {hint}")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         rundir.atomic_write(path, config_utils.to_json(cfg))
-        rundir.write_json(os.path.join(workdir, rundir.RUN_INFO_FILE), {
+        rundir.write_json(storage.join(workdir, rundir.RUN_INFO_FILE), {
             "seed": cfg.seed, "versions": _package_versions(),
             "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()})
 
@@ -268,6 +266,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
     """
     from ssm_jax.runs import lock as workdir_lock
 
+    # A gs:// workdir without gcsfs stops here, before the lock or any folder is made.
+    storage.require_backend(workdir, "ssm-jax train --workdir")
     # One run per workdir (process 0 holds the lock for a multi-process run).
     with SigtermFlag() as sigterm, workdir_lock.RunLock(workdir):
         return train_runs([cfg], [workdir], SingleProgram, sigterm, resume=resume,

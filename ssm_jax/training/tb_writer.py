@@ -15,7 +15,10 @@ and nothing imports TensorFlow where it is installed.
 The files are the ones ``tf.summary`` writes (``events.out.tfevents.<time>.<host>.<pid>``
 records of ``Event`` protos): scalars, images, texts, histograms and hparams show in
 TensorBoard as usual. Local paths are written with ``open``; ``scheme://`` paths (gs://,
-s3://) through ``etils.epath``. :func:`read_scalars` reads scalars back (tools, tests).
+s3://) through :mod:`ssm_jax.core.storage` (etils.epath): an object cannot be appended to,
+so each flush stores the whole event file again (one PUT; tf.io.gfile does the same on
+GCS), and a run killed mid-way keeps what it had flushed. :func:`read_scalars` reads
+scalars back (tools, tests).
 """
 
 from __future__ import annotations
@@ -36,28 +39,42 @@ from typing import Any
 
 import numpy as np
 
+from ssm_jax.core import storage
+
 log = logging.getLogger("ssm_jax")
 
 _SHIMMED = "clu.metric_writers.summary_writer"
 _uid = itertools.count()
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
+class _ObjectFile:
+    """A file on object storage written as a whole: :meth:`flush` stores everything
+    written so far as one object (event files hold scalars and a few images: small)."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._data = bytearray()
+        self._stored = -1
+        self.closed = False
 
-def _makedirs(path: str) -> None:
-    if _is_remote(path):
-        from etils import epath
-        epath.Path(path).mkdir(parents=True, exist_ok=True)
-    else:
-        os.makedirs(path, exist_ok=True)
+    def write(self, data: bytes) -> int:
+        self._data += data
+        return len(data)
+
+    def flush(self) -> None:
+        if len(self._data) != self._stored:
+            storage.atomic_write(self.path, bytes(self._data))
+            self._stored = len(self._data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
 
 
 def _open(path: str, mode: str):
-    if _is_remote(path):
-        from etils import epath
-        return epath.Path(path).open(mode)
+    if storage.is_remote(path):
+        return _ObjectFile(path) if mode == "wb" else storage.open_read(path, mode)
     return open(path, mode)
 
 
@@ -69,10 +86,10 @@ class EventFileWriter:
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         logdir = os.fspath(logdir)
-        _makedirs(logdir)
+        storage.makedirs(logdir)
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
                 f"{os.getpid()}.{next(_uid)}")
-        self.path = os.path.join(logdir, name)
+        self.path = storage.join(logdir, name)
         self._event_pb2 = event_pb2
         self._file = _open(self.path, "wb")
         self._records = RecordWriter(self._file)
@@ -282,9 +299,9 @@ def read_events(path: str):
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} from every event file directly in ``logdir``."""
     out: dict[str, list[tuple[int, float]]] = {}
-    names = sorted(n for n in os.listdir(logdir) if n.startswith("events.out.tfevents."))
+    names = sorted(n for n in storage.listdir(logdir) if n.startswith("events.out.tfevents."))
     for name in names:
-        for ev in read_events(os.path.join(logdir, name)):
+        for ev in read_events(storage.join(logdir, name)):
             for v in ev.summary.value:
                 if v.WhichOneof("value") == "simple_value":
                     out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
