@@ -336,7 +336,8 @@ def write_results(workdir: str, cells: Sequence[tuple[str, str]],
 
 def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
     """Mean, sd and the ``level`` t confidence interval of paired differences (n - 1
-    degrees of freedom; nan bounds when n < 2)."""
+    degrees of freedom; nan bounds when n < 2). The one t interval of the sweep: a cell's
+    own values (its mean over seeds) go through it too."""
     import numpy as np
     from scipy import stats
 
@@ -355,7 +356,6 @@ def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float
 def summarize(rows: Sequence[dict], cells: Sequence[str]) -> list[dict]:
     """Per cell and metric: mean, sd, n and the paired difference to the baseline (the
     first cell), matched by seed, with its 95% t confidence interval."""
-    import numpy as np
 
     def values(cell: str, metric: str) -> dict[int, float]:
         return {int(r["seed"]): float(r[metric]) for r in rows
@@ -367,10 +367,8 @@ def summarize(rows: Sequence[dict], cells: Sequence[str]) -> list[dict]:
     for cell in cells:
         for metric in METRICS:
             v = values(cell, metric)
-            arr = np.array(list(v.values()), np.float64)
-            row = {"cell": cell, "metric": metric, "n": int(arr.size),
-                   "mean": float(arr.mean()) if arr.size else math.nan,
-                   "sd": float(arr.std(ddof=1)) if arr.size > 1 else math.nan}
+            mean, sd, _, _ = paired_ci(list(v.values()))
+            row = {"cell": cell, "metric": metric, "n": len(v), "mean": mean, "sd": sd}
             if cell == baseline:
                 row.update(diff=math.nan, diff_sd=math.nan, n_pairs=0, ci95_low=math.nan,
                            ci95_high=math.nan)
@@ -414,7 +412,6 @@ def plot_summary(path: str, rows: Sequence[dict], summary: Sequence[dict],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from scipy import stats
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4),
                              squeeze=False)
@@ -427,9 +424,8 @@ def plot_summary(path: str, rows: Sequence[dict], summary: Sequence[dict],
                 continue
             ax.plot(np.full(vals.size, i) + np.linspace(-0.08, 0.08, vals.size), vals, "o",
                     color="0.6", ms=4)
-            m = vals.mean()
-            half = (float(stats.t.ppf(0.975, vals.size - 1)) * vals.std(ddof=1)
-                    / math.sqrt(vals.size)) if vals.size > 1 else 0.0
+            m, _, _, hi = paired_ci(vals)
+            half = hi - m if math.isfinite(hi) else 0.0
             ax.errorbar([i], [m], yerr=[half], fmt="s", color="C0" if i == 0 else "C1",
                         capsize=4)
         ax.set_xticks(range(len(cells)))
@@ -438,5 +434,8 @@ def plot_summary(path: str, rows: Sequence[dict], summary: Sequence[dict],
         ax.grid(alpha=0.3)
     fig.suptitle("mean and 95% t interval over seeds (dots: seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with rundir.atomic_open(path, "wb", fsync=False) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

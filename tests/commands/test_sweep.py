@@ -3,6 +3,7 @@ the paired confidence intervals."""
 
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -206,3 +207,6 @@ def test_paired_ci_matches_t_test():
     assert r["diff"] == pytest.approx(d.mean())
     assert (r["ci95_low"], r["ci95_high"]) == pytest.approx((ci.low, ci.high))
     assert s[("b", "image_auroc")]["sd"] == pytest.approx(np.std(list(base.values()), ddof=1))
+    assert s[("b", "image_auroc")]["mean"] == pytest.approx(np.mean(list(base.values())))
+    one = sweep.summarize(rows[:1], ["b"])[0]  # one seed: a mean, no spread, no interval
+    assert one["n"] == 1 and one["mean"] == 0.70 and math.isnan(one["sd"])
