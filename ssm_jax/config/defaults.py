@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.sigma_at_128 = 7.0
     c.eval.image_score = "max"
     c.eval.mask_draws = 1  # independent scoring-mask draws per k, maps averaged
+    # hash: masks a pure function of (seed, image content), equal in every export;
+    # threefry: jax.random (what runs saved before this key used; they keep it)
+    c.eval.mask_rule = "hash"
     c.eval.k_weighting = "equal"  # equal | area (k^2, the published code's 1/N^2)
     c.eval.border = "edge"  # edge | zero (the published MS-GMS padding)
     # mse: image score + restoration MSE, each standardized by the held-out normals

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_jax.core.errors import ConfigError
-from ssm_jax.method import losses, masks
+from ssm_jax.method import hash_masks, losses, masks
 
 if TYPE_CHECKING:  # the device image has no ml_collections
     import ml_collections
@@ -75,6 +75,10 @@ class ScoringConfig:
     border: str = "edge"
     sigma_side: int = 0  # side that sets the smoothing sigma; 0 = the image's shorter side
     mask_draws: int = 1  # independent draws of the scoring masks, maps averaged
+    # How an image's scoring masks are drawn (eval.mask_rule): "hash", a pure function of
+    # (eval seed, content id, pass, k slot) that numpy reproduces bit for bit (served ==
+    # evaluated, method.hash_masks); "threefry", jax.random (runs saved before the hash rule).
+    mask_rule: str = "hash"
 
     def validate(self, image_size: int) -> None:
         """Raises ConfigError for settings that cannot work at this image size."""
@@ -98,6 +102,9 @@ class ScoringConfig:
         if self.k_weighting not in K_WEIGHTINGS:
             raise ConfigError(f"eval.k_weighting must be one of {K_WEIGHTINGS}, "
                               f"got {self.k_weighting!r}")
+        if self.mask_rule not in hash_masks.MASK_RULES:
+            raise ConfigError(f"eval.mask_rule must be one of {hash_masks.MASK_RULES}, "
+                              f"got {self.mask_rule!r}")
         if self.mask_draws < 1:
             raise ConfigError(f"eval.mask_draws must be >= 1, got {self.mask_draws}")
         if self.border not in losses.BORDERS:
@@ -178,8 +185,12 @@ def single_pass(restore_fn: RestoreFn, key: jax.Array, x: jax.Array, suspicious:
 
 
 def pass_masks(key: jax.Array, shape: tuple[int, int], cfg: ScoringConfig) -> jax.Array:
-    """[R, K*D, n, H, W]: the masks :func:`score_image` draws from ``key`` for each pass."""
+    """[R, K*D, n, H, W]: the masks :func:`score_image` draws from ``key`` for each pass
+    (under the hash rule ``key`` is the image's mask id, :func:`mask_keys`)."""
     ks = tuple(cfg.ks) * cfg.mask_draws
+    if cfg.mask_rule == "hash":
+        return jnp.stack([hash_masks.scoring_masks(key, r, shape, ks, cfg.num_masks, jnp)
+                          for r in range(cfg.refine_passes)])
     return jnp.stack([masks.scoring_masks(jax.random.fold_in(key, r), shape, ks, cfg.num_masks)
                       for r in range(cfg.refine_passes)])
 
@@ -190,7 +201,8 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
     """Scores one image [H, W, C] with R refinement passes.
 
     ``grids`` [R, K*D, n, H, W]: each pass's masks, given instead of drawn from ``key``
-    (pass r draws them from ``fold_in(key, r)``: :func:`pass_masks`).
+    (pass r draws them from ``fold_in(key, r)``, or under the hash rule from the mask id
+    ``key`` and r: :func:`pass_masks`).
 
     ``hw`` (h, w): the valid top-left region of a padded image (default: all of it).
     Returns ``map`` [H, W] (smoothed pixel scores; the padded part is meaningless),
@@ -205,7 +217,12 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
     x = x.astype(jnp.float32)
 
     def pass_args(r):  # (key, masks) of pass r: drawn from the key, or given
-        return (jax.random.fold_in(key, r), None) if grids is None else (None, grids[r])
+        if grids is not None:
+            return None, grids[r]
+        if cfg.mask_rule == "hash":  # r may be the refinement loop's (traced) counter
+            ks = tuple(cfg.ks) * cfg.mask_draws
+            return None, hash_masks.scoring_masks(key, r, (h, w), ks, cfg.num_masks, jnp)
+        return jax.random.fold_in(key, r), None
 
     first = single_pass(restore_fn, pass_args(0)[0], x, valid, cfg, pass_args(0)[1])
 
@@ -282,9 +299,9 @@ def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
                 grids: jax.Array | None = None) -> dict[str, jax.Array]:
     """vmap of :func:`score_image` over a batch [B, H, W, C] (``sizes`` [B, 2]: valid h, w).
 
-    Each image's masks come from ``fold_in(key, index)`` (callers pass a content id as the
-    index), so an image's score does not
-    depend on the batch size, its position in the batch, or the device it lands on.
+    Each image's masks come from ``key`` (PRNGKey(eval.seed)) and its index (callers pass a
+    content id): :func:`mask_keys`. So an image's score does not depend on the batch size,
+    its position in the batch, or the device it lands on.
     ``grids`` [B, R, K*D, n, H, W]: the masks given instead (key and indices unused).
     """
     if sizes is None:
@@ -292,9 +309,19 @@ def score_batch(restore_fn: RestoreFn, key: jax.Array, images: jax.Array,
     if grids is not None:
         return jax.vmap(lambda g, x, hw: score_image(restore_fn, None, x, cfg, hw, g))(
             grids, images, sizes)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    keys = mask_keys(key, indices, cfg)
     return jax.vmap(lambda k, x, hw: score_image(restore_fn, k, x, cfg, hw))(
         keys, images, sizes)
+
+
+def mask_keys(key: jax.Array, indices: jax.Array, cfg: ScoringConfig) -> jax.Array:
+    """Per image, what keys its scoring masks: under the hash rule its mask id, uint32 [3]
+    (the two words of ``key`` = PRNGKey(eval.seed), then the content id); under the
+    threefry rule ``fold_in(key, index)``."""
+    if cfg.mask_rule == "hash":
+        words = jax.random.key_data(key)
+        return jax.vmap(lambda i: hash_masks.mask_id(words, i, jnp))(indices)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
 def scoring_config(cfg: ml_collections.ConfigDict) -> ScoringConfig:
@@ -307,6 +334,7 @@ def scoring_config(cfg: ml_collections.ConfigDict) -> ScoringConfig:
         refine_cell=int(e.refine_cell), refine_mask_head_weight=float(e.refine_mask_head_weight),
         mask_head_weight=float(e.mask_head_weight), sigma_at_128=float(e.sigma_at_128),
         image_score=e.image_score, k_weighting=e.k_weighting, border=e.border,
-        sigma_side=int(cfg.data.image_size), mask_draws=int(e.mask_draws))
+        sigma_side=int(cfg.data.image_size), mask_draws=int(e.mask_draws),
+        mask_rule=str(e.get("mask_rule", "threefry")))
     sc.validate(cfg.data.image_size)
     return sc

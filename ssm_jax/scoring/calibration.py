@@ -36,6 +36,8 @@ def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
     flat = config_utils.flatten(cfg)
     keys = {k.split(".", 1)[1]: v for k, v in flat.items()
             if k.startswith("eval.") and not config_utils.matches(k, config_utils.SCORING_IGNORED)}
+    if keys.get("mask_rule") == "threefry":  # the rule before the key existed: same text
+        del keys["mask_rule"]
     keys["step"] = step
     keys.update({k.rsplit(".", 1)[-1]: v for k, v in flat.items()
                  if not k.startswith("eval.") and config_utils.matches(

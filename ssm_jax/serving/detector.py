@@ -81,10 +81,20 @@ def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
     return variables, int(parallel.to_host(state["step"]))
 
 
+def recorded_mask_rule(workdir: str) -> str:
+    """The scoring-mask rule the run records (``eval.mask_rule`` in its config.json). A run
+    saved before that key existed keeps the rule it was evaluated with: "threefry"."""
+    import json
+
+    with open(rundir.config_path(workdir)) as f:
+        return str(json.load(f).get("eval", {}).get("mask_rule", "threefry"))
+
+
 def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
     """The run's config with ``overrides`` applied and validated; keys that fix the
     parameter shapes cannot change (one CheckpointError line)."""
     trained = rundir.read_config(workdir)
+    trained.eval.mask_rule = recorded_mask_rule(workdir)
     cfg = config_utils.apply_overrides(trained, overrides)
     changed = config_utils.diff(trained, cfg)
     for key in config_utils.MODEL_SHAPE_KEYS:

@@ -12,20 +12,21 @@ K*D = len(eval.ks) x eval.mask_draws, n = mask.num_masks). Outputs: ``scores`` [
 ``maps`` [B, H, W], ``mse`` [B], ``anomalous`` [B] (bool). B is fixed at export
 (``--batch-size``, default eval.batch_size); the loader pads the last chunk.
 
-**Not in the graph: drawing the masks.** The Detector draws them with ``jax.random``
-(threefry, keyed by each image's content id); its ``random_*`` primitives have no ONNX
-conversion (jax2onnx: "No plugins registered for primitive 'random_split'"), and ONNX's own
-random operators cannot reproduce threefry. So masks are an input, and the loader draws them
-in numpy: the same kind of masks (each k's cells split at random into n balanced groups),
-keyed by the same content id, from numpy's generator. Consequence: a served score is the
-Detector's scoring under **another, equally valid draw** of the masks, so it differs from
-the Detector's score of the same image by mask noise (about the spread of ``eval.seed``,
-README "Results"), and the threshold calibrated under jax masks keeps its meaning on
-average, not image by image. Given the Detector's own masks (:func:`detector_masks`), the
-ONNX model's scores and maps equal the Detector's to float tolerance
-(tests/serving/test_onnx_export.py).
-Baking one mask set into the graph was the alternative: every image would then share the
-same masks, which the design rules out.
+**Not in the graph: drawing the masks.** They are an input, drawn by the loader in numpy
+(:func:`ssm_jax.serving.onnx_serving.draw_masks`), keyed by each image's content id. Under
+the ``hash`` mask rule (``eval.mask_rule``, the default since it exists; recorded in the
+model's metadata) the masks are a pure function of (eval seed, content id, pass, k slot,
+cell) built from uint32 multiply/xor/shift and a stable argsort, which numpy reproduces bit
+for bit: served scores and maps equal the Detector's to float tolerance (tests in
+tests/serving/test_onnx_export.py; benchmarks/results/served_vs_evaluated.json). Drawing
+them in numpy rather than in the graph keeps the graph free of integer sorting, whose
+conversion and onnxruntime kernels vary. Runs that record the older ``threefry`` rule
+(``jax.random``, whose primitives jax2onnx does not convert: "No plugins registered for
+primitive 'random_split'") get a numpy-generator draw instead: another, equally valid draw
+of the masks, so their served scores differ from the Detector's by mask noise; given the
+Detector's own masks (:func:`detector_masks`) they equal it. Baking one mask set into the
+graph was the alternative: every image would then share the same masks, which the design
+rules out.
 
 **Converter.** jax2onnx, which converts a jaxpr directly. jax2tf + tf2onnx would need
 TensorFlow (the tfds extra) at export time and converts no more of the scorer: threefry
@@ -85,13 +86,13 @@ def masks_shape(det: Detector, shape: tuple[int, int]) -> tuple[int, ...]:
 
 def detector_masks(det: Detector, images: np.ndarray) -> np.ndarray:
     """[B, R, K*D, n, H, W]: the masks the Detector draws for these (unpadded, full-size)
-    images: key ``fold_in(PRNGKey(eval.seed), content id)``, pass r from ``fold_in(key, r)``
-    (:func:`ssm_jax.method.scoring.pass_masks`)."""
+    images, keyed by eval.seed and content id (:func:`ssm_jax.method.scoring.mask_keys`,
+    :func:`ssm_jax.method.scoring.pass_masks`)."""
     from ssm_jax.serving.detector import content_ids
 
     x, sizes = det.check_images(images)
     base = jax.random.PRNGKey(det.cfg.eval.seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(content_ids(x, sizes)))
+    keys = scoring.mask_keys(base, jnp.asarray(content_ids(x, sizes)), det.sc)
     fn = jax.jit(jax.vmap(lambda k: scoring.pass_masks(k, tuple(x.shape[1:3]), det.sc)))
     return np.asarray(fn(keys))
 
@@ -218,6 +219,8 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
         "masks_shape": list(masks_shape(det, shape)),
         "ks": list(sc.ks), "mask_draws": sc.mask_draws, "num_masks": sc.num_masks,
         "refine_passes": sc.refine_passes, "seed": int(det.cfg.eval.seed),
+        "mask_rule": sc.mask_rule, "mask_seed_words": [int(v) for v in np.asarray(
+            jax.random.key_data(jax.random.PRNGKey(det.cfg.eval.seed)))],
         "threshold": float(det.threshold),
         "threshold_quantile": float(det.cfg.eval.threshold_quantile),
         "map_normalization": det.cfg.eval.map_normalization,

@@ -7,11 +7,15 @@ numpy only: no jax, no flax.
     out["scores"], out["maps"], out["anomalous"]
 
 The ONNX graph holds the whole scorer except drawing the scoring masks (see
-:mod:`ssm_jax.serving.onnx_export`): :func:`draw_masks` draws them here, grid masks keyed by each
-image's content id (CRC-32 of its pixels, as the Detector keys its own), from numpy's
-generator. They are another valid draw than the Detector's jax.random masks, so scores
-differ from the Detector's by mask noise; ``score(images, masks=...)`` takes explicit masks
-(e.g. the Detector's, :func:`ssm_jax.serving.onnx_export.detector_masks`) and then equals it.
+:mod:`ssm_jax.serving.onnx_export`): :func:`draw_masks` draws them here, keyed by each
+image's content id (CRC-32 of its pixels, as the Detector keys its own). Under the run's
+``hash`` mask rule (``meta["mask_rule"]``, every run trained since the rule exists) they are
+bit for bit the Detector's masks (:func:`hash_grid_masks` is a numpy copy of
+``ssm_jax.method.hash_masks``, kept equal by a test), so served scores equal evaluated ones
+to float tolerance. Models of runs that record the older ``threefry`` rule (jax.random,
+which numpy cannot reproduce) get masks from numpy's generator: another valid draw, so
+their scores differ from the Detector's by mask noise; ``score(images, masks=...)`` takes
+explicit masks (e.g. :func:`ssm_jax.serving.onnx_export.detector_masks`) and then equals it.
 
 This file imports only numpy, onnxruntime and the standard library (and
 ``ssm_jax.core.errors`` when ssm_jax is installed): it can be copied alone to a machine that
@@ -62,15 +66,54 @@ def grid_masks(rng: np.random.Generator, shape: tuple[int, int], k: int, n: int)
     return (groups[None] != np.arange(n)[:, None, None]).astype(np.float32)
 
 
+_GOLDEN, _M1, _M2 = 0x9E3779B9, 0x7FEB352D, 0x846CA68B  # = ssm_jax.method.hash_masks
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """lowbias32 finalizer (uint32 arrays wrap silently)."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(_M1)
+    x = x ^ (x >> 15)
+    x = x * np.uint32(_M2)
+    return x ^ (x >> 16)
+
+
+def hash_grid_masks(mask_id: np.ndarray, r: int, slot: int, shape: tuple[int, int], k: int,
+                    n: int) -> np.ndarray:
+    """[n, H, W] float32: the ``hash`` rule's masks of k slot ``slot`` in pass ``r`` for the
+    image whose mask id is uint32 [3] (seed key words 0 and eval.seed, content id): each
+    cell hashed, cell group = rank of its hash mod n (ssm_jax.method.hash_masks)."""
+    h, w = shape
+    ch, cw = math.ceil(h / k), math.ceil(w / k)
+    cells = np.arange(ch * cw, dtype=np.uint32)
+    acc = np.zeros(ch * cw, np.uint32)
+    for v in (*np.asarray(mask_id, np.uint32), r, slot):
+        acc = _mix32(acc ^ (np.asarray(v).astype(np.uint32).reshape(1) + np.uint32(_GOLDEN)))
+    acc = _mix32(acc ^ (cells * np.uint32(_GOLDEN) + np.uint32(1)))
+    rank = np.argsort(np.argsort(acc, kind="stable"), kind="stable")
+    groups = (rank % n).astype(np.int32).reshape(ch, cw)
+    groups = np.repeat(np.repeat(groups, k, axis=0), k, axis=1)[:h, :w]
+    return (groups[None] != np.arange(n, dtype=np.int32)[:, None, None]).astype(np.float32)
+
+
 def draw_masks(meta: dict, images: np.ndarray) -> np.ndarray:
     """[B, R, K*D, n, H, W]: each image's scoring masks, keyed by (eval.seed, content id,
-    pass, k slot) so an image gets the same masks alone or in any batch."""
+    pass, k slot) so an image gets the same masks alone or in any batch: the Detector's
+    own under the ``hash`` rule, a numpy draw under ``threefry`` (see the module doc)."""
     r_passes, slots, n, h, w = (int(v) for v in meta["masks_shape"])
     ks = [int(k) for k in meta["ks"]] * int(meta.get("mask_draws", 1))
     if len(ks) != slots:
         raise ExportError(f"meta: {len(ks)} mask slots from ks x mask_draws, masks_shape "
                           f"says {slots}")
     out = np.empty((len(images), r_passes, slots, n, h, w), np.float32)
+    if meta.get("mask_rule", "threefry") == "hash":
+        for b, cid in enumerate(content_ids(images)):
+            words = meta.get("mask_seed_words", [0, int(meta["seed"])])  # PRNGKey(seed)
+            mask_id = np.array([*words, int(cid)], np.uint32)
+            for r in range(r_passes):
+                for j, k in enumerate(ks):
+                    out[b, r, j] = hash_grid_masks(mask_id, r, j, (h, w), k, n)
+        return out
     for b, cid in enumerate(content_ids(images)):
         for r in range(r_passes):
             for j, k in enumerate(ks):
