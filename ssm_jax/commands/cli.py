@@ -1,13 +1,17 @@
-"""The ``ssm-jax`` command: train, evaluate, predict, export.
+"""The ``ssm-jax`` command: train, evaluate, predict, export, sweep.
 
     ssm-jax train --config configs/quickstart.py --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax evaluate --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax predict --workdir runs/q --input IMAGE_OR_FOLDER --output OUT
-    ssm-jax sweep --config CONFIG --workdir DIR --seeds 0,1,2 --cell NAME "KEY=VALUE ..." ...
     ssm-jax export --workdir runs/q --output runs/q/detector.ssm
+    ssm-jax sweep --config CONFIG --workdir DIR --seeds 0,1,2 --cell NAME "KEY=VALUE ..." ...
 
-User errors (bad data, bad config, missing checkpoint, divergence) print one line and
-exit with status 2; ``--debug`` shows the traceback.
+``ssm-jax --help`` and ``ssm-jax COMMAND --help`` describe every command and flag with
+examples (the texts below). User errors (bad data, bad config, missing checkpoint,
+divergence) print one line and exit with status 2; ``--debug`` shows the traceback.
+
+``--config.KEY=VALUE`` overrides are split off here and parsed by
+:mod:`ssm_jax.config.loader` (see its docstring for why not ml_collections' config_flags).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separates ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) from other arguments."""
     rest, overrides = [], []
     argv = list(argv)
@@ -48,64 +52,156 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssm-jax", description=__doc__.split("\n")[0])
+DESCRIPTION = """\
+Self-supervised masking (SSM) anomaly detection: train a masked-inpainting U-Net on normal
+images only, then score images: where the network cannot restore an image from its
+surroundings, the image (and each pixel) is anomalous.
+
+A run directory (--workdir) holds everything one training run makes: its config,
+checkpoints, the calibrated threshold, the evaluation metrics and report. Commands that
+score (evaluate, predict, export) read the run's saved config from it.
+"""
+
+OVERRIDES = """\
+Config values: any config key can be set with --config.KEY=VALUE (or --config.KEY VALUE),
+KEY dotted as in configs/*.py, e.g. --config.train.steps=100, --config.mask.ks=(8,16),
+--config.data.path=DIR. Unknown keys and wrong types stop the command with one line."""
+
+SCORING_OVERRIDES = """\
+Config values: --config.KEY=VALUE changes how the run scores (eval.* keys, e.g.
+--config.eval.refine_passes=3) or which data it scores (--config.data.path=DIR); keys that
+fix the network's shape (model.width, data.grayscale, ...) cannot change."""
+
+TOP_EPILOG = """\
+Start here (synthetic data, no download; a few minutes on a CPU):
+  ssm-jax train --config configs/quickstart.py --workdir runs/quickstart --evaluate
+  ssm-jax predict --workdir runs/quickstart --input IMAGE_OR_FOLDER --output runs/pred
+
+"ssm-jax COMMAND --help" describes each command. User errors (bad data, bad config, missing
+checkpoint, divergence) print one line and exit with status 2; --debug shows the traceback.
+"""
+
+WORKDIR_HELP = "a training run directory made by 'ssm-jax train'"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``ssm-jax`` argument parser (``--config.KEY=VALUE`` overrides are split off
+    before it parses, see :func:`run`)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="ssm-jax", description=DESCRIPTION, epilog=TOP_EPILOG,
+                                formatter_class=fmt)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands")
 
-    t = sub.add_parser("train", help="train (or resume) a model on normal images")
-    t.add_argument("--config", required=True, help="ml_collections config file (configs/*.py)")
-    t.add_argument("--workdir", required=True, help="run directory (checkpoints, logs)")
+    def command(name: str, summary: str, description: str, epilog: str):
+        sp = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
+                            epilog=epilog, formatter_class=fmt)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+        return sp
+
+    t = command(
+        "train", "train (or resume) a detector on normal images",
+        "Trains on the config's data (data.path: a folder in the MVTec AD layout, DIR/train/"
+        "good/*.png;\nempty: the embedded synthetic set) and keeps the best checkpoint by "
+        "the validation loss\non held-out normal images. Run again with the same workdir to "
+        "resume after a stop.",
+        f"{OVERRIDES}\n\nExamples:\n"
+        "  ssm-jax train --config configs/quickstart.py --workdir runs/quickstart\n"
+        "  ssm-jax train --config configs/folder.py --workdir runs/mine "
+        "--config.data.path=DIR --evaluate\n"
+        "  ssm-jax train --config configs/quickstart.py --workdir runs/quickstart "
+        "--config.train.steps=1200 --resume")
+    t.add_argument("--config", required=True, metavar="FILE",
+                   help="config file: a Python file with get_config() (see configs/*.py)")
+    t.add_argument("--workdir", required=True, metavar="DIR",
+                   help="run directory to create, or to resume if it holds this run")
     t.add_argument("--resume", action="store_true",
-                   help="continue a run in workdir even if train.steps changed")
+                   help="continue the run in --workdir although train.steps (or another "
+                        "training-length key) changed")
     t.add_argument("--overwrite", action="store_true",
-                   help="discard checkpoints in workdir if its config differs")
-    t.add_argument("--evaluate", action="store_true", help="evaluate after training")
+                   help="discard the checkpoints and evaluation in --workdir when its saved "
+                        "config differs from this one (else: one-line error)")
+    t.add_argument("--evaluate", action="store_true",
+                   help="run 'ssm-jax evaluate' on the run when training ends")
 
-    e = sub.add_parser("evaluate", help="score the test split with the best checkpoint")
-    e.add_argument("--workdir", required=True)
+    e = command(
+        "evaluate", "score the run's test split and write metrics and a report",
+        "Calibrates the threshold on the held-out normal training images, scores the test "
+        "split with\nthe best checkpoint and writes WORKDIR/eval/metrics.json (image and "
+        "pixel AUROC, AUPRO,\nF1-max) and WORKDIR/eval/index.html; saves the threshold for "
+        "predict and export.",
+        f"{SCORING_OVERRIDES}\n\nExamples:\n"
+        "  ssm-jax evaluate --workdir runs/quickstart\n"
+        "  ssm-jax evaluate --workdir runs/quickstart --config.eval.refine_passes=3")
+    e.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
 
-    r = sub.add_parser("predict", help="score new images; write scores and overlays")
-    r.add_argument("--workdir", required=True)
-    r.add_argument("--input", required=True, help="an image file or a folder of images")
-    r.add_argument("--output", required=True, help="output folder")
+    r = command(
+        "predict", "score new images: scores, decisions and heat-map overlays",
+        "Writes OUTPUT/scores.csv and scores.json (score, threshold, anomalous per image), "
+        "one\n<name>_overlay.png per image, per_image.csv and index.html. The threshold is the "
+        "one evaluate\nsaved, else it is calibrated on the run's held-out normal images first.",
+        f"{SCORING_OVERRIDES}\n\nExamples:\n"
+        "  ssm-jax predict --workdir runs/quickstart --input photo.png --output runs/pred\n"
+        "  ssm-jax predict --workdir runs/quickstart --input photos/ --output runs/pred")
+    r.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
+    r.add_argument("--input", required=True, metavar="PATH",
+                   help="an image file, or a folder searched recursively for images")
+    r.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for the scores, overlays and page (created if missing)")
 
-    x = sub.add_parser("export", help="write the trained detector as one file that scores "
-                                      "with jax alone (ssm_jax.serving.exported)")
-    x.add_argument("--workdir", required=True)
-    x.add_argument("--output", required=True, help="artifact file to write, e.g. det.ssm")
-    x.add_argument("--platforms", default="cpu,cuda",
-                   help="comma-separated jax.export platforms (default: cpu,cuda)")
-    x.add_argument("--image-shape", default=None,
-                   help="H,W to export for (only for data.keep_aspect runs)")
+    x = command(
+        "export", "write the trained detector as one file for serving",
+        "jax format: a jax.export artifact that scores with jax alone, no ssm_jax training "
+        "code\n(load it with ssm_jax.serving.exported). onnx format: an ONNX model for "
+        "onnxruntime without\njax (ssm_jax.serving.onnx_serving). The threshold is the one "
+        "evaluate saved, else it is\ncalibrated on the run's held-out normal images first.",
+        f"{SCORING_OVERRIDES}\n\nExamples:\n"
+        "  ssm-jax export --workdir runs/quickstart --output runs/quickstart/detector.ssm\n"
+        "  ssm-jax export --workdir runs/quickstart --format onnx "
+        "--output runs/quickstart/detector.onnx")
+    x.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
+    x.add_argument("--output", required=True, metavar="FILE",
+                   help="artifact file to write, e.g. detector.ssm (jax) or detector.onnx")
+    x.add_argument("--platforms", default="cpu,cuda", metavar="LIST",
+                   help="comma-separated jax.export platforms the artifact runs on "
+                        "(default: cpu,cuda; jax format only)")
+    x.add_argument("--image-shape", default=None, metavar="H,W",
+                   help="image height and width to export for (only for runs with "
+                        "data.keep_aspect; others use data.image_size)")
     x.add_argument("--format", choices=("jax", "onnx"), default="jax",
-                   help="jax: jax.export artifact (ssm_jax.serving.exported); onnx: ONNX model for "
-                        "onnxruntime without jax (ssm_jax.serving.onnx_serving)")
-    x.add_argument("--batch-size", type=int, default=None,
-                   help="--format onnx: the model's fixed batch (default eval.batch_size)")
+                   help="jax: jax.export artifact (default); onnx: ONNX model for onnxruntime")
+    x.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="onnx format: the model's fixed batch size (default: eval.batch_size)")
 
-    w = sub.add_parser("sweep", help="train + evaluate a grid of config cells x seeds; "
-                                     "results.csv, summary.csv (paired CIs), summary.png")
-    w.add_argument("--config", required=True, help="base config file (configs/*.py)")
-    w.add_argument("--workdir", required=True, help="sweep directory (runs/, results)")
-    w.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    w = command(
+        "sweep", "train and evaluate a grid of config cells x seeds, with paired statistics",
+        "Each cell is the base config plus KEY=VALUE overrides; every cell is trained and "
+        "evaluated once\nper seed under WORKDIR/runs/CELL/seedK. Writes results.csv (one "
+        "row per run), summary.csv\n(mean, sd and the difference to the first cell, paired "
+        "by seed, with its 95% t interval) and\nsummary.png. Run again to continue a "
+        "stopped sweep.",
+        "Config values: --config.KEY=VALUE applies to every cell (the base config).\n\n"
+        "Example (two cells, three seeds each):\n"
+        "  ssm-jax sweep --config configs/quickstart.py --workdir runs/sweep --seeds 0,1,2 \\\n"
+        "    --cell base \"\" --cell long_masks \"mask.ks=(8,16) eval.ks=(8,16)\"")
+    w.add_argument("--config", required=True, metavar="FILE",
+                   help="base config file (see configs/*.py)")
+    w.add_argument("--workdir", required=True, metavar="DIR",
+                   help="sweep directory (runs/, results.csv, summary.csv, summary.png)")
+    w.add_argument("--seeds", default="0,1,2", metavar="LIST",
+                   help="comma-separated seeds, each cell trained once per seed (default 0,1,2)")
     w.add_argument("--cell", nargs=2, action="append", required=True,
                    metavar=("NAME", "OVERRIDES"),
-                   help='a cell: name and space-separated KEY=VALUE overrides ("" = the '
-                        "base config); the first cell is the baseline")
+                   help='a cell: its name and space-separated KEY=VALUE overrides ("" = the '
+                        "base config); repeat for each cell, the first is the baseline")
     g = w.add_mutually_exclusive_group()
     g.add_argument("--vmap", action="store_true",
                    help="train a cell's seeds as one vmapped group (default on GPU/TPU)")
     g.add_argument("--sequential", action="store_true",
                    help="train one run at a time (default on CPU, where batched "
                         "convolutions are slower than separate ones)")
-    w.add_argument("--no-plot", action="store_true", help="skip summary.png")
-    w.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    w.epilog = "Base config values: --config.KEY=VALUE (apply to every cell)"
-
-    for sp in (t, e, r, x):
-        sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-        sp.epilog = "Config values: --config.KEY=VALUE, e.g. --config.train.steps=100"
+    w.add_argument("--no-plot", action="store_true", help="do not draw summary.png")
     return p
 
 
@@ -127,8 +223,8 @@ def run(argv: Sequence[str]) -> int:
 
     debug = "--debug" in argv
     try:
-        rest, overrides = _split_overrides(argv)
-        args = _parser().parse_args(rest)
+        rest, overrides = split_overrides(argv)
+        args = parser().parse_args(rest)
         _setup_logging()
         from ssm_jax.runtime import compile_cache, distributed, host_devices
         compile_cache.setup()  # before the first compilation (SSM_JAX_COMPILATION_CACHE=0: off)
@@ -144,23 +240,18 @@ def run(argv: Sequence[str]) -> int:
             if args.evaluate:
                 res = evaluate.evaluate(cfg, args.workdir)
                 print(json.dumps(res, indent=2))
-        elif args.command == "evaluate":
-            from ssm_jax.commands import evaluate
+        elif args.command in ("evaluate", "predict"):
+            from ssm_jax.commands import evaluate, predict
             from ssm_jax.serving import detector
             if one_process:
                 host_devices.configure()
-            cfg = detector.load_workdir_config(args.workdir, overrides)
-            res = evaluate.evaluate(cfg, args.workdir)
-            print(json.dumps(res, indent=2))
-        elif args.command == "predict":
-            from ssm_jax.commands import predict
-            from ssm_jax.serving import detector
-            if one_process:
-                host_devices.configure()
-            cfg = detector.load_workdir_config(args.workdir, overrides)
-            rows = predict.predict(cfg, args.workdir, args.input, args.output)
-            n_bad = sum(r["anomalous"] for r in rows)
-            print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
+            cfg = detector.load_workdir_config(args.workdir, overrides)  # checked once
+            if args.command == "evaluate":
+                print(json.dumps(evaluate.evaluate(cfg, args.workdir), indent=2))
+            else:
+                rows = predict.predict(cfg, args.workdir, args.input, args.output)
+                n_bad = sum(r["anomalous"] for r in rows)
+                print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
         elif args.command == "export":
             from ssm_jax.serving import detector
             from ssm_jax.serving import jax_export as export
@@ -187,8 +278,9 @@ def run(argv: Sequence[str]) -> int:
         elif args.command == "sweep":
             from ssm_jax.commands import sweep
             if one_process:
-                try:
-                    batch = config_utils.load(args.config, overrides).train.batch_size
+                try:  # keys and types only: the sweep checks each cell's values once
+                    batch = config_utils.load(args.config, overrides,
+                                              check_values=False).train.batch_size
                 except SSMError:
                     batch = None  # the sweep names the bad file or key itself
                 host_devices.configure(batch)

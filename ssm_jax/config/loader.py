@@ -4,7 +4,27 @@ section, and comparing two configs.
 :func:`load` is the one path from a config file to a checked config (file keys checked,
 defaults filled, overrides applied, every section validated) before any work starts.
 :func:`flatten` and :func:`diff` are the one way to compare configs; which keys may
-differ where is named here, once (the key groups below).
+differ where is named here, once (the key groups below). :func:`validate` runs once per
+command, where the config is made: here for a config file, in
+``ssm_jax.runs.rundir`` for a run's saved config, in the sweep for each cell; training,
+scoring and export take the checked config as it is.
+
+Why not ml_collections' ``config_flags`` for ``--config`` and its overrides (tried with
+ml_collections 1.1.0 / absl-py 2.5.1, ``DEFINE_config_file`` on a private ``FlagValues``):
+it does not serve every case this parser serves:
+
+* bare-word tuples from the shell, as the README's sweeps pass them:
+  ``--config.mask.families=(grid,blobs)`` becomes the one-element tuple
+  ``('(grid,blobs)',)`` and ``grid,blobs`` becomes ``('grid,blobs',)``, silently (numbers
+  work: ``--config.mask.ks=(8,16)`` and ``8,16`` give ``(8, 16)``);
+* a config file that sets only some keys: an override of a key the file leaves to the
+  defaults fails (``KeyError: 'eval'``), since the file's dict is not completed first;
+* argument order: an override before ``--config FILE`` is a ``FlagOrderError``;
+* overrides without a command line (a sweep's cells, ``Detector.load(overrides=...)``,
+  ``load(path, ["train.steps=100"])``) and a run's saved config (evaluate, predict,
+  export) would need a fresh ``FlagValues`` and a made-up argv per call;
+* its errors are absl exceptions (``AttributeError: 'nosuch'`` for an unknown key,
+  ``IllegalFlagValueError`` with the flag's text) rather than one line naming the key.
 """
 
 from __future__ import annotations

@@ -213,3 +213,30 @@ def test_batch_not_divisible_by_devices_exit_status(tmp_path):
                          timeout=600)
     assert res.returncode == 2, res.stderr[-3000:]
     one_line_error(res.stderr, "must be divisible by the number of devices (3)")
+
+
+def test_help_describes_every_command_and_flag():
+    """``ssm-jax --help`` lists every command; every command and flag has help (no reST
+    backticks), and every example in an epilog parses as the command it shows."""
+    import shlex
+
+    p = cli.parser()
+    top = p.format_help()
+    commands = next(a.choices for a in p._actions if isinstance(a.choices, dict))
+    assert {"train", "evaluate", "predict", "export", "sweep"} <= set(commands)
+    assert "`" not in top
+    for name, sp in commands.items():
+        assert f"    {name} " in top, name  # listed with its one-line summary
+        assert sp.description and sp.epilog and "`" not in sp.format_help(), name
+        for action in sp._actions:
+            assert action.help and action.help.strip() and "`" not in action.help, \
+                (name, action.dest)
+        if name in ("evaluate", "predict", "export"):
+            assert "train.steps" not in sp.epilog  # does nothing for scoring
+        lines = sp.epilog.replace("\\\n", " ").splitlines()  # continued lines joined
+        examples = [line.strip() for line in lines if line.strip().startswith(f"ssm-jax {name} ")]
+        assert examples, name
+        for ex in examples:
+            rest, overrides = cli.split_overrides(shlex.split(ex)[1:])
+            args = p.parse_args(rest)
+            assert args.command == name and all("=" in o for o in overrides), ex
