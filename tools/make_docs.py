@@ -1,0 +1,437 @@
+"""Writes docs/results.md, docs/speed.md and docs/startup.md from the committed result
+files under benchmarks/results/ (CSV and JSON). Every figure in those pages is printed
+here from a file; none is typed. tests/test_docs.py fails when a page differs from what
+this command prints, so after adding or changing a result file run:
+
+    python tools/make_docs.py            # rewrite the pages
+    python tools/make_docs.py --check    # exit 1 naming the pages that differ
+
+A JSON file under benchmarks/results/ that no section below knows is still printed (its
+scalar values, flattened) in "Other result files" of the page its name suggests, so a
+committed figure is never silently left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join("benchmarks", "results")
+PAGES = ("docs/results.md", "docs/speed.md", "docs/startup.md")
+# README.md's results table is printed here too, between these two lines.
+README_BEGIN = "<!-- results-table: begin (python tools/make_docs.py) -->\n"
+README_END = "<!-- results-table: end -->\n"
+HEADER = ("<!-- Written by `python tools/make_docs.py` from benchmarks/results/; "
+          "do not edit by hand. -->\n\n")
+METRICS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
+# Where the real data sets come from (named, never a local path; see README "Your own data").
+DATA_SETS = {
+    "magnetic_tile": "Magnetic tile defects (Huang et al.; "
+                     "https://github.com/abin24/Magnetic-tile-defect-datasets.)",
+    "kolektor": "KolektorSDD (Tabernik et al.; https://www.vicos.si/resources/kolektorsdd/)",
+}
+# Files printed by a known section; every other JSON file goes to "Other result files".
+KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json"}
+
+
+# ---------------------------------------------------------------------------------------
+# formatting
+
+
+def f3(x: float | str | None) -> str:
+    """A metric with 3 decimals, '-' when missing."""
+    if x in (None, ""):
+        return "-"
+    return f"{float(x):.3f}"
+
+
+def signed(x: float | str) -> str:
+    return f"{float(x):+.3f}"
+
+
+def mean_sd(values: Iterable[float]) -> str:
+    """'mean +- sd (sample sd)' or the single value."""
+    v = [float(x) for x in values]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.3f}"
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return f"{m:.3f} +- {sd:.3f}"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def read_csv(rel: str) -> list[dict]:
+    with open(os.path.join(ROOT, rel), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_json(rel: str) -> dict:
+    with open(os.path.join(ROOT, rel)) as f:
+        return json.load(f)
+
+
+def exists(rel: str) -> bool:
+    return os.path.exists(os.path.join(ROOT, rel))
+
+
+def data_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+# ---------------------------------------------------------------------------------------
+# results.md
+
+
+def quickstart_section() -> str:
+    rel = f"{RESULTS}/quickstart.json"
+    if not exists(rel):
+        return "## Quickstart\n\nNo measurement recorded (`benchmarks/quickstart_time.py`).\n\n"
+    q = read_json(rel)
+    cfg = q["config"]
+    out = ["## Quickstart (embedded synthetic data)\n",
+           f"`{q['command']}`: {cfg['image_size']} px "
+           f"{'grey' if cfg['grayscale'] else 'RGB'}, width {cfg['width']}, "
+           f"{cfg['steps']} steps of batch {cfg['batch_size']}, training cells "
+           f"k={tuple(cfg['mask_ks'])}, scoring k={tuple(cfg['eval_ks'])}; "
+           f"{cfg['num_train']} generated normal training images "
+           f"({cfg['num_heldout']} held out for the threshold), "
+           f"{cfg['num_test']} test images. Recorded by `{q['script']}` on "
+           f"{q['machine']}.\n"]
+    rows = []
+    for r in q["runs"]:
+        m = r["metrics"]
+        rows.append([r["cache"], f3(m["image_auroc"]), f3(m["pixel_auroc"]), f3(m["aupro"]),
+                     f3(m["f1_max"]), f3(m.get("test_fpr")), f"{r['wall_s']:.0f}",
+                     f"{r['user_s'] + r['sys_s']:.0f}",
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f}"])
+    out.append(table(["compilation cache", "image AUROC", "pixel AUROC", "AUPRO", "F1-max",
+                      "test FPR", "wall s", "CPU s", "load average before / after"], rows))
+    if q.get("install"):
+        i = q["install"]
+        out.append(f"\nInstall (`{i['command']}`, a fresh virtual environment, "
+                   f"{i['note']}): {i['wall_s']:.0f} s wall.\n")
+    return "\n".join(out) + "\n"
+
+
+def sweep_command(d: dict, name: str) -> str:
+    """The sweep's command line from its sweep.json (data folder as $DATA/<set>)."""
+    parts = [f"ssm-jax sweep --config {d['config']} --workdir sweeps/{name}",
+             "--seeds " + ",".join(str(s) for s in d["seeds"])]
+    parts += [f'--cell {c} "{ov}"' for c, ov in d["cells"]]
+    for ov in d["config_overrides"]:
+        k, v = ov.split("=", 1)
+        parts.append(f"--config.{k}=$DATA/{data_name(v)}" if k == "data.path"
+                     else f"--config.{ov}")
+    return " \\\n    ".join(parts)
+
+
+def sweep_section(dirname: str) -> tuple[str, str]:
+    """(data set, markdown) for one sweep folder: each cell's mean +- sd over seeds and the
+    difference to the base cell paired by seed with its 95% interval, from summary.csv."""
+    d = read_json(f"{RESULTS}/{dirname}/sweep.json")
+    overrides = dict(ov.split("=", 1) for ov in d["config_overrides"])
+    ds = data_name(overrides.get("data.path", "synthetic"))
+    summary = read_csv(f"{RESULTS}/{dirname}/summary.csv")
+    by = {(r["cell"], r["metric"]): r for r in summary}
+    rows = []
+    for cell, ov in d["cells"]:
+        row = [cell, f"`{ov}`" if ov else "(base config)"]
+        for key, _ in METRICS:
+            r = by.get((cell, key))
+            row.append(f"{f3(r['mean'])} +- {f3(r['sd'])}" if r else "-")
+        for key, _ in METRICS:
+            r = by.get((cell, key))
+            row.append(f"{signed(r['diff'])} [{signed(r['ci95_low'])}, "
+                       f"{signed(r['ci95_high'])}]" if r and r["diff"] else "")
+        rows.append(row)
+    n = max(int(r["n"]) for r in summary)
+    steps = overrides.get("train.steps", "the config's")
+    text = (f"### {ds}, `{d['config']}`, {steps} steps ({dirname})\n\n"
+            f"Mean +- sd over {n} seeds; diff = the cell minus `{d['cells'][0][0]}`, paired "
+            "by seed, with its 95% t interval (an interval containing 0 is no difference).\n\n"
+            + table(["cell", "overrides", *[m for _, m in METRICS],
+                     *[f"diff {m} [95%]" for _, m in METRICS]], rows)
+            + "\n```bash\n" + sweep_command(d, dirname) + "\n```\n\n")
+    return ds, text
+
+
+def seeds_rows(rows: list[dict]) -> list[list[str]]:
+    """accuracy_seeds.csv: mean +- sd per (data set, setting, training overrides, variant)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        train = " ".join(w for w in r["train_overrides"].split() if not w.startswith("seed="))
+        groups.setdefault((r["dataset"], r["setting"], train, r["variant"], r["overrides"]),
+                          []).append(r)
+    out = []
+    for (ds, setting, train, variant, ov), g in sorted(groups.items()):
+        out.append([ds, setting + (f" (`{train}`)" if train else ""),
+                    variant + (f" (`{ov}`)" if ov else ""),
+                    ",".join(sorted({r["seed"] for r in g})),
+                    *[mean_sd(r[k] for r in g if r[k]) for k, _ in METRICS],
+                    f"{sum(float(r['eval_seconds']) for r in g) / len(g):.0f}"])
+    return out
+
+
+def first_round_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["steps"], r["train_seconds"])):
+        out.append([r["dataset"], r["steps"], r["train_seconds"] or "-",
+                    r["variant"] + (f" (`{r['overrides']}`)" if r["overrides"] else ""),
+                    *[f3(r[k]) for k, _ in METRICS], f3(r["f1_max"]), r["refine_passes"],
+                    r["eval_seconds"], f"{f3(r['test_fpr'])} / {f3(r['test_recall'])}"])
+    return out
+
+
+def fpr_section(files: list[str]) -> str:
+    """Range of the test false-positive rate at the calibrated threshold, per file."""
+    rows = []
+    for rel in files:
+        v = [float(r["test_fpr"]) for r in read_csv(rel) if r.get("test_fpr")]
+        if v:
+            rows.append([f"`{os.path.relpath(rel, RESULTS)}`", str(len(v)), f3(min(v)),
+                         f3(max(v)), f3(sum(v) / len(v))])
+    return ("## Test false-positive rate at the calibrated threshold\n\n"
+            "The threshold is the `eval.threshold_quantile` (0.99) quantile of the held-out "
+            "normal training images' scores; the rate is measured on the test normals.\n\n"
+            + table(["file", "runs", "min", "max", "mean"], rows) + "\n")
+
+
+def results_page() -> str:
+    out = [HEADER, "# Results\n\n",
+           "Measured on a 2-core CPU without an accelerator; nothing here is copied from "
+           "the paper (98.3% image AUROC on Retinal-OCT, 93.9% on MVTec AD at 128 px, "
+           "width 64, on a GPU). Real data sets, in the MVTec AD folder layout, greyscale:\n\n"]
+    out += [f"* `{k}`: {v}\n" for k, v in DATA_SETS.items()]
+    out.append("\n`$DATA` below is the folder holding them.\n\n")
+    out.append(quickstart_section())
+    sweeps = sorted(os.path.basename(os.path.dirname(p)) for p in
+                    glob.glob(os.path.join(ROOT, RESULTS, "*", "sweep.json")))
+    out.append("## Real data: sweeps over seeds\n\n")
+    for name in sweeps:
+        out.append(sweep_section(name)[1])
+    if exists(f"{RESULTS}/accuracy_seeds.csv"):
+        out.append("## Real data: resolution and scoring options "
+                   "(accuracy_seeds.csv)\n\n"
+                   "`benchmarks/accuracy.py --seeds ...`: 1000 steps, width 16, batch 8, "
+                   "k={4,8,16}; mean +- sd over the seeds listed.\n\n")
+        out.append(table(["data set", "setting (training overrides)", "eval variant", "seeds",
+                          *[m for _, m in METRICS], "eval s (mean)"],
+                         seeds_rows(read_csv(f"{RESULTS}/accuracy_seeds.csv"))) + "\n")
+    if exists(f"{RESULTS}/accuracy.csv"):
+        out.append("## Real data: first round, one seed (accuracy.csv)\n\n"
+                   "`benchmarks/accuracy.py` on `configs/cpu.py` as it was then (64 px, "
+                   "width 16, raw maps): one trained model per (data set, steps), scored "
+                   "under each evaluation variant. Differences below about 0.02 are noise.\n\n")
+        out.append(table(["data set", "steps", "train s", "eval variant",
+                          *[m for _, m in METRICS], "F1-max", "R", "eval s",
+                          "test FPR / recall"],
+                         first_round_rows(read_csv(f"{RESULTS}/accuracy.csv"))) + "\n")
+    csvs = sorted(os.path.relpath(p, ROOT) for p in
+                  glob.glob(os.path.join(ROOT, RESULTS, "**", "*.csv"), recursive=True))
+    out.append(fpr_section(csvs))
+    out.append(other_files("results"))
+    return "".join(out)
+
+
+def readme_table() -> str:
+    """README's short table: the quickstart, then per sweep of 400 steps or more its base
+    cell and the cell with the highest mean pixel AUROC (when another)."""
+    rows = []
+    if exists(f"{RESULTS}/quickstart.json"):
+        q = read_json(f"{RESULTS}/quickstart.json")
+        m = q["runs"][0]["metrics"]
+        rows.append(["synthetic (embedded)", f"`configs/quickstart.py`, {q['config']['steps']}",
+                     "-", "1", *[f3(m[k]) for k, _ in METRICS]])
+    for p in sorted(glob.glob(os.path.join(ROOT, RESULTS, "*", "sweep.json"))):
+        name = os.path.basename(os.path.dirname(p))
+        d = read_json(f"{RESULTS}/{name}/sweep.json")
+        ov = dict(o.split("=", 1) for o in d["config_overrides"])
+        steps = int(ov.get("train.steps", 0))
+        if steps < 400:
+            continue
+        by = {(r["cell"], r["metric"]): r for r in read_csv(f"{RESULTS}/{name}/summary.csv")}
+        cells = dict(d["cells"])
+        base = d["cells"][0][0]
+        best = max(cells, key=lambda c: float(by[(c, "pixel_auroc")]["mean"]))
+        for cell in dict.fromkeys([base, best]):
+            rows.append([data_name(ov["data.path"]), f"`{d['config']}`, {steps}",
+                         f"`{cells[cell]}`" if cells[cell] else "-",
+                         by[(cell, "image_auroc")]["n"],
+                         *[f"{f3(by[(cell, k)]['mean'])} +- {f3(by[(cell, k)]['sd'])}"
+                           for k, _ in METRICS]])
+    return table(["data", "config, steps", "overrides", "seeds", *[m for _, m in METRICS]],
+                 rows)
+
+
+def readme_text(readme: str) -> str:
+    """README.md with the text between the results-table markers replaced."""
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return head + README_BEGIN + readme_table() + README_END + tail
+
+
+# ---------------------------------------------------------------------------------------
+# speed.md
+
+
+def vs_reference_section(rel: str) -> str:
+    d = read_json(rel)
+    c = d["config"]
+    rows = []
+    for r in d["rows"]:
+        rows.append([str(r["image_size"]), str(r["width"]),
+                     f"{r['train_torch_img_per_s']:.2f}", f"{r['train_jax_img_per_s']:.2f}",
+                     f"{r['train_ratio']:.2f}x ("
+                     + ", ".join(f"{x:.2f}" for x in r["train_ratio_all"]) + ")",
+                     f"{r['eval_torch_img_per_s']:.2f}", f"{r['eval_jax_img_per_s']:.2f}",
+                     f"{r['eval_ratio']:.2f}x ("
+                     + ", ".join(f"{x:.2f}" for x in r["eval_ratio_all"]) + ")",
+                     f"{min(r['load']):.1f}-{max(r['load']):.1f}"])
+    return (f"## ssm_jax against the published PyTorch code ({os.path.basename(rel)})\n\n"
+            f"`benchmarks/vs_reference.py`: images/s of each side's own training step and "
+            f"scoring (batch {c['batch']}, {c['channels']} channels, k={tuple(c['ks'])}, "
+            f"n={c['num_masks']} masks, {c['dtype']}, R={c['refine_passes']}; torch "
+            f"{c['torch_threads']} threads; {c['rounds']} alternating rounds of {c['iters']} "
+            f"steps; JAX with `{c['jax_xla_flags'] or 'no XLA flags'}`). Ratio = ssm_jax / "
+            "published (per round in parentheses).\n\n"
+            + table(["px", "width", "train: published img/s", "ssm_jax img/s", "ratio",
+                     "scoring: published img/s", "ssm_jax img/s", "ratio", "load average"],
+                    rows) + "\n")
+
+
+def speed_page() -> str:
+    out = [HEADER, "# Speed\n\n",
+           "Measured on a 2-core CPU (no accelerator). How each figure is taken: "
+           "benchmarks/NOTES.md.\n\n"]
+    for rel in sorted(glob.glob(os.path.join(ROOT, RESULTS, "vs_reference*.json"))):
+        out.append(vs_reference_section(os.path.relpath(rel, ROOT)))
+    out.append(other_files("speed"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# startup.md
+
+
+def startup_page() -> str:
+    out = [HEADER, "# Start-up\n\n",
+           "Time from the command to its first result on a 2-core CPU. A fresh machine "
+           "has an empty compilation cache (`~/.cache/ssm_jax`); later commands with the "
+           "same shapes load their programs from it instead of compiling them.\n\n"]
+    rel = f"{RESULTS}/quickstart.json"
+    if exists(rel):
+        q = read_json(rel)
+        rows = [[r["cache"], f"{r['wall_s']:.0f}", f"{r['user_s'] + r['sys_s']:.0f}",
+                 f"{r['load_before']:.1f} / {r['load_after']:.1f}"] for r in q["runs"]]
+        out.append("## The quickstart command, whole\n\n"
+                   f"`{q['command']}` (train + evaluate), `{q['script']}`:\n\n"
+                   + table(["compilation cache", "wall s", "CPU s",
+                            "load average before / after"], rows) + "\n")
+        if q.get("install"):
+            i = q["install"]
+            out.append(f"Install before it (`{i['command']}`, {i['note']}): "
+                       f"{i['wall_s']:.0f} s.\n\n")
+    out.append(other_files("startup"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# files no section knows
+
+
+def page_of(name: str) -> str:
+    """Which page an unknown result file belongs to, by its name."""
+    if any(w in name for w in ("startup", "start_up", "compile")):
+        return "startup"
+    if any(w in name for w in ("speed", "throughput", "pipeline", "serving", "vs_", "onnx",
+                               "multi_model", "devices")):
+        return "speed"
+    return "results"
+
+
+def flatten(x, prefix: str = "") -> list[tuple[str, str]]:
+    """Scalar leaves of a JSON value as (dotted key, text); lists of scalars inline."""
+    if isinstance(x, dict):
+        return [kv for k, v in x.items() for kv in flatten(v, f"{prefix}{k}.")]
+    if isinstance(x, list):
+        if all(not isinstance(v, (dict, list)) for v in x):
+            return [(prefix[:-1], ", ".join(scalar(v) for v in x))]
+        return [kv for i, v in enumerate(x) for kv in flatten(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], scalar(x))]
+
+
+def scalar(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def other_files(page: str) -> str:
+    files = sorted(os.path.relpath(p, ROOT) for p in
+                   glob.glob(os.path.join(ROOT, RESULTS, "*.json")))
+    files = [f for f in files if os.path.basename(f) not in KNOWN
+             and not os.path.basename(f).startswith("vs_reference")
+             and page_of(os.path.basename(f)) == page]
+    if not files:
+        return ""
+    out = ["## Other result files\n\n"]
+    for rel in files:
+        rows = [[f"`{k}`", v.replace("|", "/")] for k, v in flatten(read_json(rel))]
+        out.append(f"### {os.path.basename(rel)}\n\n" + table(["key", "value"], rows) + "\n")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def render() -> dict[str, str]:
+    """Every page's text, keyed by its path relative to the repository root."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return {"docs/results.md": results_page(), "docs/speed.md": speed_page(),
+            "docs/startup.md": startup_page(), "README.md": readme_text(readme)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if a page differs from what would be written")
+    args = p.parse_args(argv)
+    stale = []
+    for rel, text in render().items():
+        path = os.path.join(ROOT, rel)
+        old = open(path).read() if os.path.exists(path) else None
+        if old == text:
+            continue
+        if args.check:
+            stale.append(rel)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        print(f"wrote {rel}")
+    if stale:
+        print("make_docs: out of date (run python tools/make_docs.py): " + ", ".join(stale),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
