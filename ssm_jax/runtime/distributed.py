@@ -4,18 +4,46 @@ Environment variables (set by the launchers in ``launch/``):
   SSM_COORDINATOR (host:port), SSM_NUM_PROCESSES, SSM_PROCESS_ID: explicit settings;
   SSM_DISTRIBUTED=auto: let JAX detect the cluster (TPU pods, SLURM, Open MPI).
 With none of them set, the run is a single process and nothing is initialized.
+
+A dead peer. When one process of a run dies (SIGKILL, a lost host), the others would wait
+in their next collective: gloo (CPU) and the accelerator collectives have no useful timeout
+of their own, and JAX's coordination service only notices after its heartbeat timeout
+(100 s by default) and then aborts the survivors with a multi-line C++ check failure. So
+every process of a multi-process run also runs a :class:`PeerWatchdog`: a daemon thread
+that bumps a counter under ``ssm_jax/alive/<process>`` in the coordination service's
+key-value store every few seconds and reads the others'. A peer whose counter has not moved
+for ``SSM_JAX_PEER_TIMEOUT`` seconds (default 30) is gone: the process prints one line
+(``ssm-jax: error: process 1 of 2 stopped responding ...``) and exits with status 3 right
+away, whatever its main thread is blocked in. The counter is compared with this process's
+own clock, so the hosts' clocks need not agree; the thread runs while the main thread waits
+in XLA (which releases the GIL). JAX's own heartbeat timeout is set above ours, so ours
+speaks first. A process that leaves normally writes ``done`` and is no longer watched.
+
+When process 0 (which hosts the coordination service) dies, the other processes lose the
+service itself: JAX's error polling ends them within a second, before any watchdog can
+speak, with its own (multi-line) "Terminating process because the JAX distributed service
+detected fatal errors" message.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
+import time
 
 import jax
 
 from ssm_jax.core.errors import ConfigError
 
 log = logging.getLogger("ssm_jax")
+
+PEER_TIMEOUT_ENV = "SSM_JAX_PEER_TIMEOUT"
+DEFAULT_PEER_TIMEOUT = 30.0
+EXIT_PEER_LOST = 3  # the exit status of a process that stopped because a peer is gone
+_ALIVE_PREFIX = "ssm_jax/alive/"
+_DONE = "done"
 
 
 def maybe_initialize() -> bool:
@@ -39,7 +67,122 @@ def maybe_initialize() -> bool:
     if os.environ.get("JAX_PLATFORMS") == "cpu":
         # CPU collectives across processes (tests, local launcher).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    timeout = peer_timeout()
+    # JAX's heartbeat check stays the slower one, so the watchdog's one line comes first.
+    jax.distributed.initialize(**kwargs,
+                               heartbeat_timeout_seconds=max(100, int(2 * timeout) + 10))
+    if jax.process_count() > 1:
+        start_watchdog(timeout)
     log.info("process %d/%d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def peer_timeout() -> float:
+    """Seconds without a peer's heartbeat before a process gives up (SSM_JAX_PEER_TIMEOUT)."""
+    raw = os.environ.get(PEER_TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_PEER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{PEER_TIMEOUT_ENV} must be a positive number of seconds, "
+                          f"got {raw!r}")
+    return value
+
+
+def _stop_process(message: str) -> None:
+    """One error line, then the process ends at once (its main thread may be blocked in a
+    collective that never returns, so no exception could reach the CLI)."""
+    os.write(2, f"ssm-jax: error: {message}\n".encode())
+    os._exit(EXIT_PEER_LOST)
+
+
+class PeerWatchdog:
+    """Heartbeats through the coordination service's key-value store; stops this process
+    when a peer's heartbeat has not changed for ``timeout`` seconds (module docstring).
+
+    ``client`` is JAX's distributed runtime client (``key_value_set``,
+    ``key_value_dir_get``); ``on_lost(message)`` is called instead of stopping the process
+    when given (tests).
+    """
+
+    def __init__(self, client, process_index: int, process_count: int, timeout: float,
+                 interval: float | None = None, on_lost=None) -> None:
+        self.client, self.me, self.n = client, process_index, process_count
+        self.timeout = timeout
+        self.interval = interval if interval is not None else min(2.0, timeout / 5)
+        self.on_lost = on_lost or _stop_process
+        self._stop = threading.Event()
+        self._beats = 0
+        start = time.monotonic()
+        # A peer that never beats is timed from the watchdog's start.
+        self._seen = {p: (None, start) for p in range(process_count) if p != process_index}
+
+    def check_once(self, now: float | None = None) -> str | None:
+        """One heartbeat: writes ours, reads the others'; the problem, or None."""
+        now = time.monotonic() if now is None else now
+        self._beats += 1
+        try:
+            self.client.key_value_set(f"{_ALIVE_PREFIX}{self.me}", str(self._beats),
+                                      allow_overwrite=True)
+            values = dict(self.client.key_value_dir_get(_ALIVE_PREFIX))
+        except Exception as e:  # noqa: BLE001 - any failure: the service is unreachable
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return (f"lost the coordination service (process 0 of {self.n}): {first}; "
+                    "stopping this process")
+        for p, (last, since) in list(self._seen.items()):
+            value = values.get(f"{_ALIVE_PREFIX}{p}")
+            if value == _DONE:
+                del self._seen[p]  # it finished its command: no longer watched
+            elif value != last:
+                self._seen[p] = (value, now)
+            elif now - since > self.timeout:
+                return (f"process {p} of {self.n} stopped responding (no heartbeat for "
+                        f"{now - since:.0f} s: killed, crashed or cut off); stopping this "
+                        "process too instead of waiting for it in a collective. Restart "
+                        "all processes with the same command to resume from the last "
+                        "checkpoint")
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            problem = self.check_once()
+            if problem and not self._stop.is_set():
+                self.on_lost(problem)
+                return
+
+    def start(self) -> PeerWatchdog:
+        threading.Thread(target=self._run, daemon=True, name="ssm_jax_peer_watchdog").start()
+        return self
+
+    def stop(self) -> None:
+        """Stops watching and tells the peers that this process left normally."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self.client.key_value_set(f"{_ALIVE_PREFIX}{self.me}", _DONE,
+                                      allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the service may already be gone at exit
+            pass
+
+
+def start_watchdog(timeout: float) -> PeerWatchdog | None:
+    """Starts this process's :class:`PeerWatchdog` (stopped at exit), if JAX's distributed
+    client is reachable; JAX keeps it in a private module (as orbax reads it)."""
+    try:
+        from jax._src import distributed as jax_distributed
+
+        client = jax_distributed.global_state.client
+    except (ImportError, AttributeError):
+        client = None
+    if client is None:
+        log.warning("no JAX distributed client: a dead peer process will not be detected "
+                    "before JAX's own heartbeat timeout")
+        return None
+    watchdog = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout)
+    atexit.register(watchdog.stop)
+    return watchdog.start()
