@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
+import logging
 import os
 
 import jax
 import ml_collections
 
 from ssm_jax.core.errors import DataError
+from ssm_jax.runs import rundir
 from ssm_jax.serving.detector import Detector
+
+SCORES_CSV = "scores.csv"
+SCORES_JSON = "scores.json"
 
 
 def _input_paths(path: str) -> list[str]:
@@ -30,29 +35,38 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
             output_dir: str) -> list[dict]:
     """Writes ``scores.csv``, ``scores.json`` and ``<stem>_overlay.png`` files to output_dir."""
     from ssm_jax.data import folder
+    from ssm_jax.report import drift as drift_report
     from ssm_jax.report import page as report
+    from ssm_jax.scoring import drift
 
     paths = _input_paths(input_path)
     images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,
                                        cfg.data.keep_aspect)
     # Threshold and statistics: those evaluate saved for these settings, else calibrated
     # on the run's held-out normal training images now.
-    out = Detector.from_config(cfg, workdir).predict(images, sizes, progress="scoring")
+    det = Detector.from_config(cfg, workdir)
+    out = det.predict(images, sizes, progress="scoring")
     threshold = out["threshold"]
+    # Drift: the scored images (their part below the threshold) against the calibration's.
+    check = drift.check(out["scores"], threshold, det.expected_rate, det.calibration_scores)
+    if check["warning"]:
+        logging.getLogger("ssm_jax").warning("drift: %s", check["warning"])
     rows = [{"path": p, "score": float(s), "threshold": threshold,
              "anomalous": bool(a)} for p, s, a in zip(paths, out["scores"], out["anomalous"])]
     if jax.process_index() == 0:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "scores.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        with open(os.path.join(output_dir, "scores.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        rundir.atomic_write(os.path.join(output_dir, SCORES_CSV), buf.getvalue().encode())
+        rundir.write_json(os.path.join(output_dir, SCORES_JSON), rows)
         names = [os.path.splitext(os.path.relpath(p, input_path)
                                   if os.path.isdir(input_path) else os.path.basename(p))[0]
                  for p in paths]
         # <name>_overlay.png per image (valid region), index.html and per_image.csv.
         report.write_predict_report(output_dir, paths, names, images, out["maps"],
                                     out["scores"], threshold, sizes)
+        drift_report.add_to_report(output_dir, check, out["scores"], det.calibration_scores,
+                                   threshold)
     return rows

@@ -286,9 +286,7 @@ def train_group(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[st
 
     if len(cfgs) != len(workdirs) or len(set(map(storage.resolve, workdirs))) != len(workdirs):
         raise ConfigError("train_group needs one distinct workdir per config")
-    check_group(cfgs)
-    for c in cfgs:
-        config_utils.validate(c)
+    check_group(cfgs)  # the configs themselves are checked where they are made (loader.load)
     with contextlib.ExitStack() as locks:
         sigterm = locks.enter_context(train.SigtermFlag())
         for wd in workdirs:

@@ -260,7 +260,8 @@ class _Run:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
           overwrite: bool = False) -> dict:
-    """Trains (or resumes) and returns the final training metrics.
+    """Trains (or resumes) and returns the final training metrics. ``cfg`` is a checked
+    config (:func:`ssm_jax.config.loader.load`: every value is validated there, once).
 
     From the first instruction on, SIGTERM means "finish the current step, save, stop".
     """
@@ -283,8 +284,6 @@ def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str
 
     The caller holds the run directories' locks and ``sigterm``.
     """
-    for c in cfgs:
-        config_utils.validate(c)
     for c, wd in zip(cfgs, workdirs):
         prepare_workdir(c, wd, resume=resume, overwrite=overwrite)
     program = make_program(cfgs)

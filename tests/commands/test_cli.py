@@ -56,13 +56,26 @@ def test_train_writes_checkpoint_and_info(trained):
     assert json.loads((trained / "config.json").read_text())["model"]["width"] == 4
 
 
-def test_resume_and_evaluate(trained, caplog):
+@pytest.fixture
+def validations(monkeypatch):
+    """Counts the config validations (``loader.validate`` runs) of the commands run."""
+    from ssm_jax.config import loader
+
+    calls = []
+    real = loader.validate
+    monkeypatch.setattr(loader, "validate", lambda cfg: (calls.append(1), real(cfg))[1])
+    return calls
+
+
+def test_resume_and_evaluate(trained, caplog, validations):
     # Same command with more steps resumes (needs --resume since train.steps changed).
     ssm("train", "--config", "configs/quickstart.py", "--workdir", trained, *TINY,
         "--config.train.steps=12", "--resume")
+    assert len(validations) == 1  # each command checks its config once
     assert "resumed from" in caplog.text and "at step 8" in caplog.text
     assert (trained / "checkpoints" / "12").is_dir()
     ssm("evaluate", "--workdir", trained)
+    assert len(validations) == 2
     m = json.loads((trained / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "num_images", "seconds"):
         assert key in m
@@ -72,7 +85,7 @@ def test_resume_and_evaluate(trained, caplog):
     assert (trained / "threshold.json").is_file()
 
 
-def test_predict(trained, tmp_path, capsys):
+def test_predict(trained, tmp_path, capsys, validations):
     from ssm_jax.data.synthetic import write_synthetic_folder
     root = tmp_path / "imgs"
     write_synthetic_folder(root, image_size=40, grayscale=True, num_train=2, num_test_good=2,
@@ -80,11 +93,12 @@ def test_predict(trained, tmp_path, capsys):
     out = tmp_path / "pred"
     stdout, _ = ssm("predict", "--workdir", trained, "--input", root / "test", "--output", out,
                     capsys=capsys)
-    assert "4 image(s) scored" in stdout
+    assert "4 image(s) scored" in stdout and len(validations) == 1
     rows = json.loads((out / "scores.json").read_text())
     assert len(rows) == 4 and all("anomalous" in r for r in rows)
     assert (out / "scores.csv").read_text().startswith("path,score,threshold,anomalous")
     assert len([p for p in os.listdir(out) if p.endswith("_overlay.png")]) == 4
+    assert not [p for p in os.listdir(out) if ".tmp." in p]  # written atomically, all renamed
 
 
 def test_evaluate_and_predict_agree(trained, tmp_path, monkeypatch, capsys):
