@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ssm_jax.core import storage
 from ssm_jax.runs import rundir
 
 # Heat maps: 0 is the bottom of the colour scale, the decision threshold sits at its middle
@@ -132,7 +133,7 @@ def save_overlays(out_dir: str, images: Sequence[np.ndarray] | np.ndarray,
     ``out_dir``; returns the paths."""
     if not len(images) == len(maps) == len(names):
         raise ValueError(f"{len(images)} images, {len(maps)} maps and {len(names)} names")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     paths: list[str] = []
     for img, amap, stem in zip(images, maps, unique_stems(names)):
         p = os.path.join(out_dir, f"{stem}_overlay.png")
@@ -150,7 +151,7 @@ def write_image_files(out_dir: str, images: Sequence[np.ndarray], maps: Sequence
     from concurrent.futures import ThreadPoolExecutor
 
     for d in {overlay_dir, thumb_dir}:
-        os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+        storage.makedirs(os.path.join(out_dir, d))
     rel = [(os.path.join(overlay_dir, f"{s}_overlay.png"),
             os.path.join(thumb_dir, f"{s}_thumb.png")) for s in stems]
 

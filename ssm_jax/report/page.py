@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ssm_jax.core import storage
 from ssm_jax.report import curves, grid, overlays, tables
 from ssm_jax.runs import rundir
 
@@ -49,7 +50,7 @@ def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str
     else:  # each image drawn at its own (valid) shape
         crops_i = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
         crops_m = [m[:h, :w] for m, (h, w) in zip(maps, sizes)]
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     files_rel = overlays.write_image_files(out_dir, crops_i, crops_m,
                                            overlays.unique_stems(names), vmin, vmax,
                                            overlay_dir="", thumb_dir=overlays.IMAGES_DIR)
@@ -77,7 +78,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(eval_dir, exist_ok=True)
+    storage.makedirs(eval_dir)
     images = np.asarray(test_set.images)
     raw_maps = np.asarray(out["map"], np.float32)
     scores = np.asarray(out["score"], np.float64).reshape(-1)
@@ -166,7 +167,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     # 5. Index pages.
     ovl = [os.path.basename(p) for p in sample_files]
     caps = [f"{caption(i)}, score {scores[i]:.4g}" for i in idx]
-    has_json = os.path.isfile(os.path.join(eval_dir, rundir.METRICS_FILE))
+    has_json = storage.isfile(os.path.join(eval_dir, rundir.METRICS_FILE))
     esc = html.escape
     head = (f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
             f"{pix_thr:.4g}; {scale_note}.")
