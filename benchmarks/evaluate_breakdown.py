@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         wrap(metrics, f, "metrics")
     wrap(report, "write_report", "report")
 
-    from ssm_jax.serving.detector import load_workdir_config
+    from ssm_jax.runs.rundir import load_workdir_config
 
     cfg = load_workdir_config(args.workdir, args.overrides)
     t0 = time.perf_counter()

@@ -109,13 +109,14 @@ def test_same_seed_same_scores(reference_run, killed_and_resumed):
     image identically."""
     from ssm_jax.core import parallel
     from ssm_jax.data.synthetic import make_synthetic
+    from ssm_jax.runs import rundir
     from ssm_jax.serving import detector
 
     _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=3)
     mesh = parallel.data_mesh()
     scores = []
     for wd in (reference_run, killed_and_resumed[0]):
-        cfg = detector.load_workdir_config(str(wd))
+        cfg = rundir.load_workdir_config(str(wd))
         variables, step = detector.load_variables(cfg, str(wd), mesh)
         fn = detector.make_score_fn(cfg, mesh, detector.scoring_config(cfg))
         out = detector.score_images(fn, variables, mesh, test.images, 8, cfg.eval.seed)

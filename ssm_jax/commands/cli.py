@@ -242,10 +242,10 @@ def run(argv: Sequence[str]) -> int:
                 print(json.dumps(res, indent=2))
         elif args.command in ("evaluate", "predict"):
             from ssm_jax.commands import evaluate, predict
-            from ssm_jax.serving import detector
+            from ssm_jax.runs import rundir
             if one_process:
                 host_devices.configure()
-            cfg = detector.load_workdir_config(args.workdir, overrides)  # checked once
+            cfg = rundir.load_workdir_config(args.workdir, overrides)  # checked once
             if args.command == "evaluate":
                 print(json.dumps(evaluate.evaluate(cfg, args.workdir), indent=2))
             else:

@@ -106,3 +106,32 @@ def read_config(workdir: str):
         raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir} (not a training run "
                               f"directory, or training has not started)")
     return config_utils.from_json(storage.read_text(p))
+
+
+def recorded_mask_rule(workdir: str) -> str:
+    """The scoring-mask rule the run records (``eval.mask_rule`` in its config.json). A run
+    saved before that key existed keeps the rule it was evaluated with: "threefry"."""
+    import json
+
+    saved = json.loads(storage.read_text(config_path(workdir)))
+    return str(saved.get("eval", {}).get("mask_rule", "threefry"))
+
+
+def load_workdir_config(workdir: str, overrides=()):
+    """The config a scoring command (evaluate, predict, export, ``Detector.load``) uses: the
+    run's saved config with ``overrides`` (``KEY=VALUE``) applied and validated, once; keys
+    that fix the parameter shapes cannot change (one CheckpointError line)."""
+    from ssm_jax.config import loader as config_utils
+    from ssm_jax.core.errors import CheckpointError
+
+    trained = read_config(workdir)
+    trained.eval.mask_rule = recorded_mask_rule(workdir)
+    cfg = config_utils.apply_overrides(trained, overrides)
+    changed = config_utils.diff(trained, cfg)
+    for key in config_utils.MODEL_SHAPE_KEYS:
+        if key in changed:
+            old, new = changed[key]
+            raise CheckpointError(f"the checkpoint in {workdir} was trained with "
+                                  f"{key}={old!r}; it cannot be used with {key}={new!r}")
+    config_utils.validate(cfg)
+    return cfg

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssm_jax.config import loader as config_utils
 from ssm_jax.config.loader import MODEL_SHAPE_KEYS  # noqa: F401
 from ssm_jax.core import parallel
 from ssm_jax.core.errors import CheckpointError, ConfigError, DataError
@@ -81,31 +80,6 @@ def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):
     return variables, int(parallel.to_host(state["step"]))
 
 
-def recorded_mask_rule(workdir: str) -> str:
-    """The scoring-mask rule the run records (``eval.mask_rule`` in its config.json). A run
-    saved before that key existed keeps the rule it was evaluated with: "threefry"."""
-    import json
-
-    with open(rundir.config_path(workdir)) as f:
-        return str(json.load(f).get("eval", {}).get("mask_rule", "threefry"))
-
-
-def load_workdir_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
-    """The run's config with ``overrides`` applied and validated; keys that fix the
-    parameter shapes cannot change (one CheckpointError line)."""
-    trained = rundir.read_config(workdir)
-    trained.eval.mask_rule = recorded_mask_rule(workdir)
-    cfg = config_utils.apply_overrides(trained, overrides)
-    changed = config_utils.diff(trained, cfg)
-    for key in config_utils.MODEL_SHAPE_KEYS:
-        if key in changed:
-            old, new = changed[key]
-            raise CheckpointError(f"the checkpoint in {workdir} was trained with "
-                                  f"{key}={old!r}; it cannot be used with {key}={new!r}")
-    config_utils.validate(cfg)
-    return cfg
-
-
 def _overrides_from_sections(sections: dict[str, dict[str, Any]]) -> list[str]:
     """``eval={"refine_passes": 3}`` -> ["eval.refine_passes=3"]."""
     out = []
@@ -143,7 +117,8 @@ class Detector:
         or per section (``eval={"refine_passes": 3}``); keys that fix the parameter shapes
         cannot change.
         """
-        cfg = load_workdir_config(workdir, [*overrides, *_overrides_from_sections(sections)])
+        cfg = rundir.load_workdir_config(
+            workdir, [*overrides, *_overrides_from_sections(sections)])
         return cls.from_config(cfg, workdir)
 
     @classmethod

@@ -138,9 +138,10 @@ def test_scores_do_not_depend_on_eval_batch_size(trained):
     images (the last batch of 16 padded with 14 rows) gives the same maps and scores."""
     from ssm_jax.core import parallel
     from ssm_jax.data.synthetic import make_synthetic
+    from ssm_jax.runs import rundir
     from ssm_jax.serving import detector
 
-    cfg = detector.load_workdir_config(str(trained))
+    cfg = rundir.load_workdir_config(str(trained))
     mesh = parallel.data_mesh()
     variables, _ = detector.load_variables(cfg, str(trained), mesh)
     sc = detector.scoring_config(cfg)

@@ -11,7 +11,7 @@ import pytest
 
 from ssm_jax.config import loader as config_utils
 from ssm_jax.config.defaults import base_config
-from ssm_jax.core.errors import CheckpointError
+from ssm_jax.core.errors import CheckpointError, ConfigError
 from ssm_jax.runs import rundir
 
 
@@ -66,3 +66,20 @@ def test_read_config(tmp_path):
     cfg = config_utils.apply_overrides(base_config(), ["train.steps=3"])
     rundir.atomic_write(rundir.config_path(str(tmp_path)), config_utils.to_json(cfg))
     assert not config_utils.diff(rundir.read_config(str(tmp_path)), cfg)
+
+
+def test_workdir_config_for_scoring(tmp_path):
+    """load_workdir_config: the saved config with scoring overrides, validated; shape keys
+    cannot change; a run saved before eval.mask_rule existed keeps "threefry"."""
+    wd = str(tmp_path)
+    cfg = config_utils.apply_overrides(base_config(), ["data.image_size=32", "mask.ks=(4,8)",
+                                                       "eval.ks=(8,)"])
+    saved = json.loads(config_utils.to_json(cfg))
+    del saved["eval"]["mask_rule"]
+    rundir.write_json(rundir.config_path(wd), saved)
+    got = rundir.load_workdir_config(wd, ["eval.refine_passes=2"])
+    assert got.eval.refine_passes == 2 and got.eval.mask_rule == "threefry"
+    with pytest.raises(CheckpointError, match="model.width=64; it cannot be used with"):
+        rundir.load_workdir_config(wd, ["model.width=8"])
+    with pytest.raises(ConfigError, match="eval.refine_rule"):
+        rundir.load_workdir_config(wd, ["eval.refine_rule=bogus"])
