@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero."""
 
+import os
+
 
 class SSMError(Exception):
     """A problem the user can fix (bad input, bad config, missing checkpoint)."""
@@ -31,3 +33,33 @@ class WorkdirLocked(SSMError):
 
 class ExportError(SSMError):
     """An exported detector that cannot be written, read or used here."""
+
+
+class DiskFull(SSMError):
+    """A write failed because the disk (or the user's quota) is full; what was saved before
+    (the previous checkpoint) is intact and the same command resumes once space is freed."""
+
+
+# How a full disk reads in an exception's text: Python's strerror, and tensorstore's (orbax)
+# "RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']".
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
+                    "os_error_code='122'")
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """"No space left on device" (or the quota's words) when ``exc`` or an exception it was
+    raised from failed because the disk is full, else None."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(exc.errno)
+        text = str(exc)
+        for words in _DISK_FULL_TEXTS:
+            if words in text:
+                return words if not words.startswith("os_error") else os.strerror(
+                    errno.ENOSPC if "28" in words else errno.EDQUOT)
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -17,19 +17,21 @@ turn it into a local folder ``./gs:/bucket/run``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from ssm_jax.core import storage
-from ssm_jax.core.errors import CheckpointError
+from ssm_jax.core.errors import CheckpointError, DiskFull, disk_full_reason
 from ssm_jax.runs.rundir import BEST_DIR, CHECKPOINTS_DIR, DAMAGED_DIR
 
 log = logging.getLogger("ssm_jax")
@@ -48,12 +50,76 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None 
 
     A step that already exists (written just before a crash that lost the step's other
     checkpoint) is replaced: the resumed run recomputes it bit for bit.
+
+    A full disk (ENOSPC, a quota) raises DiskFull, one line naming the folder and the
+    previous step: orbax writes into a temporary folder and deletes older steps only after
+    the new one is complete, so the previous checkpoint is intact; the failed step's
+    temporary folder is removed (it holds the space the resumed run needs).
     """
     if step in mngr.all_steps():
         mngr.delete(step)
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            extra=ocp.args.JsonSave(extra or {})), force=True)
-    mngr.wait_until_finished()
+    echoes = _DiskFullEchoes()
+    logging.getLogger("absl").addFilter(echoes)
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                extra=ocp.args.JsonSave(extra or {})),
+                  force=True)
+        mngr.wait_until_finished()
+    except Exception as e:
+        reason = disk_full_reason(e)
+        if reason is None:
+            raise
+        _remove_unfinished(mngr.directory, step)
+        before = [s for s in mngr.all_steps() if s != step]
+        kept = (f"the previous checkpoint, step {max(before)}, is intact" if before else
+                "no earlier checkpoint in it")
+        raise DiskFull(f"the disk holding {mngr.directory} is full ({reason}): checkpoint "
+                       f"step {step} was not saved; {kept}. Free space and run the same "
+                       "command again to resume") from e
+    finally:
+        logging.getLogger("absl").removeFilter(echoes)
+
+
+@contextlib.contextmanager
+def full_disk_stops(workdir: str) -> Iterator[None]:
+    """Turns a write into ``workdir`` that fails for a full disk anywhere in the block
+    (config, TensorBoard events, a checkpoint) into one DiskFull line naming the newest
+    checkpoint, which is intact (see :func:`save`)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        reason = disk_full_reason(e)
+        if reason is None:
+            raise
+        folder = storage.join(workdir, CHECKPOINTS_DIR)
+        try:
+            steps = [int(p) for p in storage.listdir(folder) if p.isdigit()]
+        except OSError:
+            steps = []
+        kept = (f"the last checkpoint, step {max(steps)}, is intact" if steps else
+                "no checkpoint was written yet")
+        raise DiskFull(f"the disk holding workdir {workdir} is full ({reason}); {kept}. "
+                       "Free space and run the same command again to resume") from e
+
+
+class _DiskFullEchoes(logging.Filter):
+    """Drops orbax's log records of a write that failed for a full disk (each of its
+    writer threads logs the error with a traceback): :func:`save` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return disk_full_reason(Exception(record.getMessage())) is None
+
+
+def _remove_unfinished(directory: Any, step: int) -> None:
+    """Removes orbax's temporary folders of ``step`` (``<step>.orbax-checkpoint-tmp*``)."""
+    try:
+        for name in storage.listdir(str(directory)):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                storage.rmtree(storage.join(str(directory), name))
+    except OSError as e:
+        log.warning("could not remove the unfinished checkpoint %s/%d: %s", directory, step, e)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.sharding.Sharding,
