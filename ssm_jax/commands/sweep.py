@@ -38,7 +38,6 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from ssm_jax.config import loader as config_utils
+from ssm_jax.core import storage
 from ssm_jax.core.errors import ConfigError, SSMError
 from ssm_jax.runs import rundir
 
@@ -131,11 +131,10 @@ def check_grid(workdir: str, new: dict) -> dict:
     """Compares the grid with the one recorded in ``workdir``; returns the record to keep.
 
     A rerun may add cells or seeds; anything else raises ConfigError (one line)."""
-    path = os.path.join(workdir, SWEEP_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, SWEEP_FILE)
+    if not storage.isfile(path):
         return new
-    with open(path) as f:
-        old = json.load(f)
+    old = json.loads(storage.read_text(path))
     where = f"sweep directory {workdir} was made by a different grid"
     # The resolved base config decides (the file's path or how overrides are spelled not).
     changed = config_utils.diff(old.get("base_config", {}), new["base_config"])
@@ -165,11 +164,10 @@ def _write_json(path: str, obj) -> None:
 
 
 def load_result(workdir: str, cell: str, seed: int) -> dict | None:
-    path = os.path.join(run_dir(workdir, cell, seed), RESULT_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(run_dir(workdir, cell, seed), RESULT_FILE)
+    if not storage.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
@@ -182,8 +180,8 @@ def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
     if out_dir is None or out_dir == rdir:
         out_dir, res = rdir, evaluate.evaluate(cfg, rdir)
     else:
-        os.makedirs(out_dir, exist_ok=True)
-        res = evaluate.evaluate(cfg, rdir, output_dir=os.path.join(out_dir, rundir.EVAL_DIR))
+        storage.makedirs(out_dir)
+        res = evaluate.evaluate(cfg, rdir, output_dir=storage.join(out_dir, rundir.EVAL_DIR))
     row = {"cell": cell, "seed": seed, "overrides": overrides, "steps": cfg.train.steps,
            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
            "group_size": group_size, "eval_seconds": round(float(res["seconds"]), 1),
@@ -192,12 +190,12 @@ def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
     for k in (*METRICS, "pixel_f1_max", "threshold", "test_fpr", "test_recall"):
         v = res.get(k)
         row[k] = None if v is None else float(v)
-    _write_json(os.path.join(out_dir, RESULT_FILE), row)
+    _write_json(storage.join(out_dir, RESULT_FILE), row)
     return row
 
 
 def _train_seconds_path(rdir: str) -> str:
-    return os.path.join(rdir, rundir.TRAIN_SECONDS_FILE)
+    return storage.join(rdir, rundir.TRAIN_SECONDS_FILE)
 
 
 def _train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | None], int]:
@@ -238,16 +236,14 @@ def _check_finished(cfg, rdir: str, out: dict) -> None:
 
 def _recorded_group_size(rdir: str) -> int:
     try:
-        with open(_train_seconds_path(rdir)) as f:
-            return int(json.load(f)["group_size"])
+        return int(json.loads(storage.read_text(_train_seconds_path(rdir)))["group_size"])
     except (OSError, ValueError, KeyError):
         return 1
 
 
 def _recorded_train_seconds(rdir: str) -> float | None:
     try:
-        with open(_train_seconds_path(rdir)) as f:
-            return float(json.load(f)["seconds"])
+        return float(json.loads(storage.read_text(_train_seconds_path(rdir)))["seconds"])
     except (OSError, ValueError, KeyError):
         return None
 
@@ -265,6 +261,7 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
 
     from ssm_jax.runs import lock as workdir_lock
 
+    storage.require_backend(workdir, "ssm-jax sweep --workdir")  # before any work
     if vmap is None:
         vmap = jax.default_backend() != "cpu"
 
@@ -274,9 +271,9 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
     base = config_utils.load(config_path, base_overrides, check_values=False)
     cfgs = cell_configs(base, cells, seeds)  # bad keys/values stop here, before any work
     record = check_grid(workdir, _grid_record(config_path, base_overrides, base, cells, seeds))
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     with workdir_lock.RunLock(workdir):
-        _write_json(os.path.join(workdir, SWEEP_FILE), record)
+        _write_json(storage.join(workdir, SWEEP_FILE), record)
         total = len(cells) * len(seeds)
         done = sum(load_result(workdir, c, s) is not None for c, _ in cells for s in seeds)
         print(f"sweep {workdir}: {len(cells)} cell(s) x {len(seeds)} seed(s) = {total} runs, "
@@ -309,10 +306,10 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
         summary = summarize(rows, [c for c, _ in cells])
         write_summary(workdir, summary)
         if plot:
-            plot_summary(os.path.join(workdir, rundir.SUMMARY_PNG), rows, summary,
+            plot_summary(storage.join(workdir, rundir.SUMMARY_PNG), rows, summary,
                          [c for c, _ in cells])
         print(format_summary(summary), flush=True)
-        print(f"sweep: wrote {os.path.join(workdir, rundir.RESULTS_CSV)}, summary.csv"
+        print(f"sweep: wrote {storage.join(workdir, rundir.RESULTS_CSV)}, summary.csv"
               + (", summary.png" if plot else ""), flush=True)
     return rows
 
@@ -326,7 +323,7 @@ def write_results(workdir: str, cells: Sequence[tuple[str, str]],
     """Rewrites ``results.csv`` from the finished runs' result files."""
     rows = [r for c, _ in cells for s in seeds
             if (r := load_result(workdir, c, s)) is not None]
-    with rundir.atomic_open(os.path.join(workdir, rundir.RESULTS_CSV), newline="") as f:
+    with rundir.atomic_open(storage.join(workdir, rundir.RESULTS_CSV), newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -383,7 +380,7 @@ def summarize(rows: Sequence[dict], cells: Sequence[str]) -> list[dict]:
 
 
 def write_summary(workdir: str, summary: Sequence[dict]) -> None:
-    with rundir.atomic_open(os.path.join(workdir, rundir.SUMMARY_CSV), newline="") as f:
+    with rundir.atomic_open(storage.join(workdir, rundir.SUMMARY_CSV), newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
         w.writeheader()
         for r in summary:

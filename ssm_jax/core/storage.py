@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import os
 import threading
 import uuid
@@ -75,6 +76,10 @@ def configure() -> None:
         # Read by each file system instance as it is made (epath makes one per scheme).
         for proto in ("gs", "gcs", "s3", "s3a", "az", "abfs", "hf"):
             fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
+        # fsspec logs a line per file opened at INFO ("AdaptiveReadaheadCache enabled").
+        for name in ("fsspec", "gcsfs"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         _fsspec_configured = True
     host = os.environ.get(EMULATOR_ENV, "").strip()
     if host == (_configured or ""):
@@ -160,6 +165,16 @@ def dirname(path: PathLike) -> str:
         head, _, _ = s.rstrip("/").rpartition("/")
         return head if "://" in head else s
     return os.path.dirname(s)
+
+
+def relpath(path: PathLike, start: PathLike) -> str:
+    """``path`` relative to the folder ``start`` (both local, or both URLs)."""
+    if is_remote(path) or is_remote(start):
+        p, base = str(as_path(path)), str(as_path(start)).rstrip("/") + "/"
+        if not p.startswith(base):
+            raise ValueError(f"{path} is not in {start}")
+        return p[len(base):]
+    return os.path.relpath(os.fspath(path), os.fspath(start))
 
 
 def exists(path: PathLike) -> bool:

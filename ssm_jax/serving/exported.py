@@ -67,10 +67,18 @@ class ExportedDetector(ExportedImages):
 
 
 def _read(path: str) -> tuple[dict, bytes, list[np.ndarray]]:
-    if not os.path.isfile(path):
+    source: str | io.BytesIO = path
+    if "://" in path:  # gs://...: read whole through the path layer (imported only here)
+        from ssm_jax.core import storage
+
+        storage.require_backend(path, "loading an exported detector")
+        if not storage.isfile(path):
+            raise ExportError(f"no exported detector at {path}")
+        source = io.BytesIO(storage.read_bytes(path))
+    elif not os.path.isfile(path):
         raise ExportError(f"no exported detector at {path}")
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(source) as z:
             meta = json.loads(z.read("meta.json"))
             scorer = z.read("scorer.jax_export")
             with np.load(io.BytesIO(z.read("weights.npz"))) as npz:

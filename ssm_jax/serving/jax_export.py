@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import io
 import json
-import os
 import zipfile
 from collections.abc import Sequence
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_jax.config import loader as config_utils
-from ssm_jax.core import parallel
+from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError, ExportError, MissingDependency
 from ssm_jax.core.version import __version__
 from ssm_jax.method import normalization, scoring
@@ -136,7 +135,7 @@ def export_detector(det: Detector, output: str,
         "image_score_fusion": det.cfg.eval.image_score_fusion,
         "batch_size": int(det.cfg.eval.batch_size), "seed": int(det.cfg.eval.seed),
         "mask_rule": det.sc.mask_rule,
-        "checkpoint_step": det.step, "workdir": os.path.abspath(det.workdir),
+        "checkpoint_step": det.step, "workdir": storage.resolve(det.workdir),
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "num_weights": len(weights),
@@ -147,18 +146,14 @@ def export_detector(det: Detector, output: str,
     }
     weights_buf = io.BytesIO()
     np.savez(weights_buf, *weights)
-    output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = f"{output}.tmp{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+    output = storage.resolve(output)  # a local path or a URL (gs://...)
+    storage.makedirs(storage.dirname(output))
+    # Atomic: a temporary file renamed into place locally, one PUT on object storage.
+    with storage.atomic_open(output, "wb") as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(META_FILE, json.dumps(meta, indent=2))
             z.writestr(SCORER_FILE, serialized)
             z.writestr(WEIGHTS_FILE, weights_buf.getvalue())
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return meta
 
 

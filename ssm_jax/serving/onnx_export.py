@@ -47,14 +47,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_jax.core import parallel
+from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError, ExportError, MissingDependency
 from ssm_jax.core.version import __version__
 from ssm_jax.method import scoring
@@ -225,7 +224,7 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
         "threshold_quantile": float(det.cfg.eval.threshold_quantile),
         "map_normalization": det.cfg.eval.map_normalization,
         "image_score_fusion": det.cfg.eval.image_score_fusion,
-        "checkpoint_step": det.step, "workdir": os.path.abspath(det.workdir),
+        "checkpoint_step": det.step, "workdir": storage.resolve(det.workdir),
         "inputs": list(INPUTS), "outputs": list(OUTPUTS), "opset": OPSET,
         "versions": {"jax": jax.__version__, "ssm_jax": __version__,
                      "jax2onnx": _version("jax2onnx"), "onnx": onnx.__version__},
@@ -233,16 +232,9 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
     }
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
-    output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = f"{output}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    output = storage.resolve(output)  # a local path or a URL (gs://...)
+    storage.makedirs(storage.dirname(output))
+    storage.atomic_write(output, model.SerializeToString())
     return meta
 
 

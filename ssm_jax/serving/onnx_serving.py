@@ -205,10 +205,23 @@ def load(path: str, providers: list[str] | None = None) -> OnnxDetector:
     except ImportError as e:
         raise MissingDependency(f"serving an ONNX detector needs onnxruntime ({e}): "
                                 f"pip install onnxruntime") from e
-    if not os.path.isfile(path):
+    model: str | bytes = path
+    if "://" in path:  # gs://... (fsspec + gcsfs; imported only here: this module is
+        # numpy + onnxruntime otherwise, and copyable alone)
+        try:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                model = f.read()
+        except FileNotFoundError as e:
+            raise ExportError(f"no ONNX detector at {path}") from e
+        except ImportError as e:
+            raise MissingDependency(f"reading {path} needs fsspec and its file system "
+                                    f"package ({e}): pip install gcsfs") from e
+    elif not os.path.isfile(path):
         raise ExportError(f"no ONNX detector at {path}")
     try:
-        session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
         raise ExportError(f"{path} is not a usable ONNX model: "
                           f"{str(e).splitlines()[0][:300]}") from e
