@@ -42,7 +42,9 @@ SCORER_FILE, WEIGHTS_FILE, META_FILE = "scorer.jax_export", "weights.npz", "meta
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
-def _image_shape(det: Detector, image_shape: Sequence[int] | None) -> tuple[int, int]:
+def export_shape(det: Detector, image_shape: Sequence[int] | None) -> tuple[int, int]:
+    """The (H, W) an artifact scores: data.image_size squared, or ``image_shape`` for a
+    data.keep_aspect run (both sides multiples of 16); one ConfigError line if not."""
     size = int(det.cfg.data.image_size)
     if image_shape is None:
         if det.cfg.data.keep_aspect:
@@ -105,7 +107,7 @@ def export_detector(det: Detector, output: str,
     """
     from jax import export as jax_export
 
-    shape = _image_shape(det, image_shape)
+    shape = export_shape(det, image_shape)
     det.require_calibration()
     channels = det.channels
     weights = [np.asarray(x) for x in jax.tree.leaves(parallel.to_host(det.variables))]

@@ -173,7 +173,7 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
     from ssm_jax.serving import jax_export as export
 
     onnx, to_onnx = _import_converter()
-    shape = export._image_shape(det, image_shape)
+    shape = export.export_shape(det, image_shape)
     if str(det.cfg.model.dtype) != "float32":
         raise ConfigError(f"the ONNX export runs the network in float32; this run computes in "
                           f"{det.cfg.model.dtype}: add --config.model.dtype=float32")
