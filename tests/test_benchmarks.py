@@ -48,3 +48,21 @@ def test_layer_profile_times_every_class(capsys):
     # Forward and input-gradient convolutions are tied to their Flax layers by name.
     assert "| UpBlock_0/ConvBNReLU_0/Conv_0 |" in out
     assert "| wgrad 3x3 " in out
+
+
+def test_input_pipeline_measures_both_sizes(tmp_path, capsys):
+    """benchmarks/input_pipeline.py: generated folders, the streamed and in-memory pipeline
+    each in its own process with its peak memory (tiny settings, training skipped)."""
+    result = _script("input_pipeline").main([
+        "--sizes", "8,16", "--image-size", "32", "--pipeline-batches", "2", "--skip-train",
+        "--data-root", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    rows = result["rows"]
+    assert {(r["num_train_files"], r["stream"]) for r in rows} == {
+        (8, "true"), (8, "false"), (16, "true"), (16, "false")}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["peak_rss_mb"] > 50 and r["vm_hwm_mb"] > 50
+        assert r["batch_shape"] == [8, 32, 32, 3]
+    assert len(os.listdir(tmp_path / "train16_32px" / "train" / "good")) == 16
+    assert "rss_growth_pipeline_streamed" in result["summary"]
+    assert os.path.exists(tmp_path / "r.json")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("RESULT ")
