@@ -16,6 +16,13 @@ run.
 With ``crop_size``, each example is a random ``crop_size`` square of its image's valid
 region (``sizes``); the offsets are a pure function of (seed, step, row) too.
 
+The images are an array (decoded up front) or an ``ImageFiles`` source (streamed,
+``ssm_jax.data.stream``): then the grain pipeline is a ``MapDataset`` over a random-access
+source of this host's examples (element ``j`` = row ``j % b`` of its block of global batch
+``j // b``), decoded on demand in ``READ_THREADS`` reading threads and batched after, so a
+host decodes only its rows and holds a few batches, whatever the size of the data set.
+Both give the same batches, crops included.
+
 grain is imported only inside ``train_batches``: ``eval_batches`` works without it.
 """
 
