@@ -53,8 +53,13 @@ def generate(root: str, n: int, image_size: int) -> str:
         train, test = make_synthetic(image_size, False, num_train=min(CHUNK, n - start),
                                      num_test_good=1, num_test_anomalous=1, seed=start)
         for i, img in enumerate(train.images):
+            name = os.path.join(good, f"{start + i:06d}.png")
+            if os.path.exists(name):  # an interrupted generation resumes
+                continue
             a = (img * 255).round().astype("uint8")
-            Image.fromarray(a).save(os.path.join(good, f"{start + i:06d}.png"))
+            # Fast zlib level: writing 20,000 files is most of the set-up otherwise.
+            Image.fromarray(a).save(name + ".tmp.png", compress_level=1)
+            os.replace(name + ".tmp.png", name)
     tg = os.path.join(path, "test", "good")
     os.makedirs(tg, exist_ok=True)
     Image.fromarray((test.images[0] * 255).round().astype("uint8")).save(
