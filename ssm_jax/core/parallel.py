@@ -50,9 +50,18 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed
+    coordination_client().wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+def coordination_client():
+    """JAX's distributed coordination-service client (None before
+    ``jax.distributed.initialize`` or if JAX moved it). JAX has no public handle on it (orbax
+    reads it the same way), so this is the one place that reaches into ``jax._src``."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    return getattr(getattr(distributed, "global_state", None), "client", None)
 
 
 def to_host(tree):

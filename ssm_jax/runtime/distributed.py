@@ -35,6 +35,7 @@ import time
 
 import jax
 
+from ssm_jax.core import parallel
 from ssm_jax.core.errors import ConfigError
 
 log = logging.getLogger("ssm_jax")
@@ -172,13 +173,8 @@ class PeerWatchdog:
 
 def start_watchdog(timeout: float) -> PeerWatchdog | None:
     """Starts this process's :class:`PeerWatchdog` (stopped at exit), if JAX's distributed
-    client is reachable; JAX keeps it in a private module (as orbax reads it)."""
-    try:
-        from jax._src import distributed as jax_distributed
-
-        client = jax_distributed.global_state.client
-    except (ImportError, AttributeError):
-        client = None
+    client is reachable (:func:`ssm_jax.core.parallel.coordination_client`)."""
+    client = parallel.coordination_client()
     if client is None:
         log.warning("no JAX distributed client: a dead peer process will not be detected "
                     "before JAX's own heartbeat timeout")
