@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    for noisy in ("absl", "jax", "orbax", "tensorflow"):  # their INFO lines: not ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # orbax reports a failed restore twice: as our one-line error and as an asyncio dump.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
