@@ -124,6 +124,15 @@ def require_backend(path: PathLike, command: str = "this command") -> None:
                                 f"not installed; install it with: {fix}") from e
 
 
+def require_backends(command: str, args: dict) -> None:
+    """:func:`require_backend` for each path-valued command-line flag in ``args``
+    (``vars(argparse_namespace)``): a gs:// ``--workdir`` stops the command at once."""
+    for flag in ("workdir", "output", "input", "normals", "config"):
+        value = args.get(flag)
+        if isinstance(value, str):
+            require_backend(value, f"ssm-jax {command} --{flag}")
+
+
 def as_path(path: PathLike) -> epath.Path:
     """``path`` as an epath.Path: a URL stays a URL, a local path becomes absolute
     (``~`` expanded)."""

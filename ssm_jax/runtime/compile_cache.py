@@ -16,7 +16,10 @@ them apart). ``SSM_JAX_COMPILATION_CACHE=0`` turns it off. ``SSM_JAX_CACHE_MAX_S
 entries beyond that. Entries are read and written under a file lock (JAX's cache with a
 size bound; needs the ``filelock`` package), so processes sharing the folder are safe;
 only process 0 of a multi-process run writes. On a multi-host run point
-``SSM_JAX_CACHE_DIR`` at a folder every host sees, or each host compiles for itself.
+``SSM_JAX_CACHE_DIR`` at a folder every host sees, or each host compiles for itself; it
+may be a URL (``gs://bucket/jax_cache``, through :mod:`ssm_jax.core.storage`). JAX bounds
+a cache's size only on a local disk (its lock is a local file): on object storage the
+cache is unbounded (a bucket lifecycle rule can expire old entries).
 
 JAX's own settings win: when ``JAX_COMPILATION_CACHE_DIR`` (or ``jax_compilation_cache_dir``)
 is already set, as the test suite does, this module leaves the cache as configured;
@@ -34,6 +37,7 @@ import os
 import platform
 import re
 
+from ssm_jax.core import storage
 from ssm_jax.core.errors import ConfigError
 
 log = logging.getLogger("ssm_jax")
@@ -90,7 +94,7 @@ def cache_dir() -> str:
     """The folder this process's entries go to (``SSM_JAX_CACHE_DIR`` or the default, in
     a subfolder per host CPU type)."""
     root = os.environ.get(ENV_DIR) or default_dir()
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), _cpu_tag())
+    return storage.join(storage.resolve(root), _cpu_tag())
 
 
 def _add_missing_access_times(path: str) -> None:
@@ -144,12 +148,15 @@ def setup() -> str | None:
                     "(pip install filelock) to be shared safely and bounded in size")
         return None
     path = cache_dir()
+    if storage.is_remote(path):
+        storage.require_backend(path, ENV_DIR)
+        # JAX's size bound locks a local file beside the entries: unbounded remotely.
+        max_size = -1
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".probe-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        storage.makedirs(path)
+        probe = storage.join(path, f".probe-{os.getpid()}")
+        storage.atomic_write(probe, b"", fsync=False)
+        storage.remove(probe)
     except OSError as e:
         log.warning("compilation cache off: cannot write %s (%s); set %s to another "
                     "folder or %s=0", path, e.strerror or e, ENV_DIR, ENV_SWITCH)
@@ -173,6 +180,6 @@ def entries(path: str | None = None) -> list[str]:
     """The cache's entry files (for tests and tools)."""
     path = path or _state.get("dir") or cache_dir()
     try:
-        return sorted(n for n in os.listdir(path) if n.endswith("-cache"))
+        return sorted(n for n in storage.listdir(path) if n.endswith("-cache"))
     except OSError:
         return []

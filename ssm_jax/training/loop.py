@@ -269,6 +269,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
 
     # A gs:// workdir without gcsfs stops here, before the lock or any folder is made.
     storage.require_backend(workdir, "ssm-jax train --workdir")
+    storage.require_backend(cfg.data.path, "ssm-jax train: data.path")
     # One run per workdir (process 0 holds the lock for a multi-process run).
     with SigtermFlag() as sigterm, workdir_lock.RunLock(workdir), \
             checkpoints.full_disk_stops(workdir):
