@@ -1,0 +1,82 @@
+"""A disk that fills up during training: the run stops with one line naming the full disk,
+the previous checkpoint is intact, and once space is freed the same command resumes and
+ends exactly where the undisturbed run (conftest.tiny_run) ends.
+
+The workdir is a small tmpfs (mounting needs root: skipped otherwise, but under CI=true
+as root it must run). Sizes at the shared run's settings (cli_runs: width 4, 32 px): a
+checkpoint is about 1.9 MB and a best checkpoint 2.1 MB, so 5 MB holds step 4's pair
+(about 4 MB) but not a third one at step 8.
+"""
+
+import os
+import subprocess
+
+import cli_runs
+import numpy as np
+import pytest
+
+DISK_MB = 5
+
+
+def _mount_failed(msg: str):
+    if os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A DISK_MB tmpfs at tmp_path/disk; yields (its path, a function that resizes it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}M", "tmpfs",
+                          str(disk)], capture_output=True, text=True)
+    if res.returncode:
+        _mount_failed(f"cannot mount a tmpfs: {res.stderr.strip()}")
+
+    def resize(mb: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={mb}M", str(disk)], check=True)
+
+    try:
+        yield disk, resize
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _steps(folder):
+    return sorted(os.listdir(folder))
+
+
+def _params(wd, step):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from ssm_jax.runs import checkpoints
+
+    with checkpoints.manager(str(wd), "checkpoints", 2, create=False) as m:
+        tree = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree.state)])
+
+
+def test_full_disk_stops_keeps_checkpoint_and_resumes(tiny_run, small_disk):
+    reference = tiny_run[0]
+    disk, resize = small_disk
+    wd = disk / "wd"
+    full = cli_runs.ssm(*cli_runs.train_args(wd))
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("ssm-jax: error: the disk holding ") and str(wd) in last, last
+    assert "is full (No space left on device)" in last and "step 4, is intact" in last, last
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    # Step 4 is whole (and the failed write's temporary folder is gone): it restores to the
+    # undisturbed run's parameters.
+    assert _steps(wd / "checkpoints") == ["4"]
+    np.testing.assert_array_equal(_params(reference, 4), _params(wd, 4))
+
+    resize(32)  # space freed
+    resumed = cli_runs.ssm(*cli_runs.train_args(wd))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {wd}/checkpoints at step 4" in resumed.stderr
+    np.testing.assert_array_equal(_params(reference, 8), _params(wd, 8))
