@@ -53,10 +53,21 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
     coordination_client().wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
+def backends_started() -> bool:
+    """Whether JAX has started its backends (device settings no longer apply); True when
+    it cannot tell. Guarded like :func:`coordination_client`: JAX has no public check."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
 def coordination_client():
     """JAX's distributed coordination-service client (None before
     ``jax.distributed.initialize`` or if JAX moved it). JAX has no public handle on it (orbax
-    reads it the same way), so this is the one place that reaches into ``jax._src``."""
+    reads it the same way): with :func:`backends_started`, the only reach into ``jax._src``."""
     try:
         from jax._src import distributed
     except ImportError:

@@ -69,12 +69,9 @@ def configure(batch_size: int | None = None) -> int:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
             getattr(jax.config, "jax_num_cpu_devices", -1) != -1:
         return 0
-    try:
-        from jax._src import xla_bridge  # private: guarded, JAX may move it
-        started = xla_bridge.backends_are_initialized()
-    except (ImportError, AttributeError):
-        started = True  # cannot tell: leave JAX as it is
-    if started:
+    from ssm_jax.core import parallel
+
+    if parallel.backends_started():  # or cannot tell: leave JAX as it is
         log.debug("%s: JAX backends already started; CPU device count left as it is", ENV)
         return 0
     jax.config.update("jax_num_cpu_devices", n)
