@@ -1,0 +1,185 @@
+"""The README and docs/: pages printed by tools/make_docs.py, a README for users, and every
+README command run as written.
+
+Convention for README commands (README "Module map" says it too): the bash blocks of
+"Set-up", "Your own data" and "Sweeps" are run here, line by line, with three changes only:
+placeholders (``DATA_DIR``: a generated MVTec-layout folder; ``NEW_IMAGES``: its test
+images), relative run folders moved under tmp_path, and the tiny sizes of tests/cli_runs.py
+appended to ``train`` and ``sweep`` (``--config.*`` overrides: later ones win, so every flag
+of the README's line still takes part). The install and the test-suite command are checked
+against pyproject.toml and .ci/run instead of being run. The blocks of "Python API", "ONNX"
+and "Deploying" are run by tests/serving/ (test_detector.py, test_onnx_export.py) and the
+deploy tests; "Scaling out"'s two-process command by the multi-process tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+
+import pytest
+from cli_runs import STEPS, TINY, ssm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _make_docs():
+    spec = importlib.util.spec_from_file_location("make_docs",
+                                                  os.path.join(ROOT, "tools", "make_docs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _bash_commands(section: str) -> list[str]:
+    """The commands of a section's bash blocks: continuation lines joined, comments and
+    blank lines dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(" ".join(line.split()))
+    return out
+
+
+def test_docs_pages_are_what_make_docs_prints():
+    """docs/*.md and README's results table equal the command's output: a changed result
+    file or a hand edit fails here until `python tools/make_docs.py` is run."""
+    for rel, text in _make_docs().render().items():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            assert f.read() == text, f"{rel} differs from python tools/make_docs.py's output"
+
+
+def test_make_docs_check_flags_a_stale_page(tmp_path, monkeypatch):
+    """--check exits 1 naming a page that differs, and writes nothing."""
+    md = _make_docs()
+    for rel in md.render():
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+    monkeypatch.setattr(md, "ROOT", str(tmp_path))
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "results"),
+                    tmp_path / "benchmarks" / "results")
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    assert md.main([]) == 0 and md.main(["--check"]) == 0
+    (tmp_path / "docs" / "speed.md").write_text("typed by hand\n")
+    assert md.main(["--check"]) == 1
+    assert (tmp_path / "docs" / "speed.md").read_text() == "typed by hand\n"
+
+
+def test_readme_is_for_users():
+    text = _readme()
+    assert len(text.splitlines()) <= 250
+    for private in ("../shared", "/work/", "/tmp/", "issue", "torchvenv", "ssm_ref"):
+        assert private not in text.lower(), private
+    # no commit hashes (7+ hex digits with at least one letter and one digit)
+    hashes = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text)
+              if re.search(r"[a-f]", w) and re.search(r"[0-9]", w)]
+    assert not hashes, hashes
+    order = ["Set-up", "Results", "Your own data", "Python API", "Deploying", "Sweeps",
+             "Scaling out", "Configuration", "Module map"]
+    at = [text.index(f"\n## {t}\n") for t in order]
+    assert at == sorted(at)
+
+
+def test_module_map_names_every_module():
+    """Every module of the package is named in README's module map."""
+    section = _section(_readme(), "Module map")
+    missing = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "ssm_jax")):
+        for f in files:
+            if f.endswith(".py"):
+                name = f[:-3] if f != "__init__.py" else os.path.basename(dirpath)
+                rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+                if not any(f"`{n}`" in section for n in (name, f, rel)):
+                    missing.append(rel)
+    assert not missing, f"not in README's module map: {missing}"
+
+
+def test_setup_commands_match_ci_and_pyproject():
+    """Set-up command 2 is exactly the line .ci/run runs; command 1's extras exist."""
+    cmds = _bash_commands(_section(_readme(), "Set-up"))
+    assert len(cmds) == 2 and cmds[1] == "python -m pytest tests -q -n auto"
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert cmds[1] in f.read().splitlines()
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    parts = [p.strip() for p in cmds[0].split("&&")]
+    assert parts[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"]
+    for part in parts:
+        for extra in re.findall(r'pip install -e "\.\[(\w[\w,-]*)\]"', part):
+            for name in extra.split(","):
+                assert re.search(rf"^{name} = \[", pyproject, re.M), name
+    assert parts[-1].startswith("ssm-jax train ")
+
+
+def _run_readme_line(line: str, tmp_path, data_dir: str) -> None:
+    """One README command with the documented changes (module docstring), in process."""
+    words = shlex.split(line)
+    assert words[0] == "ssm-jax", line
+    args = []
+    for w in words[1:]:
+        w = w.replace("DATA_DIR", data_dir)
+        w = w.replace("NEW_IMAGES", os.path.join(data_dir, "test", "good"))
+        for rel in ("runs/", "sweeps/"):
+            if w.startswith(rel):
+                w = str(tmp_path / w)
+        if w.startswith("configs/"):
+            w = os.path.join(ROOT, w)
+        args.append(w)
+    if args[0] in ("train", "sweep"):
+        args += TINY + STEPS
+    res = ssm(*args)
+    assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from ssm_jax.data.synthetic import write_synthetic_folder
+
+    root = tmp_path_factory.mktemp("data")
+    # 40 normals: 4 held out, enough for configs/cpu.py's val_zscore maps (3 at least)
+    write_synthetic_folder(root, 32, grayscale=True, num_train=40, num_test_good=4,
+                           num_test_anomalous=4)
+    return str(root)
+
+
+def test_quickstart_command_runs(tmp_path, data_dir):
+    """Set-up command 1's ssm-jax part: trains, evaluates, writes the report it names."""
+    first = _bash_commands(_section(_readme(), "Set-up"))[0]
+    line = first.split("&&")[-1].strip()
+    _run_readme_line(line, tmp_path, data_dir)
+    assert (tmp_path / "runs" / "quickstart" / "eval" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "quickstart" / "eval" / "index.html").is_file()
+
+
+def test_your_own_data_commands_run(tmp_path, data_dir):
+    """"Your own data": train + evaluate, evaluate again, predict, in order."""
+    cmds = _bash_commands(_section(_readme(), "Your own data"))
+    assert [shlex.split(c)[1] for c in cmds] == ["train", "evaluate", "predict"]
+    for line in cmds:
+        _run_readme_line(line, tmp_path, data_dir)
+    out = tmp_path / "runs" / "mine" / "predict"
+    assert (out / "scores.csv").is_file() and (out / "index.html").is_file()
+
+
+def test_sweep_command_runs(tmp_path, data_dir):
+    """"Sweeps": the example sweep trains the base cell, re-scores it for the eval cell."""
+    cmds = _bash_commands(_section(_readme(), "Sweeps"))
+    assert len(cmds) == 1
+    _run_readme_line(cmds[0], tmp_path, data_dir)
+    import csv
+    with open(tmp_path / "sweeps" / "demo" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["trained_cell"] for r in rows} == {"base"}
