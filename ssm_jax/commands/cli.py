@@ -293,6 +293,8 @@ def run(argv: Sequence[str]) -> int:
         if debug:
             raise
         print(f"ssm-jax: error: {e}", file=sys.stderr)
+        if "ssm_jax.runtime.distributed" in sys.modules:  # a multi-process run: see there
+            sys.modules["ssm_jax.runtime.distributed"].end_failed_process(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ssm-jax: interrupted", file=sys.stderr)

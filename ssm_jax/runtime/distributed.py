@@ -17,7 +17,12 @@ for ``SSM_JAX_PEER_TIMEOUT`` seconds (default 30) is gone: the process prints on
 away, whatever its main thread is blocked in. The counter is compared with this process's
 own clock, so the hosts' clocks need not agree; the thread runs while the main thread waits
 in XLA (which releases the GIL). JAX's own heartbeat timeout is set above ours, so ours
-speaks first. A process that leaves normally writes ``done`` and is no longer watched.
+speaks first. A process that leaves normally writes ``done`` and is no longer watched; one
+whose command fails (an ``ssm-jax: error:`` line, or an uncaught exception) writes
+``failed``, so the others stop at their next heartbeat, and ends at once
+(:func:`end_failed_process`) instead of waiting for them in JAX's shutdown barrier. A
+collective that fails because its peer is gone (gloo: "Connection reset by peer") is
+reported in one line too, not as orbax's and Python's tracebacks.
 
 When process 0 (which hosts the coordination service) dies, the other processes lose the
 service itself: JAX's error polling ends them within a second, before any watchdog can
@@ -30,6 +35,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -45,6 +51,11 @@ DEFAULT_PEER_TIMEOUT = 30.0
 EXIT_PEER_LOST = 3  # the exit status of a process that stopped because a peer is gone
 _ALIVE_PREFIX = "ssm_jax/alive/"
 _DONE = "done"
+_FAILED = "failed"
+_WATCHDOG: PeerWatchdog | None = None
+# A collective that failed because the process at the other end is gone (gloo on CPU).
+_PEER_GONE_TEXTS = ("Connection reset by peer", "Connection closed by peer",
+                    "Connection refused")
 
 
 def maybe_initialize() -> bool:
@@ -138,6 +149,9 @@ class PeerWatchdog:
             value = values.get(f"{_ALIVE_PREFIX}{p}")
             if value == _DONE:
                 del self._seen[p]  # it finished its command: no longer watched
+            elif value == _FAILED:
+                return (f"process {p} of {self.n} stopped with an error (in its own log); "
+                        "stopping this process too")
             elif value != last:
                 self._seen[p] = (value, now)
             elif now - since > self.timeout:
@@ -159,16 +173,62 @@ class PeerWatchdog:
         threading.Thread(target=self._run, daemon=True, name="ssm_jax_peer_watchdog").start()
         return self
 
-    def stop(self) -> None:
-        """Stops watching and tells the peers that this process left normally."""
+    def stop(self, state: str = _DONE) -> None:
+        """Stops watching and tells the peers that this process left: normally (``done``:
+        no longer watched) or with an error (``failed``: they stop too)."""
         if self._stop.is_set():
             return
         self._stop.set()
         try:
-            self.client.key_value_set(f"{_ALIVE_PREFIX}{self.me}", _DONE,
+            self.client.key_value_set(f"{_ALIVE_PREFIX}{self.me}", state,
                                       allow_overwrite=True)
         except Exception:  # noqa: BLE001 - the service may already be gone at exit
             pass
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer process is gone."""
+    text = str(exc)
+    return "Gloo" in text and any(t in text for t in _PEER_GONE_TEXTS)
+
+
+def end_failed_process(status: int) -> None:
+    """In a multi-process run, after this process's command failed (its error already
+    printed): tells the peers, which then stop with one line at their next heartbeat, and
+    ends at once. A normal exit would wait for them in JAX's shutdown barrier while they
+    wait for this process in a collective. Does nothing in a single-process run."""
+    if _WATCHDOG is None:
+        return
+    _WATCHDOG.stop(_FAILED)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(status)
+
+
+def _excepthook(kind, value, tb) -> None:
+    """An uncaught exception in a multi-process run: a collective that failed because a
+    peer is gone becomes one line; anything else prints its traceback as usual. Either way
+    the peers are told (:func:`end_failed_process`)."""
+    if value is not None and peer_gone(value):
+        first = str(value).strip().splitlines()[0][:200]
+        os.write(2, (f"ssm-jax: error: a collective failed because another process of this "
+                     f"run is gone ({first}); stopping this process. Restart all processes "
+                     "with the same command to resume from the last checkpoint\n").encode())
+        end_failed_process(EXIT_PEER_LOST)
+    sys.__excepthook__(kind, value, tb)
+    end_failed_process(1)
+
+
+class _PeerGoneEchoes(logging.Filter):
+    """Drops the log records (orbax's threads log theirs with a traceback) of a collective
+    that failed because a peer is gone: the process reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not peer_gone(Exception(record.getMessage()))
 
 
 def start_watchdog(timeout: float) -> PeerWatchdog | None:
@@ -179,6 +239,10 @@ def start_watchdog(timeout: float) -> PeerWatchdog | None:
         log.warning("no JAX distributed client: a dead peer process will not be detected "
                     "before JAX's own heartbeat timeout")
         return None
+    global _WATCHDOG
     watchdog = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout)
     atexit.register(watchdog.stop)
+    _WATCHDOG = watchdog
+    sys.excepthook = _excepthook
+    logging.getLogger("absl").addFilter(_PeerGoneEchoes())
     return watchdog.start()
