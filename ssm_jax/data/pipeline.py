@@ -136,7 +136,7 @@ def train_batches(images: np.ndarray | ImageFiles, global_batch_size: int, seed:
 
     The k-th batch yielded is this host's block of global batch ``start_step + k``.
     ``images`` is an array (in memory) or an :class:`ImageFiles` source (streamed: this
-    host decodes only its rows, in ``stream.READ_THREADS`` threads); both give the same
+    host decodes only its rows, in ``READ_THREADS`` threads); both give the same
     batches.
     """
     import grain
