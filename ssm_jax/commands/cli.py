@@ -225,6 +225,8 @@ def run(argv: Sequence[str]) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = parser().parse_args(rest)
+        from ssm_jax.core import storage  # gs:// without the gcs extra: one line, no work
+        storage.require_backends(args.command, vars(args))
         _setup_logging()
         from ssm_jax.runtime import compile_cache, distributed, host_devices
         compile_cache.setup()  # before the first compilation (SSM_JAX_COMPILATION_CACHE=0: off)

@@ -6,12 +6,12 @@ metrics, ``eval/metrics.json`` and the report. Scoring itself lives in
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import ml_collections
 
+from ssm_jax.core import storage
 from ssm_jax.method import normalization
 from ssm_jax.runs import rundir
 from ssm_jax.serving.detector import Detector
@@ -56,9 +56,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         result.update({f"test_{k}": v for k, v in
                        metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
     if jax.process_index() == 0:
-        eval_dir = output_dir or os.path.join(workdir, rundir.EVAL_DIR)
-        os.makedirs(eval_dir, exist_ok=True)
-        rundir.write_json(os.path.join(eval_dir, rundir.METRICS_FILE), result)
+        eval_dir = output_dir or storage.join(workdir, rundir.EVAL_DIR)
+        storage.makedirs(eval_dir)
+        rundir.write_json(storage.join(eval_dir, rundir.METRICS_FILE), result)
         if output_dir is None:
             det.save_calibration()
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)

@@ -9,6 +9,7 @@ import os
 import jax
 import ml_collections
 
+from ssm_jax.core import storage
 from ssm_jax.core.errors import DataError
 from ssm_jax.runs import rundir
 from ssm_jax.serving.detector import Detector
@@ -20,9 +21,9 @@ SCORES_JSON = "scores.json"
 def _input_paths(path: str) -> list[str]:
     from ssm_jax.data import folder
 
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise DataError(f"input does not exist: {path}")
-    if os.path.isfile(path):
+    if not storage.isdir(path):
         return [path]
     paths = folder.list_images(path, recursive=True)
     if not paths:
@@ -46,16 +47,16 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     rows = [{"path": p, "score": float(s), "threshold": threshold,
              "anomalous": bool(a)} for p, s, a in zip(paths, out["scores"], out["anomalous"])]
     if jax.process_index() == 0:
-        os.makedirs(output_dir, exist_ok=True)
+        storage.makedirs(output_dir)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-        rundir.atomic_write(os.path.join(output_dir, SCORES_CSV), buf.getvalue().encode())
-        rundir.write_json(os.path.join(output_dir, SCORES_JSON), rows)
-        names = [os.path.splitext(os.path.relpath(p, input_path)
-                                  if os.path.isdir(input_path) else os.path.basename(p))[0]
-                 for p in paths]
+        rundir.atomic_write(storage.join(output_dir, SCORES_CSV), buf.getvalue().encode())
+        rundir.write_json(storage.join(output_dir, SCORES_JSON), rows)
+        is_dir = storage.isdir(input_path)
+        names = [os.path.splitext(storage.relpath(p, input_path) if is_dir
+                                  else storage.basename(p))[0] for p in paths]
         # <name>_overlay.png per image (valid region), index.html and per_image.csv.
         report.write_predict_report(output_dir, paths, names, images, out["maps"],
                                     out["scores"], threshold, sizes)
