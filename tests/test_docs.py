@@ -87,6 +87,9 @@ def test_readme_is_for_users():
     hashes = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text)
               if re.search(r"[a-f]", w) and re.search(r"[0-9]", w)]
     assert not hashes, hashes
+    md = _make_docs()
+    table = text.split(md.README_BEGIN, 1)[1].split(md.README_END, 1)[0]
+    assert 1 <= len(table.splitlines()) - 2 <= 12  # rows besides the header and the rule
     order = ["Set-up", "Results", "Your own data", "Python API", "Deploying", "Sweeps",
              "Scaling out", "Configuration", "Module map"]
     at = [text.index(f"\n## {t}\n") for t in order]
