@@ -84,6 +84,12 @@ checkpoint, divergence) print one line and exit with status 2; --debug shows the
 WORKDIR_HELP = "a training run directory made by 'ssm-jax train'"
 
 
+def epilog(config_note: str, *examples: str) -> str:
+    """A command's epilog: what ``--config.KEY=VALUE`` does for it, then its examples."""
+    return (f"{config_note}\n\nExample{'s' if len(examples) > 1 else ''}:\n"
+            + "\n".join(f"  {e}" for e in examples))
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``ssm-jax`` argument parser (``--config.KEY=VALUE`` overrides are split off
     before it parses, see :func:`run`)."""
@@ -94,10 +100,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            title="commands")
 
-    def command(name: str, summary: str, description: str, epilog: str):
+    def command(name: str, summary: str, description: str, epilog: str,
+                config: str | None = None, workdir: str | None = None):
+        """A subcommand; ``config`` / ``workdir``: help of its --config FILE / --workdir DIR."""
         sp = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
                             epilog=epilog, formatter_class=fmt)
         sp.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+        if config:
+            sp.add_argument("--config", required=True, metavar="FILE", help=config)
+        if workdir:
+            sp.add_argument("--workdir", required=True, metavar="DIR", help=workdir)
         return sp
 
     t = command(
@@ -106,16 +118,14 @@ def parser() -> argparse.ArgumentParser:
         "good/*.png;\nempty: the embedded synthetic set) and keeps the best checkpoint by "
         "the validation loss\non held-out normal images. Run again with the same workdir to "
         "resume after a stop.",
-        f"{OVERRIDES}\n\nExamples:\n"
-        "  ssm-jax train --config configs/quickstart.py --workdir runs/quickstart\n"
-        "  ssm-jax train --config configs/folder.py --workdir runs/mine "
-        "--config.data.path=DIR --evaluate\n"
-        "  ssm-jax train --config configs/quickstart.py --workdir runs/quickstart "
-        "--config.train.steps=1200 --resume")
-    t.add_argument("--config", required=True, metavar="FILE",
-                   help="config file: a Python file with get_config() (see configs/*.py)")
-    t.add_argument("--workdir", required=True, metavar="DIR",
-                   help="run directory to create, or to resume if it holds this run")
+        epilog(OVERRIDES,
+               "ssm-jax train --config configs/quickstart.py --workdir runs/quickstart",
+               "ssm-jax train --config configs/folder.py --workdir runs/mine "
+               "--config.data.path=DIR --evaluate",
+               "ssm-jax train --config configs/quickstart.py --workdir runs/quickstart "
+               "--config.train.steps=1200 --resume"),
+        config="config file: a Python file with get_config() (see configs/*.py)",
+        workdir="run directory to create, or to resume if it holds this run")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir although train.steps (or another "
                         "training-length key) changed")
@@ -125,26 +135,25 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--evaluate", action="store_true",
                    help="run 'ssm-jax evaluate' on the run when training ends")
 
-    e = command(
+    command(
         "evaluate", "score the run's test split and write metrics and a report",
         "Calibrates the threshold on the held-out normal training images, scores the test "
         "split with\nthe best checkpoint and writes WORKDIR/eval/metrics.json (image and "
         "pixel AUROC, AUPRO,\nF1-max) and WORKDIR/eval/index.html; saves the threshold for "
         "predict and export.",
-        f"{SCORING_OVERRIDES}\n\nExamples:\n"
-        "  ssm-jax evaluate --workdir runs/quickstart\n"
-        "  ssm-jax evaluate --workdir runs/quickstart --config.eval.refine_passes=3")
-    e.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
+        epilog(SCORING_OVERRIDES, "ssm-jax evaluate --workdir runs/quickstart",
+               "ssm-jax evaluate --workdir runs/quickstart --config.eval.refine_passes=3"),
+        workdir=WORKDIR_HELP)
 
     r = command(
         "predict", "score new images: scores, decisions and heat-map overlays",
         "Writes OUTPUT/scores.csv and scores.json (score, threshold, anomalous per image), "
         "one\n<name>_overlay.png per image, per_image.csv and index.html. The threshold is the "
         "one evaluate\nsaved, else it is calibrated on the run's held-out normal images first.",
-        f"{SCORING_OVERRIDES}\n\nExamples:\n"
-        "  ssm-jax predict --workdir runs/quickstart --input photo.png --output runs/pred\n"
-        "  ssm-jax predict --workdir runs/quickstart --input photos/ --output runs/pred")
-    r.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
+        epilog(SCORING_OVERRIDES,
+               "ssm-jax predict --workdir runs/quickstart --input photo.png --output runs/pred",
+               "ssm-jax predict --workdir runs/quickstart --input photos/ --output runs/pred"),
+        workdir=WORKDIR_HELP)
     r.add_argument("--input", required=True, metavar="PATH",
                    help="an image file, or a folder searched recursively for images")
     r.add_argument("--output", required=True, metavar="DIR",
@@ -156,11 +165,10 @@ def parser() -> argparse.ArgumentParser:
         "code\n(load it with ssm_jax.serving.exported). onnx format: an ONNX model for "
         "onnxruntime without\njax (ssm_jax.serving.onnx_serving). The threshold is the one "
         "evaluate saved, else it is\ncalibrated on the run's held-out normal images first.",
-        f"{SCORING_OVERRIDES}\n\nExamples:\n"
-        "  ssm-jax export --workdir runs/quickstart --output runs/quickstart/detector.ssm\n"
-        "  ssm-jax export --workdir runs/quickstart --format onnx "
-        "--output runs/quickstart/detector.onnx")
-    x.add_argument("--workdir", required=True, metavar="DIR", help=WORKDIR_HELP)
+        epilog(SCORING_OVERRIDES,
+               "ssm-jax export --workdir runs/quickstart --output runs/quickstart/detector.ssm",
+               "ssm-jax export --workdir runs/quickstart --format onnx "
+               "--output runs/quickstart/detector.onnx"), workdir=WORKDIR_HELP)
     x.add_argument("--output", required=True, metavar="FILE",
                    help="artifact file to write, e.g. detector.ssm (jax) or detector.onnx")
     x.add_argument("--platforms", default="cpu,cuda", metavar="LIST",
@@ -181,14 +189,11 @@ def parser() -> argparse.ArgumentParser:
         "row per run), summary.csv\n(mean, sd and the difference to the first cell, paired "
         "by seed, with its 95% t interval) and\nsummary.png. Run again to continue a "
         "stopped sweep.",
-        "Config values: --config.KEY=VALUE applies to every cell (the base config).\n\n"
-        "Example (two cells, three seeds each):\n"
-        "  ssm-jax sweep --config configs/quickstart.py --workdir runs/sweep --seeds 0,1,2 \\\n"
-        "    --cell base \"\" --cell long_masks \"mask.ks=(8,16) eval.ks=(8,16)\"")
-    w.add_argument("--config", required=True, metavar="FILE",
-                   help="base config file (see configs/*.py)")
-    w.add_argument("--workdir", required=True, metavar="DIR",
-                   help="sweep directory (runs/, results.csv, summary.csv, summary.png)")
+        epilog("Config values: --config.KEY=VALUE applies to every cell (the base config).",
+               "ssm-jax sweep --config configs/quickstart.py --workdir runs/sweep --seeds 0,1,2"
+               " \\\n    --cell base \"\" --cell long_masks \"mask.ks=(8,16) eval.ks=(8,16)\"",
+               ), config="base config file (see configs/*.py)",
+        workdir="sweep directory (runs/, results.csv, summary.csv, summary.png)")
     w.add_argument("--seeds", default="0,1,2", metavar="LIST",
                    help="comma-separated seeds, each cell trained once per seed (default 0,1,2)")
     w.add_argument("--cell", nargs=2, action="append", required=True,
