@@ -207,6 +207,22 @@ def parser() -> argparse.ArgumentParser:
                    help="train one run at a time (default on CPU, where batched "
                         "convolutions are slower than separate ones)")
     w.add_argument("--no-plot", action="store_true", help="do not draw summary.png")
+
+    c = command(
+        "calibrate", "re-fit the run's threshold on a folder of new normal images",
+        "On site, where normal parts differ from the training ones (lighting, a new batch "
+        "of material):\nthe threshold becomes the score a new normal image exceeds with "
+        "probability fpr, from\nthe new normals' scores (map statistics re-fitted too). The "
+        "previous calibration stays in\nWORKDIR/calibrations/; the new one is used by every "
+        "later evaluate, predict and\nexport. Needs at least ceil(1/fpr) images (50 at 0.02) "
+        "of the training images' channel\ncount and aspect ratio.",
+        epilog(SCORING_OVERRIDES,
+               "ssm-jax calibrate --workdir runs/quickstart --normals new_normals/ --fpr 0.02"),
+        workdir=WORKDIR_HELP)
+    c.add_argument("--normals", required=True, metavar="DIR",
+                   help="a folder (searched recursively) of new normal images only")
+    c.add_argument("--fpr", type=float, default=0.02, metavar="RATE",
+                   help="share of normal images the threshold may flag (default 0.02)")
     return p
 
 
@@ -282,6 +298,16 @@ def run(argv: Sequence[str]) -> int:
             h, w = meta["image_shape"]
             print(f"wrote {args.output}: {h}x{w}x{meta['channels']} images, threshold "
                   f"{meta['threshold']:.6g}, platforms {','.join(meta['platforms'])}")
+        elif args.command == "calibrate":
+            from ssm_jax.commands import calibrate
+            from ssm_jax.runs import rundir
+            if one_process:
+                host_devices.configure()
+            cfg = rundir.load_workdir_config(args.workdir, overrides)
+            res = calibrate.calibrate(cfg, args.workdir, args.normals, args.fpr)
+            print(f"threshold {res['threshold']:.6g} at fpr {res['fpr']:g} from "
+                  f"{res['num_images']} image(s) in {res['source']} (was "
+                  f"{res['previous_threshold']}; {res['history']} calibration(s) kept)")
         elif args.command == "sweep":
             from ssm_jax.commands import sweep
             if one_process:

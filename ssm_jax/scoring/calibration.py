@@ -6,10 +6,22 @@ their image scores) and, when ``eval.map_normalization`` or ``eval.image_score_f
 ask for them, per-pixel map statistics and the score fusion. :func:`save` writes them
 (``threshold.json``, ``map_stats.npz``) under a fingerprint of the settings and checkpoint
 they depend on; :func:`load` reads them back only when the fingerprint matches.
+
+**History.** Every calibration is also kept in ``calibrations/<id>/`` (its threshold.json
+record, with the source of its normal images, the UTC date, the normals' own scores for the
+drift check, and its map_stats.npz); the top-level files are the newest one, and
+threshold.json names its id, so its statistics are read from its own copy. Writes go
+statistics first, then top-level threshold.json (atomic: the moment the calibration takes
+effect), then the record's copy: a calibration killed before threshold.json leaves the
+previous one in force and no record in the history. A calibration on site (``ssm-jax
+calibrate``: source is a folder) stays in force for every later evaluate, predict and
+export whatever ``eval.threshold_quantile`` says (its own rate is in the record); one on
+the run's held-out split (source ``VALIDATION``) is redone by evaluate as before.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -18,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from ssm_jax.config import loader as config_utils
+from ssm_jax.core import storage
 from ssm_jax.core.errors import ConfigError
 from ssm_jax.method import normalization, scoring
 from ssm_jax.runs import rundir
@@ -27,6 +40,8 @@ log = logging.getLogger("ssm_jax")
 
 THRESHOLD_FILE = rundir.THRESHOLD_FILE
 MAP_STATS_FILE = rundir.MAP_STATS_FILE
+HISTORY_DIR = "calibrations"  # calibrations/<id>/{threshold.json,map_stats.npz}, oldest first
+VALIDATION = "validation split"  # the source of a calibration on the run's held-out normals
 
 
 def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:
@@ -51,19 +66,22 @@ def needs_stats(cfg: ml_collections.ConfigDict) -> bool:
             or cfg.eval.image_score_fusion != "none")
 
 
-def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str) -> None:
-    """Writes ``workdir/map_stats.npz`` atomically."""
-    with rundir.atomic_open(os.path.join(workdir, MAP_STATS_FILE), "wb") as f:
+def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str,
+                   name: str = MAP_STATS_FILE) -> None:
+    """Writes ``workdir/map_stats.npz`` (or ``workdir/name``) atomically."""
+    with rundir.atomic_open(rundir.path(workdir, name), "wb") as f:
         np.savez(f, fingerprint=np.asarray(fingerprint), **stats)
 
 
-def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | None:
-    """The saved map statistics if they were computed under ``fingerprint``, else None."""
-    path = os.path.join(workdir, MAP_STATS_FILE)
-    if not os.path.isfile(path):
+def load_map_stats(workdir: str, fingerprint: str,
+                   name: str = MAP_STATS_FILE) -> dict[str, np.ndarray] | None:
+    """The saved map statistics (``workdir/name``) if they were computed under
+    ``fingerprint``, else None."""
+    path = rundir.path(workdir, name)
+    if not storage.isfile(path):
         return None
     try:
-        with np.load(path) as z:
+        with storage.open_read(path) as f, np.load(f) as z:
             if str(z["fingerprint"]) != fingerprint:
                 return None
             return {k: z[k] for k in ("mean", "scale", "fusion") if k in z}
@@ -72,39 +90,122 @@ def load_map_stats(workdir: str, fingerprint: str) -> dict[str, np.ndarray] | No
         return None
 
 
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: float | None,
-         stats: dict[str, np.ndarray] | None, num_images: int | None) -> None:
+         stats: dict[str, np.ndarray] | None, num_images: int | None,
+         source: str = VALIDATION, normal_scores: np.ndarray | None = None,
+         fpr: float | None = None) -> dict | None:
     """Writes ``threshold.json`` and ``map_stats.npz`` (atomically) for checkpoint ``step``
-    and the settings of ``cfg``, so later loads need not recalibrate."""
+    and the settings of ``cfg``, so later loads need not recalibrate, and keeps a copy in
+    the history (module docstring). ``source``: where the normal images came from;
+    ``normal_scores``: their image scores (the drift check's reference); ``fpr``: the
+    false-positive rate asked (``ssm-jax calibrate``). Returns the
+    record written (None without a threshold)."""
     fingerprint = scoring_fingerprint(cfg, step)
-    if threshold is not None:
-        rundir.write_json(os.path.join(workdir, THRESHOLD_FILE), {
-            "threshold": threshold, "quantile": cfg.eval.threshold_quantile,
-            "num_val_images": num_images, "checkpoint_step": step, "scoring": fingerprint})
+    if threshold is None:
+        if stats is not None:
+            save_map_stats(workdir, stats, fingerprint)
+        return None
+    now = _utc_now()
+    cid = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{os.getpid()}"
+    record = {"threshold": float(threshold), "quantile": float(cfg.eval.threshold_quantile),
+              "num_val_images": num_images, "checkpoint_step": step, "scoring": fingerprint,
+              "source": source, "created": now.isoformat(timespec="seconds"), "id": cid,
+              "mask_rule": str(cfg.eval.get("mask_rule", "threefry")), "fpr": fpr}
+    if normal_scores is not None:
+        record["normal_scores"] = [float(v) for v in np.asarray(normal_scores).reshape(-1)]
+    entry = f"{HISTORY_DIR}/{cid}"
     if stats is not None:
+        record["map_stats"] = f"{entry}/{MAP_STATS_FILE}"
+        save_map_stats(workdir, stats, fingerprint, record["map_stats"])
+    if stats is not None:  # the top-level copy, for readers of earlier versions
         save_map_stats(workdir, stats, fingerprint)
+    rundir.write_json(rundir.path(workdir, THRESHOLD_FILE), record)  # now in force
+    storage.makedirs(rundir.path(workdir, entry))
+    rundir.write_json(rundir.path(workdir, f"{entry}/{THRESHOLD_FILE}"), record)
+    return record
+
+
+def current(workdir: str) -> dict | None:
+    """The calibration record in force (threshold.json), or None (none, or unreadable)."""
+    path = rundir.path(workdir, THRESHOLD_FILE)
+    if not storage.isfile(path):
+        return None
+    try:
+        return json.loads(storage.read_text(path))
+    except (OSError, ValueError) as e:  # unreadable: recalibrated when needed
+        log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
+        return None
+
+
+def history(workdir: str) -> list[dict]:
+    """Every calibration that was in force, oldest first (ids sort by date): the kept
+    copies, and the current one (its copy is written just after it takes effect)."""
+    root = rundir.path(workdir, HISTORY_DIR)
+    out = []
+    for cid in sorted(storage.listdir(root)) if storage.isdir(root) else []:
+        path = rundir.path(workdir, f"{HISTORY_DIR}/{cid}/{THRESHOLD_FILE}")
+        if storage.isfile(path):
+            try:
+                out.append(json.loads(storage.read_text(path)))
+            except (OSError, ValueError):
+                continue  # a copy being written or damaged: the others stand
+    now = current(workdir)
+    if now is not None and now.get("id") not in {r.get("id") for r in out}:
+        out.append(now)
+    return out
+
+
+def is_site(record: dict | None) -> bool:
+    """Whether a record comes from ``ssm-jax calibrate`` (normals given on site)."""
+    return bool(record) and record.get("source", VALIDATION) != VALIDATION
+
+
+def _same_settings(saved: str | None, wanted: str, ignore: tuple[str, ...]) -> bool:
+    if saved == wanted:
+        return True
+    try:
+        a, b = json.loads(saved or "null"), json.loads(wanted)
+    except ValueError:
+        return False
+    if not isinstance(a, dict) or not ignore:
+        return False
+    return ({k: v for k, v in a.items() if k not in ignore}
+            == {k: v for k, v in b.items() if k not in ignore})
+
+
+def load_record(workdir: str, cfg: ml_collections.ConfigDict,
+                step: int) -> tuple[dict | None, dict | None]:
+    """(record, statistics) of the calibration in force if it applies to checkpoint
+    ``step`` and the settings of ``cfg`` (a site calibration: whatever the threshold
+    quantile); (None, None) otherwise."""
+    saved = current(workdir)
+    if saved is None:
+        return None, None
+    ignore = ("threshold_quantile",) if is_site(saved) else ()
+    fingerprint = scoring_fingerprint(cfg, step)
+    if not _same_settings(saved.get("scoring"), fingerprint, ignore):
+        return None, None
+    stats = None
+    if needs_stats(cfg):
+        stats = load_map_stats(workdir, saved["scoring"],
+                               saved.get("map_stats", MAP_STATS_FILE))
+        if stats is None:
+            return None, None
+    return saved, stats
 
 
 def load(workdir: str, cfg: ml_collections.ConfigDict,
          step: int) -> tuple[float | None, dict | None, int | None]:
     """(threshold, statistics, number of calibration images) saved under checkpoint
     ``step`` and the settings of ``cfg``; (None, None, None) when there are none."""
-    fingerprint = scoring_fingerprint(cfg, step)
-    path = os.path.join(workdir, THRESHOLD_FILE)
-    if not os.path.isfile(path):
+    record, stats = load_record(workdir, cfg, step)
+    if record is None:
         return None, None, None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable: recalibrated when needed
-        log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
-        return None, None, None
-    if saved.get("scoring") != fingerprint:
-        return None, None, None
-    stats = load_map_stats(workdir, fingerprint) if needs_stats(cfg) else None
-    if needs_stats(cfg) and stats is None:
-        return None, None, None
-    return float(saved["threshold"]), stats, saved.get("num_val_images")
+    return float(record["threshold"]), stats, record.get("num_val_images")
 
 
 def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
@@ -131,6 +232,16 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
     None unless ``eval.map_normalization`` or ``eval.image_score_fusion`` ask for them.
     The validation images' own scores behind the threshold use leave-one-out statistics.
     """
+    threshold, stats, _ = calibrate_with_scores(cfg, sc, score_fn, variables, mesh,
+                                                val_images, progress, val_sizes)
+    return threshold, stats
+
+
+def calibrate_with_scores(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn,
+                          variables, mesh, val_images: np.ndarray, progress: str | None = None,
+                          val_sizes: np.ndarray | None = None):
+    """:func:`calibrate`, also returning the normals' image scores behind the threshold
+    (None without images): the reference of the drift check."""
     from ssm_jax.scoring import metrics as metrics_lib
 
     normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
@@ -138,7 +249,7 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
         raise ConfigError(f"eval.image_score_fusion needs at least 3 validation images, the "
                           f"split has {len(val_images)}")
     if not len(val_images):
-        return None, None
+        return None, None, None
     val_out = batch_scoring.score_images(score_fn, variables, mesh, val_images,
                                          cfg.eval.batch_size, cfg.eval.seed,
                                          progress=progress, sizes=val_sizes,
@@ -158,4 +269,4 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
     few = metrics_lib.threshold_sample_check(len(val_scores), cfg.eval.threshold_quantile)
     if few["threshold_warning"]:
         log.warning("threshold: %s", few["threshold_warning"])
-    return threshold, stats
+    return threshold, stats, np.asarray(val_scores, np.float64)

@@ -107,6 +107,10 @@ class Detector:
     sc: scoring.ScoringConfig | None = None
     score_fn: Any = None
     num_calibration_images: int | None = None
+    # The normals behind the threshold: their image scores (the drift check's reference)
+    # and the saved calibration record in force (source, date, quantile), when known.
+    calibration_scores: np.ndarray | None = None
+    calibration_record: dict | None = None
 
     @classmethod
     def load(cls, workdir: str, overrides: Sequence[str] = (),
@@ -214,10 +218,11 @@ class Detector:
                   progress: str | None = None) -> float | None:
         """Threshold (and map statistics) from normal images only; returns the threshold."""
         x, sizes = self.check_images(normal_images, sizes)
-        self.threshold, self.stats = calibration.calibrate(
+        self.threshold, self.stats, self.calibration_scores = calibration.calibrate_with_scores(
             self.cfg, self.sc, self.score_fn, self.variables, self.mesh, x, progress,
             val_sizes=sizes)
         self.num_calibration_images = len(x)
+        self.calibration_record = None  # not saved yet
         return self.threshold
 
     def calibrate_on_validation_split(self, progress: str | None = "calibrating threshold"
@@ -231,11 +236,31 @@ class Detector:
                                   "no validation images (data.val_fraction=0) to calibrate one")
         return self.calibrate(val.images, val.sizes, progress)
 
-    def save_calibration(self) -> None:
+    def save_calibration(self, source: str = calibration.VALIDATION,
+                         fpr: float | None = None) -> None:
         """Writes ``threshold.json`` and ``map_stats.npz`` (atomically) for this checkpoint
-        and these settings, so later loads need not recalibrate."""
-        calibration.save(self.workdir, self.cfg, self.step, self.threshold, self.stats,
-                         self.num_calibration_images)
+        and these settings, so later loads need not recalibrate; the previous calibration
+        stays in the history. ``source``: where the normal images came from (a folder);
+        ``fpr``: the false-positive rate asked of the threshold, when one was."""
+        self.calibration_record = calibration.save(
+            self.workdir, self.cfg, self.step, self.threshold, self.stats,
+            self.num_calibration_images, source=source, normal_scores=self.calibration_scores,
+            fpr=fpr)
+
+    @property
+    def expected_rate(self) -> float:
+        """The share of new normal images the threshold is expected to flag: the asked rate
+        of a site calibration, else that of the quantile of n normals (which is above
+        1 - quantile when n is small: :func:`metrics.threshold_expected_fpr`)."""
+        from ssm_jax.scoring import metrics
+
+        rec = self.calibration_record or {}
+        if rec.get("fpr") is not None:
+            return float(rec["fpr"])
+        q = float(rec.get("quantile", self.cfg.eval.threshold_quantile))
+        n = self.num_calibration_images
+        expected = metrics.threshold_expected_fpr(int(n), q) if n else None
+        return 1.0 - q if expected is None else float(expected)
 
     def require_calibration(self) -> None:
         """Calibrates on the validation split unless a threshold (and the statistics the
@@ -246,7 +271,11 @@ class Detector:
 
     def saved_calibration(self) -> tuple[float | None, dict | None]:
         """Threshold and statistics saved under this checkpoint and these settings."""
-        threshold, stats, n = calibration.load(self.workdir, self.cfg, self.step)
-        if threshold is not None:
-            self.num_calibration_images = n
-        return threshold, stats
+        record, stats = calibration.load_record(self.workdir, self.cfg, self.step)
+        if record is None:
+            return None, None
+        self.num_calibration_images = record.get("num_val_images")
+        self.calibration_record = record
+        scores = record.get("normal_scores")
+        self.calibration_scores = None if scores is None else np.asarray(scores, np.float64)
+        return float(record["threshold"]), stats

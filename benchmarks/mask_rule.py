@@ -1,0 +1,90 @@
+"""Detection quality under the two scoring-mask rules (eval.mask_rule: threefry, the rule
+before issue 33, against hash, the rule every served path reproduces).
+
+    python benchmarks/mask_rule.py --run SET=WORKDIR [--run SET=WORKDIR ...] \
+        [--eval-seeds 1234,1235,1236] [--out benchmarks/results/mask_rule]
+
+The rule only decides which scoring masks an image gets, so each trained run is evaluated
+(``ssm_jax.commands.evaluate`` into a scratch folder: the run directory is not changed)
+under both rules at several eval seeds: the spread over eval seeds is the mask-draw noise
+that a rule change has to stay within. Writes ``results.csv`` (one row per set, rule and
+eval seed) and ``summary.csv`` (per set and rule: mean and sd over eval seeds of image
+AUROC, pixel AUROC and AUPRO, and the difference hash - threefry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+RULES = ("threefry", "hash")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="append", required=True, metavar="SET=WORKDIR")
+    ap.add_argument("--eval-seeds", default="1234,1235,1236")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mask_rule"))
+    args = ap.parse_args()
+
+    from ssm_jax.commands import evaluate
+    from ssm_jax.runtime import host_devices
+    from ssm_jax.serving import detector
+
+    host_devices.configure()
+    seeds = [int(s) for s in args.eval_seeds.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for spec in args.run:
+        name, wd = spec.split("=", 1)
+        for rule in RULES:
+            for seed in seeds:
+                cfg = detector.load_workdir_config(
+                    wd, [f"eval.mask_rule='{rule}'", f"eval.seed={seed}"])
+                with tempfile.TemporaryDirectory() as tmp:
+                    m = evaluate.evaluate(cfg, wd, output_dir=tmp)
+                row = {"set": name, "rule": rule, "eval_seed": seed,
+                       "train_seed": int(cfg.seed), "train_steps": int(cfg.train.steps),
+                       "checkpoint_step": m["checkpoint_step"], "test_fpr": m.get("test_fpr"),
+                       **{k: m.get(k) for k in METRICS}}
+                print(row, flush=True)
+                rows.append(row)
+                with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+    summary = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        means = {}
+        for rule in RULES:
+            sel = [r for r in rows if r["set"] == name and r["rule"] == rule]
+            out = {"set": name, "rule": rule, "eval_seeds": len(sel)}
+            for k in METRICS:
+                v = np.array([r[k] for r in sel if r[k] is not None], np.float64)
+                out[f"{k}_mean"] = float(v.mean()) if v.size else None
+                out[f"{k}_sd"] = float(v.std(ddof=1)) if v.size > 1 else None
+            means[rule] = out
+            summary.append(out)
+        diff = {"set": name, "rule": "hash - threefry", "eval_seeds": len(seeds)}
+        for k in METRICS:
+            a, b = means["hash"][f"{k}_mean"], means["threefry"][f"{k}_mean"]
+            diff[f"{k}_mean"] = None if a is None or b is None else a - b
+            diff[f"{k}_sd"] = None
+        summary.append(diff)
+    with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    print(f"wrote {args.out}/results.csv and summary.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""``ssm-jax calibrate``: re-fits a trained run's threshold and map statistics on a folder of
+new normal images (on site, where the normals differ from the training ones: lighting, a
+new batch of material).
+
+    ssm-jax calibrate --workdir W --normals DIR [--fpr 0.02]
+
+The threshold becomes the score that a new normal image exceeds with probability ``fpr``:
+for n exchangeable normal scores, the quantile q = (n - fpr (n + 1)) / (n - 1) of the new
+normals' image scores (the expected rate of the interpolated quantile is
+(n - (n - 1) q) / (n + 1), :func:`ssm_jax.scoring.metrics.threshold_expected_fpr`; the
+plain 1 - fpr quantile would flag about 1/n + fpr, 3.9% instead of 2% with 50 images).
+With ``eval.map_normalization`` / ``eval.image_score_fusion`` the per-pixel statistics and
+the fusion are re-fitted on them too. The previous calibration is kept in the run's history
+(``calibrations/<id>/``, with its source folder and UTC date); the new one is in force for
+every later ``evaluate``, ``predict`` and ``export``
+(:mod:`ssm_jax.scoring.calibration`). Its files are written history first and
+``threshold.json`` last, each atomically: killed midway, the run keeps its previous
+calibration.
+
+Refused, with one line, before any scoring:
+
+* a folder with fewer than ``ceil(1 / fpr)`` images (50 at the default 0.02): with fewer,
+  even their largest score is exceeded by a new normal image with probability
+  1 / (n + 1) > fpr, so no threshold from them meets the asked rate (the same rule as
+  ``threshold_min_normals`` in evaluate's metrics);
+* a missing folder, one without images, or an unreadable image;
+* images of another channel count than the run's training images (grey against colour,
+  alpha ignored), or of another shape: an aspect ratio (width / height) outside the
+  training images' range widened by 10% on each side (images are resized to
+  ``data.image_size``, so a different shape means a different scene geometry, not only
+  another resolution).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+from ssm_jax.core import storage
+from ssm_jax.core.errors import ConfigError, DataError
+
+DEFAULT_FPR = 0.02
+ASPECT_TOLERANCE = 1.1
+REFERENCE_FILES = 64  # training images whose headers give the reference shape
+
+
+def min_images(fpr: float) -> int:
+    """The fewest normal images that can calibrate a threshold at false-positive rate
+    ``fpr``: ceil(1 / fpr)."""
+    return int(math.ceil(1.0 / fpr - 1e-9))
+
+
+def _header(path: str) -> tuple[int, float]:
+    """(channels without alpha, width / height) from an image file's header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with storage.open_read(path) as f, Image.open(f) as im:
+            bands = [b for b in im.getbands() if b != "A"]
+            channels = 3 if im.mode == "P" else len(bands)
+            w, h = im.size
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
+        raise DataError(f"unreadable image: {path} ({e})") from e
+    return channels, w / max(h, 1)
+
+
+def _reference(cfg: ml_collections.ConfigDict) -> tuple[set[int], float, float, str]:
+    """Channel counts and aspect-ratio range of the run's training images, and what they
+    come from."""
+    from ssm_jax.data import folder
+
+    root = str(cfg.data.path or "")
+    good = storage.join(root, "train", "good") if root else ""
+    if good and storage.isdir(good):
+        paths = folder.list_images(good)[:REFERENCE_FILES]
+        heads = [_header(p) for p in paths]
+        if heads:
+            aspects = [a for _, a in heads]
+            return {c for c, _ in heads}, min(aspects), max(aspects), good
+    channels = 1 if cfg.data.grayscale else 3
+    return {channels}, 1.0, 1.0, "the run's generated training images"
+
+
+def check_normals(cfg: ml_collections.ConfigDict, paths: Sequence[str], normals: str,
+                  fpr: float) -> None:
+    """Raises one DataError line when ``paths`` cannot calibrate the run at ``fpr``
+    (module docstring: the rules)."""
+    need = min_images(fpr)
+    if len(paths) < need:
+        raise DataError(f"{len(paths)} image(s) in {normals} are too few for --fpr {fpr:g}: "
+                        f"the threshold is the {1 - fpr:g} quantile of their scores and needs "
+                        f"at least ceil(1/fpr) = {need} images")
+    channels, lo, hi, where = _reference(cfg)
+    for p in paths:
+        c, aspect = _header(p)
+        if c not in channels:
+            raise DataError(f"{p} has {c} channel(s); the run's training images ({where}) "
+                            f"have {'/'.join(map(str, sorted(channels)))}")
+        if not lo / ASPECT_TOLERANCE <= aspect <= hi * ASPECT_TOLERANCE:
+            raise DataError(f"{p} has aspect ratio {aspect:.3g} (width/height), outside the "
+                            f"run's training images' {lo:.3g}-{hi:.3g} ({where}): another "
+                            f"image shape")
+
+
+def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
+              fpr: float = DEFAULT_FPR) -> dict:
+    """Re-fits and saves the run's calibration on the images under ``normals``; returns a
+    summary (new and previous threshold, number of images, source, history length)."""
+    from ssm_jax.data import folder
+    from ssm_jax.scoring import calibration
+    from ssm_jax.serving.detector import Detector
+
+    if not 0.0 < fpr < 1.0:
+        raise ConfigError(f"--fpr must be in (0, 1), got {fpr:g}")
+    paths = folder.list_images(normals, recursive=True)
+    if not paths:
+        raise DataError(f"no images in {normals}")
+    check_normals(cfg, paths, normals, fpr)
+    images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,
+                                       cfg.data.keep_aspect)
+    n = len(images)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.eval.threshold_quantile = min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)
+    det = Detector.from_config(cfg, workdir, read_calibration=False)
+    before = calibration.current(workdir)
+    det.calibrate(images, sizes, progress="scoring normals")
+    source = normals if storage.is_remote(normals) else os.path.abspath(normals)
+    det.save_calibration(source=source, fpr=fpr)
+    record = det.calibration_record or {}
+    return {"threshold": det.threshold, "fpr": fpr, "num_images": n,
+            "source": source, "created": record.get("created"),
+            "previous_threshold": None if before is None else before.get("threshold"),
+            "previous_source": None if before is None else before.get("source"),
+            "history": len(calibration.history(workdir))}

@@ -1,0 +1,88 @@
+"""The drift section of the evaluate and predict reports: the scored images' score
+histogram beside the calibration normals' (same bins, both as shares, the threshold
+dashed) in ``drift.png``, the check's verdict (:mod:`ssm_jax.scoring.drift`) in
+``drift.json``, and both added to the page (``index.html``, and ``index.md`` when there)
+as its own section before the per-image table."""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+import numpy as np
+
+from ssm_jax.core import storage
+from ssm_jax.runs import rundir
+from ssm_jax.scoring import drift as drift_lib
+
+FIGURE, RESULT = "drift.png", "drift.json"
+
+
+def figure(scores: np.ndarray, normal_scores: np.ndarray | None, threshold: float) -> Any:
+    """Histograms (shares) of the scored images and of the calibration normals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = drift_lib.histogram_bins(scores, normal_scores, [threshold])
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for vals, name in ((normal_scores, "calibration normals"), (scores, "scored images")):
+        if vals is None or not len(vals):
+            continue
+        v = np.asarray(vals, np.float64)
+        ax.hist(v, bins=edges, weights=np.full(len(v), 1.0 / len(v)), alpha=0.55,
+                label=f"{name} ({len(v)})")
+    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel="image score", ylabel="share of images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _summary(check: dict) -> str:
+    if check.get("note"):
+        return check["note"]
+    text = (f"{check['above']} of {check['n']} images above the threshold "
+            f"({check['share_above']:.1%}, 95% interval {check['share_interval'][0]:.1%}-"
+            f"{check['share_interval'][1]:.1%}) against the calibrated "
+            f"{check['expected_rate']:.1%} (binomial p={check['binomial_p']:.2g})")
+    if "ks_p" in check:
+        text += (f"; scores below the threshold against the calibration normals': KS "
+                 f"D={check['ks_statistic']:.2f}, p={check['ks_p']:.2g}")
+    else:
+        text += "; no two-sample test (the calibration kept no scores of its normals)"
+    return text + (". Drift: " + check["warning"] if check["drift"] else ". No drift.")
+
+
+def _insert(path: str, section: str, marker: str) -> None:
+    """Adds ``section`` before ``marker`` (else at the end) of the page at ``path``."""
+    if not storage.isfile(path):
+        return
+    text = storage.read_text(path)
+    cut = text.find(marker)
+    text = text + section if cut < 0 else text[:cut] + section + text[cut:]
+    rundir.atomic_write(path, text.encode("utf-8"))
+
+
+def add_to_report(out_dir: str, check: dict, scores: np.ndarray,
+                  normal_scores: np.ndarray | None, threshold: float) -> None:
+    """Writes drift.png and drift.json into ``out_dir`` and the section into its pages."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(scores, normal_scores, threshold)
+    try:
+        with rundir.atomic_open(os.path.join(out_dir, FIGURE), "wb", fsync=False) as f:
+            fig.savefig(f, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    rundir.write_json(os.path.join(out_dir, RESULT), check)
+    text = html.escape(_summary(check))
+    _insert(os.path.join(out_dir, "index.html"),
+            f"<h2>Drift check</h2>\n<p>{text}</p>\n<a href='{FIGURE}'><img src='{FIGURE}' "
+            f"alt='score histograms: scored images and calibration normals'></a>\n",
+            "<h2 id='per-image'>")
+    _insert(os.path.join(out_dir, "index.md"),
+            f"\n## Drift check\n\n{_summary(check)}\n\n![drift]({FIGURE})\n",
+            "\n## Per-image results")

@@ -1,0 +1,95 @@
+"""Drift check: do the scored images look like the normals the threshold was calibrated on?
+
+Two tests, each at ``alpha`` (default 0.01, so about 1 false warning in 100 checks each):
+
+* **share above the threshold** (``scipy.stats.binomtest``): the threshold promises that
+  new normal images exceed it at the calibrated rate (1 - eval.threshold_quantile). If
+  clearly more of the scored images exceed it, either many are anomalous or the normals
+  moved (lighting, a new batch of material); if clearly fewer, the normals moved the other
+  way and the detector has lost sensitivity. The 95% Clopper-Pearson interval of the share
+  is reported beside the expected rate.
+* **the normal-ish part of the distribution** (``scipy.stats.ks_2samp``): the scored
+  images' scores at or below the threshold against the calibration normals' at or below
+  it. Truncating both at the same point compares like with like (under no drift, both
+  are the normal score distribution below the threshold), while most anomalies, which
+  score above it, are left out, so a set with defects does not read as drift by itself.
+
+A warning is one line naming the failed test(s) and the fix (``ssm-jax calibrate`` on
+new normal images). Needs at least ``MIN_IMAGES`` scored images (fewer: no verdict).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+MIN_IMAGES = 10
+ALPHA = 0.01
+
+
+def check(scores: Any, threshold: float, expected_rate: float,
+          normal_scores: Any | None = None, alpha: float = ALPHA) -> dict:
+    """The drift check of ``scores`` against a threshold calibrated at ``expected_rate``
+    (and, when given, the calibration normals' own ``normal_scores``).
+
+    Returns JSON-ready fields: ``n``, ``above``, ``share_above``, ``expected_rate``,
+    ``share_interval`` (95%), ``binomial_p``, ``ks_statistic``, ``ks_p``, ``drift`` (bool)
+    and ``warning`` (one line, or None).
+    """
+    from scipy import stats
+
+    s = np.asarray(scores, np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    out: dict[str, Any] = {"n": int(s.size), "threshold": float(threshold),
+                           "expected_rate": float(expected_rate), "alpha": float(alpha),
+                           "drift": False, "warning": None}
+    if s.size < MIN_IMAGES:
+        out["note"] = f"fewer than {MIN_IMAGES} scored images: no drift verdict"
+        return out
+    above = int((s > threshold).sum())
+    rate = min(max(float(expected_rate), 1e-9), 1 - 1e-9)
+    bt = stats.binomtest(above, int(s.size), rate)
+    ci = bt.proportion_ci(confidence_level=0.95)
+    out.update({"above": above, "share_above": above / s.size,
+                "share_interval": [float(ci.low), float(ci.high)],
+                "binomial_p": float(bt.pvalue)})
+    reasons = []
+    if bt.pvalue < alpha:
+        direction = "more" if above / s.size > rate else "fewer"
+        reasons.append(f"{above}/{s.size} images above the threshold ({above / s.size:.1%}, "
+                       f"95% interval {ci.low:.1%}-{ci.high:.1%}): {direction} than the "
+                       f"calibrated {rate:.1%} (binomial p={bt.pvalue:.2g})")
+    if normal_scores is not None:
+        ref = np.asarray(normal_scores, np.float64).reshape(-1)
+        ref = ref[np.isfinite(ref)]
+        low, ref_low = s[s <= threshold], ref[ref <= threshold]
+        if len(low) >= MIN_IMAGES and len(ref_low) >= MIN_IMAGES:
+            ks = stats.ks_2samp(low, ref_low)
+            out.update({"ks_statistic": float(ks.statistic), "ks_p": float(ks.pvalue),
+                        "ks_n": [int(len(low)), int(len(ref_low))]})
+            if ks.pvalue < alpha:
+                shift = float(np.median(low) - np.median(ref_low))
+                reasons.append(f"scores below the threshold are distributed unlike the "
+                               f"calibration normals' (KS D={ks.statistic:.2f}, "
+                               f"p={ks.pvalue:.2g}; median {shift:+.3g})")
+    if reasons:
+        out["drift"] = True
+        out["warning"] = ("scores drifted from the calibration: " + "; ".join(reasons)
+                          + ". If the normals changed, re-fit the threshold with "
+                          "`ssm-jax calibrate --workdir W --normals DIR`")
+    return out
+
+
+def histogram_bins(*samples: Any, bins: int = 30) -> np.ndarray:
+    """Common bin edges for the scored and calibration histograms."""
+    vals = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in samples
+                           if x is not None])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return np.linspace(0, 1, bins + 1)
+    lo, hi = float(vals.min()), float(vals.max())
+    if math.isclose(lo, hi):
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
