@@ -34,8 +34,14 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     """One cell x two seeds on the synthetic set, the seeds trained as one vmapped group
     and evaluated from their own run directories; a rerun redoes nothing. (Cells, paired
     differences and resuming are covered below with stand-in runs.)"""
+    from ssm_jax.config import loader
+
+    checks = []  # config validations: one per cell, not again per seed, group or run
+    real = loader.validate
+    monkeypatch.setattr(loader, "validate", lambda cfg: (checks.append(1), real(cfg))[1])
     wd = tmp_path / "sw"
     assert _sweep(wd, ("base", ""), extra=["--vmap"]) == 0
+    assert len(checks) == 1
     out = capsys.readouterr().out
     assert "[2/2]" in out and "diff vs baseline" in out
     rows = _csv(wd / "results.csv")
