@@ -82,7 +82,7 @@ def killed_run(gcs_bucket, tmp_path_factory, distributed_runs):
     env = dict(os.environ, SSM_LOG_PREFIX=str(logs), SSM_JAX_PEER_TIMEOUT=str(PEER_TIMEOUT))
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"),
                              "2", "2", sys.executable, "-m", "ssm_jax", *ARGS,
-                             "--workdir", wd], env=env)
+                             "--workdir", wd], env=env, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()
         while not _steps(wd):
@@ -92,13 +92,15 @@ def killed_run(gcs_bucket, tmp_path_factory, distributed_runs):
         os.kill(_children(proc.pid)[1], signal.SIGKILL)
         killed = time.time()
         at_kill = _steps(wd)
-        proc.wait(timeout=120)
+        launcher = proc.communicate(timeout=120)[1]
         stopped = time.time() - killed
     finally:
         if proc.poll() is None:
             proc.kill()
     survivor = open(f"{logs}0.log").read()
-    return wd, at_kill, proc.returncode, stopped, survivor
+    # The launcher's own status is the last failed process's: the killed one's.
+    status = re.search(r"process 0 exited with status (\d+)", launcher)
+    return wd, at_kill, int(status.group(1)) if status else None, stopped, survivor
 
 
 def test_survivor_stops_with_one_line(killed_run):
