@@ -178,3 +178,16 @@ def test_killed_run_resumed_with_warm_cache_equals_uninterrupted(tiny_run, tmp_p
     hits = [ln for ln in res.stderr.splitlines() if "Persistent compilation cache hit" in ln]
     assert len(hits) >= 2, res.stderr[-3000:]
     np.testing.assert_array_equal(_params(reference, 8), _params(wd, 8))
+
+
+def test_cache_on_gcs_is_shared_and_unbounded(tmp_path, gcs_bucket):
+    """SSM_JAX_CACHE_DIR=gs://... (the GCS emulator): the second process reads what the
+    first wrote; no size bound (JAX's bound locks a local file); no local gs: folder."""
+    env = _env(tmp_path, SSM_JAX_CACHE_DIR=f"{gcs_bucket}/jax-cache",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    first, _ = _probe(env)
+    assert first["dir"].startswith(f"{gcs_bucket}/jax-cache/") and first["max_size"] == -1
+    assert compile_cache.entries(first["dir"])
+    second, _ = _probe(env)
+    assert second["hits"] >= 1
+    assert not os.path.exists(os.path.join(ROOT, "gs:")) and not os.path.exists(tmp_path / "gs:")
