@@ -145,8 +145,8 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                      "num_overlays = 0).")
 
     # 3. ROC (image, and pixel when masks have both classes) and PRO, from metrics' curves.
-    pixel_roc, pro = (curves.pixel_points(masks, raw_maps, sizes) if masks is not None
-                      else (None, None))
+    pixel_roc, pro = (curves.pixel_points(masks, raw_maps, sizes)  # one sort of every pixel
+                      if masks is not None and has_bad else (None, None))
     if has_bad and has_good:
         save(curves.roc_figure(curves.roc_points(labels == 1, scores),
                                tables.fmt(result.get("image_auroc")), pixel_roc,
