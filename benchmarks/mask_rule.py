@@ -5,11 +5,13 @@ before issue 33, against hash, the rule every served path reproduces).
         [--eval-seeds 1234,1235,1236] [--out benchmarks/results/mask_rule]
 
 The rule only decides which scoring masks an image gets, so each trained run is evaluated
-(``ssm_jax.commands.evaluate`` into a scratch folder: the run directory is not changed)
-under both rules at several eval seeds: the spread over eval seeds is the mask-draw noise
-that a rule change has to stay within. Writes ``results.csv`` (one row per set, rule and
-eval seed) and ``summary.csv`` (per set and rule: mean and sd over eval seeds of image
-AUROC, pixel AUROC and AUPRO, and the difference hash - threefry).
+as ``evaluate`` does (``Detector``: calibrated on the run's held-out normals, then the
+test split scored; ``scoring.metrics.compute_all``; the run directory is not changed),
+under both rules at several eval seeds, on every ``--every``-th test image (1: all): the
+spread over eval seeds is the mask-draw noise that a rule change has to stay within.
+Writes ``results.csv`` (one row per set, rule and eval seed) and ``summary.csv`` (per set
+and rule: mean and sd over eval seeds of image AUROC, pixel AUROC and AUPRO, and the
+difference hash - threefry).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import csv
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -32,12 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="append", required=True, metavar="SET=WORKDIR")
     ap.add_argument("--eval-seeds", default="1234,1235,1236")
+    ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mask_rule"))
     args = ap.parse_args()
 
-    from ssm_jax.commands import evaluate
+    from ssm_jax.data import load_dataset_for
+    from ssm_jax.runs import rundir
     from ssm_jax.runtime import host_devices
-    from ssm_jax.serving import detector
+    from ssm_jax.scoring import metrics
+    from ssm_jax.serving.detector import Detector
 
     host_devices.configure()
     seeds = [int(s) for s in args.eval_seeds.split(",")]
@@ -47,11 +51,20 @@ def main() -> None:
         name, wd = spec.split("=", 1)
         for rule in RULES:
             for seed in seeds:
-                cfg = detector.load_workdir_config(
+                cfg = rundir.load_workdir_config(
                     wd, [f"eval.mask_rule='{rule}'", f"eval.seed={seed}"])
-                with tempfile.TemporaryDirectory() as tmp:
-                    m = evaluate.evaluate(cfg, wd, output_dir=tmp)
-                row = {"set": name, "rule": rule, "eval_seed": seed,
+                det = Detector.from_config(cfg, wd, read_calibration=False)
+                data = load_dataset_for(cfg)
+                val = data["val"]
+                test = data["test"].subset(np.arange(0, len(data["test"]), args.every))
+                det.calibrate(val.images, val.sizes)
+                out = det.score(test.images, test.sizes)
+                m = metrics.compute_all(test.labels, out["scores"], test.masks, out["maps"],
+                                        sizes=test.sizes)
+                m["test_fpr"] = metrics.detection_rates(test.labels, out["scores"],
+                                                        det.threshold)["fpr"]
+                m["checkpoint_step"] = det.step
+                row = {"set": name, "rule": rule, "eval_seed": seed, "test_images": len(test),
                        "train_seed": int(cfg.seed), "train_steps": int(cfg.train.steps),
                        "checkpoint_step": m["checkpoint_step"], "test_fpr": m.get("test_fpr"),
                        **{k: m.get(k) for k in METRICS}}

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--data", default=None, help="MVTec-layout folder (default data.path)")
     ap.add_argument("--onnx-batch", type=int, default=8)
+    ap.add_argument("--every", type=int, default=1,
+                    help="score every N-th test image (sorted paths; 1 = all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                    "served_vs_evaluated.json"))
     args = ap.parse_args()
@@ -56,7 +58,7 @@ def main() -> None:
 
     det = Detector.load(args.workdir)
     data = args.data or det.cfg.data.path
-    paths = folder.list_images(os.path.join(data, "test"), recursive=True)
+    paths = folder.list_images(os.path.join(data, "test"), recursive=True)[::args.every]
     images, _ = folder.load_images(paths, det.cfg.data.image_size, det.cfg.data.grayscale)
     t0 = time.time()
     ref = det.predict(images)
