@@ -43,15 +43,20 @@ def _steps(wd: str) -> list[int]:
                                                                   "commit_success.txt"))))
 
 
-def _params(wd: str, step: int) -> np.ndarray:
+def _params(wd, step: int) -> np.ndarray:
+    """The whole training state at ``step``, restored onto this process's one device (the
+    checkpoint was written by 2 processes x 2 devices: orbax needs the target tree)."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from ssm_jax.runs import checkpoints
+    from ssm_jax.runs import checkpoints, rundir
+    from ssm_jax.training import step as train_step
 
+    cfg = rundir.read_config(str(wd))
+    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed)))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with checkpoints.manager(str(wd), "checkpoints", 2, create=False) as m:
-        tree = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree.state)])
+        state, _ = checkpoints.restore(m, abstract, one, step)
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(state)])
 
 
 def _children(pid: int) -> dict[int, int]:
