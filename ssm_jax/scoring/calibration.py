@@ -118,13 +118,13 @@ def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: flo
     if normal_scores is not None:
         record["normal_scores"] = [float(v) for v in np.asarray(normal_scores).reshape(-1)]
     entry = f"{HISTORY_DIR}/{cid}"
+    storage.makedirs(rundir.path(workdir, entry))
     if stats is not None:
         record["map_stats"] = f"{entry}/{MAP_STATS_FILE}"
         save_map_stats(workdir, stats, fingerprint, record["map_stats"])
     if stats is not None:  # the top-level copy, for readers of earlier versions
         save_map_stats(workdir, stats, fingerprint)
     rundir.write_json(rundir.path(workdir, THRESHOLD_FILE), record)  # now in force
-    storage.makedirs(rundir.path(workdir, entry))
     rundir.write_json(rundir.path(workdir, f"{entry}/{THRESHOLD_FILE}"), record)
     return record
 

@@ -1,0 +1,55 @@
+"""The calibration files: each save kept in the history with its statistics, the newest in
+force, a site calibration kept whatever the threshold quantile, a save stopped before
+threshold.json leaving the previous calibration in force (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ssm_jax.config.defaults import base_config
+from ssm_jax.method import normalization
+from ssm_jax.runs import rundir
+from ssm_jax.scoring import calibration
+
+
+def _cfg(quantile: float = 0.99):
+    cfg = base_config()
+    cfg.eval.map_normalization = "val_zscore"
+    cfg.eval.threshold_quantile = quantile
+    return cfg
+
+
+def test_history_statistics_and_site_precedence(tmp_path, monkeypatch):
+    wd = str(tmp_path)
+    rng = np.random.default_rng(0)
+    s1, s2 = (normalization.fit(rng.random((5, 4, 4))) for _ in range(2))
+    calibration.save(wd, _cfg(), 7, 1.5, s1, 5, normal_scores=[1.0, 1.2])
+    rec, stats = calibration.load_record(wd, _cfg(), 7)
+    assert rec["source"] == calibration.VALIDATION and rec["normal_scores"] == [1.0, 1.2]
+    np.testing.assert_array_equal(stats["mean"], s1["mean"])
+    assert calibration.load_record(wd, _cfg(), 8) == (None, None)  # another checkpoint
+    assert calibration.load_record(wd, _cfg(0.95), 7) == (None, None)  # another quantile
+    # A save stopped before threshold.json: the previous calibration stays in force.
+    real = rundir.write_json
+
+    def stop(target, obj, **kw):
+        if str(target).endswith("/threshold.json") and "calibrations" not in str(target):
+            raise KeyboardInterrupt
+        return real(target, obj, **kw)
+
+    monkeypatch.setattr(rundir, "write_json", stop)
+    with pytest.raises(KeyboardInterrupt):
+        calibration.save(wd, _cfg(0.9), 7, 9.0, s2, 20, source="/site", fpr=0.1)
+    monkeypatch.undo()
+    assert calibration.current(wd)["threshold"] == 1.5 and len(calibration.history(wd)) == 1
+    np.testing.assert_array_equal(calibration.load_record(wd, _cfg(), 7)[1]["mean"], s1["mean"])
+    # A site calibration: in force whatever eval.threshold_quantile, with its own statistics.
+    calibration.save(wd, _cfg(0.9), 7, 2.5, s2, 20, source="/site", fpr=0.1)
+    rec, stats = calibration.load_record(wd, _cfg(0.99), 7)
+    assert rec["threshold"] == 2.5 and rec["fpr"] == 0.1 and calibration.is_site(rec)
+    np.testing.assert_array_equal(stats["mean"], s2["mean"])
+    hist = calibration.history(wd)
+    assert [h["source"] for h in hist] == [calibration.VALIDATION, "/site"]
+    assert hist[0]["map_stats"] != hist[1]["map_stats"]
+    assert calibration.load(wd, _cfg(), 7)[0] == 2.5
