@@ -8,8 +8,8 @@ tests that compile the same programs (same shapes, batch sizes, ks and train.ste
 schedule is part of the step) share their compilation.
 """
 
-import functools
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -60,21 +60,33 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-# With `pytest -n N` (pytest-xdist, README), the files that use one of these session
-# fixtures go to one worker as one unit, so that the fixture runs once, not once per worker;
-# every other test is a unit of its own. (xdist's own --dist loadgroup does not group under
-# pytest 9: it renames node ids through an attribute pytest no longer reads.)
-SHARED_FIXTURES = ("tiny_run", "distributed_runs")
+# With `pytest -n N` (pytest-xdist, README) each test file is one unit of work, so that its
+# module fixtures run once; the session fixtures that several files use (tiny_run,
+# distributed_runs) are built once per session by whichever worker asks first while the
+# others wait for it (shared_once). Files start longest first (SLOW_FIRST, measured with
+# --durations on the 2-core CPU; the others follow in collection order), so that no long
+# file is left running alone at the end while the other workers sit idle.
+SLOW_FIRST = (
+    # The first two build the session fixtures, one on each worker: distributed_runs (about
+    # 190 s of CPU: three processes that import jax and compile) and tiny_run (about 45 s).
+    "tests/core/test_parallel.py", "tests/test_reliability.py",
+    "tests/test_multihost_faults.py", "tests/runtime/test_compile_cache.py",
+    "tests/test_cloud_storage.py", "tests/test_startup.py", "tests/training/test_loop.py",
+    "tests/test_docs.py", "tests/commands/test_cli.py", "tests/commands/test_calibrate.py",
+    "tests/serving/test_onnx_export.py", "tests/test_reliability_fallback.py",
+    "tests/serving/test_detector.py", "tests/commands/test_sweep.py",
+    "tests/test_optional_deps.py", "tests/method/test_masks.py", "tests/training/test_groups.py",
+    "tests/test_native.py", "tests/test_multihost.py", "tests/report/test_page_browser.py",
+    "tests/runs/test_lock.py", "tests/runtime/test_host_devices.py",
+    "tests/test_streamed_training.py", "tests/data/test_stream.py", "tests/test_full_disk.py",
+)
 
 
-@functools.cache
-def _shared_fixture_used_by(test_file: str) -> str | None:
-    try:
-        with open(os.path.join(ROOT, test_file)) as f:
-            text = f.read()
-    except OSError:
-        return None
-    return next((name for name in SHARED_FIXTURES if name in text), None)
+def pytest_collection_modifyitems(config, items):
+    """SLOW_FIRST's files first, in its order (every xdist worker sorts the same way, so
+    their collections agree)."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -92,13 +104,38 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
+    """Whole files to a worker, in collection order (pytest_collection_modifyitems), not
+    reordered by their number of tests."""
+    from xdist.scheduler import LoadFileScheduling
 
-    class SharedFixtureScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _shared_fixture_used_by(nodeid.split("::", 1)[0]) or nodeid
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
 
-    return SharedFixtureScheduling(config, log)
+
+def shared_once(tmp_path_factory, name: str, build) -> tuple:
+    """``(folder, build(folder))``, built once per test session: under pytest-xdist the first
+    worker to ask builds it in the session's temporary folder while the others wait on a
+    file lock, then reuse it (``build`` returns a JSON-able dict). When the build fails the
+    other workers fail with its message instead of building it again."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.json"
+    failed = root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"{name} failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            folder.mkdir()
+            try:
+                info = build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[-4000:])
+                raise
+            done.write_text(json.dumps(info))
+    return folder, json.loads(done.read_text())
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +164,8 @@ def launch(nproc, ndev, args, log_prefix):
 @pytest.fixture(scope="session")
 def distributed_runs(tmp_path_factory):
     """The runs that need other device and process counts than this process's one CPU
-    device, started as few times as possible (each start imports jax and compiles):
+    device, started as few times as possible (each start imports jax and compiles), once
+    per session (shared_once):
 
     * 2 processes x 2 devices (one launch): step_script.two_steps -> ``multi``, then the
       same processes train MULTIHOST_TRAIN (2 steps) into ``workdir``;
@@ -135,39 +173,43 @@ def distributed_runs(tmp_path_factory):
       2-process steps), then ``predict`` with the 2-process checkpoint on ``images``
       (5 images: not a multiple of 4) -> ``four_predict``.
     """
-    from step_script import SCRIPT
+    def build(tmp):
+        from step_script import SCRIPT
 
-    from ssm_jax.data.synthetic import write_synthetic_folder
+        from ssm_jax.data.synthetic import write_synthetic_folder
 
-    tmp = tmp_path_factory.mktemp("distributed")
-    runs = types.SimpleNamespace(multi=str(tmp / "multi.npy"), four=str(tmp / "four.npy"),
+        logs = launch(2, 2, [sys.executable, "-c", SCRIPT, str(tmp / "multi.npy"),
+                             *MULTIHOST_TRAIN, "--workdir", str(tmp / "wd")], tmp / "proc")
+        write_synthetic_folder(tmp / "imgs", image_size=32, grayscale=True, num_train=1,
+                               num_test_good=2, num_test_anomalous=3, seed=4)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=device_flags(4))
+        res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "four.npy"), "predict",
+                              "--workdir", str(tmp / "wd"), "--input", str(tmp / "imgs" / "test"),
+                              "--output", str(tmp / "four_predict")], env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {"launch_logs": logs}
+
+    tmp, info = shared_once(tmp_path_factory, "distributed_runs", build)
+    return types.SimpleNamespace(multi=str(tmp / "multi.npy"), four=str(tmp / "four.npy"),
                                  workdir=tmp / "wd", images=tmp / "imgs" / "test",
-                                 four_predict=tmp / "four_predict")
-    runs.launch_logs = launch(2, 2, [sys.executable, "-c", SCRIPT, runs.multi,
-                                     *MULTIHOST_TRAIN, "--workdir", str(runs.workdir)],
-                              tmp / "proc")
-    write_synthetic_folder(tmp / "imgs", image_size=32, grayscale=True, num_train=1,
-                           num_test_good=2, num_test_anomalous=3, seed=4)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=device_flags(4))
-    res = subprocess.run([sys.executable, "-c", SCRIPT, runs.four, "predict", "--workdir",
-                          str(runs.workdir), "--input", str(runs.images), "--output",
-                          str(runs.four_predict)], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return runs
+                                 four_predict=tmp / "four_predict",
+                                 launch_logs=info["launch_logs"])
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """cli_runs.train_args in this process: (workdir, its log lines). Shared: tests that change
-    the workdir work on a copy."""
-    import cli_runs
+    """cli_runs.train_args, run once per session (shared_once) in the process that asks
+    first: (workdir, its log lines). Shared: tests that change the workdir work on a copy."""
+    def build(folder):
+        import cli_runs
 
-    wd = tmp_path_factory.mktemp("tiny") / "wd"
-    res = cli_runs.ssm(*cli_runs.train_args(wd))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return wd, res.stderr
+        res = cli_runs.ssm(*cli_runs.train_args(folder / "wd"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {"stderr": res.stderr}
+
+    folder, info = shared_once(tmp_path_factory, "tiny_run", build)
+    return folder / "wd", info["stderr"]
 
 
 # --- Cloud storage: a real GCS emulator (fake-gcs-server), no mocks ---------------------------
