@@ -7,16 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import cli_runs
 import numpy as np
 
 from ssm_jax.training import tb_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.image_size=32", "--config.model.width=4", "--config.train.batch_size=4",
-        "--config.data.synthetic_num_train=24", "--config.mask.ks=(4,8)",
-        "--config.eval.ks=(8,)", "--config.eval.batch_size=16", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=3", "--config.train.eval_every=3",
-        "--config.eval.num_overlays=2"]
+# The shared run's settings (cli_runs: 8 steps): its programs are in the session's cache.
+TINY = cli_runs.TINY + cli_runs.STEPS
 
 # Makes importing tensorflow / tensorflow_datasets fail (even where installed) and records
 # every attempt. A find_spec probe (etils does one) is not an import and is not recorded.
@@ -69,9 +67,9 @@ def test_summary_writer_roundtrip(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_cli_runs_and_never_imports_tensorflow(tmp_path):
+def test_cli_runs_and_never_imports_tensorflow(tmp_path, tiny_run):
     """train + evaluate + predict with tensorflow and tfds made unimportable; not one
-    attempt to import them."""
+    attempt to import them. (``tiny_run``: the shared run's programs are in the cache.)"""
     wd, out, inp = tmp_path / "wd", tmp_path / "pred", tmp_path / "in"
     inp.mkdir()
     from PIL import Image
@@ -81,7 +79,7 @@ def test_cli_runs_and_never_imports_tensorflow(tmp_path):
         import json, sys
         from ssm_jax.commands import cli
         rc = cli.run(["train", "--config", "configs/quickstart.py", "--workdir", {str(wd)!r},
-                      *{TINY!r}, "--config.train.steps=3", "--evaluate"])
+                      *{TINY!r}, "--evaluate"])
         assert rc == 0, rc
         rc = cli.run(["predict", "--workdir", {str(wd)!r}, "--input", {str(inp)!r},
                       "--output", {str(out)!r}])
@@ -95,7 +93,7 @@ def test_cli_runs_and_never_imports_tensorflow(tmp_path):
     assert json.loads(line[7:]) == {"attempts": [], "loaded": []}
     assert (wd / "eval" / "metrics.json").exists() and (out / "scores.csv").exists()
     scalars = tb_writer.read_scalars(str(wd))
-    assert [s for s, _ in scalars["loss"]] == [2, 3] and "val_loss" in scalars
+    assert [s for s, _ in scalars["loss"]] == [2, 4, 6, 8] and "val_loss" in scalars
 
 
 def test_tfds_builders_without_tfds_one_line_error():
