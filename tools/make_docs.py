@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable
 
@@ -144,11 +145,16 @@ def sweep_command(d: dict, name: str) -> str:
 
 def sweep_section(dirname: str) -> tuple[str, str]:
     """(data set, markdown) for one sweep folder: each cell's mean +- sd over seeds and the
-    difference to the base cell paired by seed with its 95% interval, from summary.csv."""
-    d = read_json(f"{RESULTS}/{dirname}/sweep.json")
+    difference to the base cell paired by seed with its 95% interval, from summary.csv (the
+    command from sweep.json when the folder has one)."""
+    summary = read_csv(f"{RESULTS}/{dirname}/summary.csv")
+    if exists(f"{RESULTS}/{dirname}/sweep.json"):
+        d = read_json(f"{RESULTS}/{dirname}/sweep.json")
+    else:
+        cells = list(dict.fromkeys(r["cell"] for r in summary))
+        d = {"config": "-", "config_overrides": [], "cells": [[c, ""] for c in cells]}
     overrides = dict(ov.split("=", 1) for ov in d["config_overrides"])
     ds = data_name(overrides.get("data.path", "synthetic"))
-    summary = read_csv(f"{RESULTS}/{dirname}/summary.csv")
     by = {(r["cell"], r["metric"]): r for r in summary}
     rows = []
     for cell, ov in d["cells"]:
@@ -168,7 +174,8 @@ def sweep_section(dirname: str) -> tuple[str, str]:
             "by seed, with its 95% t interval (an interval containing 0 is no difference).\n\n"
             + table(["cell", "overrides", *[m for _, m in METRICS],
                      *[f"diff {m} [95%]" for _, m in METRICS]], rows)
-            + "\n```bash\n" + sweep_command(d, dirname) + "\n```\n\n")
+            + ("\n```bash\n" + sweep_command(d, dirname) + "\n```\n\n" if "seeds" in d
+               else "\n"))
     return ds, text
 
 
@@ -247,6 +254,15 @@ def results_page() -> str:
                   glob.glob(os.path.join(ROOT, RESULTS, "**", "*.csv"), recursive=True))
     out.append(fpr_section(csvs))
     out.append(other_files("results"))
+    other = [c for c in csvs if os.path.basename(c) not in KNOWN
+             and not exists(os.path.join(os.path.dirname(c), "sweep.json"))]
+    if other:
+        out.append("## Other result tables\n\n")
+    for rel in other:
+        rows = read_csv(rel)
+        head = list(rows[0]) if rows else []
+        out.append(f"### {os.path.relpath(rel, RESULTS)}\n\n" + table(
+            head, [[cell(r[k]) for k in head] for r in rows]) + "\n")
     return "".join(out)
 
 
@@ -357,6 +373,8 @@ def page_of(name: str) -> str:
     """Which page an unknown result file belongs to, by its name."""
     if any(w in name for w in ("startup", "start_up", "compile")):
         return "startup"
+    if any(w in name for w in ("served_vs", "calibrat", "accuracy", "mask_rule")):
+        return "results"
     if any(w in name for w in ("speed", "throughput", "pipeline", "serving", "vs_", "onnx",
                                "multi_model", "devices")):
         return "speed"
@@ -374,10 +392,25 @@ def flatten(x, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix[:-1], scalar(x))]
 
 
+def cell(text: str) -> str:
+    """A CSV value: numbers with a fraction to 3 decimals, text with private paths hidden."""
+    try:
+        return text if float(text).is_integer() else f"{float(text):.3f}"
+    except ValueError:
+        return private_paths(text).replace("|", "/")
+
+
 def scalar(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return private_paths(str(v))
+
+
+def private_paths(text: str) -> str:
+    """The development machine's paths in a recorded value: the shared data sets as
+    $DATA/<set>, temporary and other absolute folders as TMP."""
+    text = re.sub(r"(?:/work/shared/data|\.\./shared/data)/", "$DATA/", text)
+    return re.sub(r"/(?:tmp|work)/[^\s,;)]*", "TMP", text)
 
 
 def other_files(page: str) -> str:
