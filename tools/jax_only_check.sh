@@ -6,13 +6,15 @@
 # first five), no tensorflow, tfds, grain, clu or ml_collections, and ssm_jax not
 # installed. The carried wheels (tools/fetch_wheels.sh) are installed into a private
 # folder exactly as the device scripts do (tools/carry_env.sh), then train + evaluate
-# run on the embedded synthetic data at a tiny size (32 px, width 4, 3 steps).
+# run on the embedded synthetic data at the test suite's tiny size (tests/cli_runs.py: 32 px,
+# width 4, 8 steps), so that with the suite's compilation cache and XLA flags (.ci/run
+# exports both) its programs are read back, not compiled again.
 #
-# CI runs it from .ci/run after the tests (it needs pip's registry for the venv, about a
-# minute to build; the run itself ~1-2 minutes on 2 cores). Package versions are the ones
-# of the calling python (CI's venv) where it has them, so both agree.
+# CI builds the venv (--prepare: it needs pip's registry, about a minute) in the background
+# while the tests run, and runs the check after them. Package versions are the ones of the
+# calling python (CI's venv) where it has them, so both agree.
 #
-#   bash tools/jax_only_check.sh        # JAX_ONLY_VENV=DIR to build the venv elsewhere
+#   bash tools/jax_only_check.sh [--prepare]   # JAX_ONLY_VENV=DIR to build the venv elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -44,6 +46,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 quiet "$VENV/bin/python" -m pip install --quiet "${specs[@]}"
 echo "== venv ready ($((SECONDS - t0)) s)"
+[[ "${1:-}" == "--prepare" ]] && exit 0
 
 # From here on the JAX-only python, outside the repository's own venvs.
 export PATH="$VENV/bin:$PATH"
@@ -58,10 +61,11 @@ done
 
 . tools/carry_env.sh "$WORK/site"
 
+# tests/cli_runs.py's TINY + STEPS (the same programs as the suite's shared run).
 TINY=(--config.data.image_size=32 --config.model.width=4 --config.train.batch_size=4
       --config.data.synthetic_num_train=24 "--config.mask.ks=(4,8)" "--config.eval.ks=(8,)"
-      --config.eval.batch_size=16 --config.train.log_every=2 --config.train.checkpoint_every=3
-      --config.train.eval_every=3 --config.eval.num_overlays=2 --config.train.steps=3)
+      --config.eval.batch_size=8 --config.train.log_every=2 --config.eval.num_overlays=2
+      --config.train.steps=8 --config.train.checkpoint_every=4 --config.train.eval_every=4)
 t1=$SECONDS
 echo "== ssm-jax train"
 python -m ssm_jax train --config configs/quickstart.py --workdir "$WORK/wd" "${TINY[@]}"
