@@ -1,5 +1,5 @@
 """The ``ssm-jax`` commands: the command line (``cli``) and the work of ``evaluate``,
-``predict`` and ``sweep``.
+``predict``, ``calibrate`` and ``sweep``.
 
 May import: every package.
 """

@@ -1,5 +1,6 @@
 """Foundations every other part uses: the error types (``errors``), the device mesh and
-its collectives (``parallel``), and progress lines (``progress``).
+its collectives (``parallel``), progress lines (``progress``), the package version
+(``version``) and the one path layer for local paths and URLs such as gs:// (``storage``).
 
 May import: nothing of ssm_jax outside ``core``.
 """

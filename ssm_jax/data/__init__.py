@@ -1,5 +1,9 @@
 """Input data: the MVTec-layout folder reader, the embedded synthetic set, tfds builders
-(``tfds_builders``, imported only when used) and grain pipelines (``pipeline``)."""
+(``tfds_builders``, imported only when used), training images streamed from their files
+(``stream``) and grain pipelines (``pipeline``).
+
+May import: ``core``.
+"""
 
 from __future__ import annotations
 

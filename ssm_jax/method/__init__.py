@@ -1,5 +1,6 @@
 """The SSM method as pure functions and modules: the mask-conditioned U-Net (``model``,
-``conv_forms``), mask generators (``masks``), the losses (``losses``), per-image scoring
+``conv_forms``), mask generators (``masks``; scoring masks that numpy reproduces bit for bit:
+``hash_masks``), the losses (``losses``), per-image scoring
 with progressive refinement (``scoring``) and anomaly-map standardization
 (``normalization``).
 
