@@ -224,7 +224,8 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
             return None, hash_masks.scoring_masks(key, r, (h, w), ks, cfg.num_masks, jnp)
         return jax.random.fold_in(key, r), None
 
-    first = single_pass(restore_fn, pass_args(0)[0], x, valid, cfg, pass_args(0)[1])
+    key0, grid0 = pass_args(0)
+    first = single_pass(restore_fn, key0, x, valid, cfg, grid0)
 
     def decision(out: dict[str, jax.Array]) -> jax.Array:
         return out["raw"] + cfg.refine_mask_head_weight * out["head"]
