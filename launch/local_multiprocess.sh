@@ -14,8 +14,7 @@ for ((i = 0; i < nproc_; i++)); do
     "$@" > "${prefix}${i}.log" 2>&1 &
   pids+=($!)
 done
-# Each process's status; for a failed one, its one-line error (ours, or JAX's when process
-# 0, the coordinator, died), else its last log line.
+# Each process's status; for a failed one, its one-line error, else its last log line.
 status=0
 for i in "${!pids[@]}"; do
   rc=0

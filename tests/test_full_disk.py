@@ -80,3 +80,36 @@ def test_full_disk_stops_keeps_checkpoint_and_resumes(tiny_run, small_disk):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {wd}/checkpoints at step 4" in resumed.stderr
     np.testing.assert_array_equal(_params(reference, 8), _params(wd, 8))
+
+
+def test_full_disk_outside_training_is_one_line(tiny_run, small_disk, tmp_path):
+    """``predict`` writing its scores onto a full disk: one line naming the full disk and
+    the file, exit 2, no half-written file left (core.storage writes whole files)."""
+    import shutil
+
+    from ssm_jax.data.synthetic import write_synthetic_folder
+
+    disk, _ = small_disk
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_run[0], wd)  # predict may calibrate into it: the shared run stays
+    write_synthetic_folder(tmp_path / "data", 32, True, num_train=1, num_test_good=2,
+                           num_test_anomalous=2)
+    out = disk / "predict"
+    out.mkdir()
+    with open(disk / "filler", "wb") as f:  # fill the disk up
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    res = cli_runs.ssm("predict", "--workdir", wd, "--input", tmp_path / "data" / "test",
+                       "--output", out)
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ssm-jax: error: the disk is full (No space left on device) "
+                           f"writing {out}/"), last
+    assert "Traceback" not in res.stderr
+    assert not [p for p in os.listdir(out) if not p.startswith(".")] or all(
+        os.path.getsize(out / p) > 0 for p in os.listdir(out)), os.listdir(out)
+    assert not [p for p in os.listdir(out) if ".tmp" in p], os.listdir(out)

@@ -5,7 +5,8 @@ on its own with one line (runtime.distributed's peer watchdog), not hang in a co
 the same command then resumes both from the last checkpoint and ends with exactly the
 parameters of the uninterrupted 2-process run of test_multihost (conftest.distributed_runs:
 same config, same 2 x 2 devices, so its compiled programs are reused from the session's
-cache). That the 2-process results equal one process's is test_multihost's check.
+cache). That the 2-process results equal one process's is test_multihost's check. When
+process 0, the coordinator, is killed, process 1 stops with one line as well.
 
 The workdir is on the GCS emulator (conftest.gcs_bucket), as on a pod.
 """
@@ -109,7 +110,7 @@ def killed_run(gcs_bucket, tmp_path_factory, distributed_runs):
 
 
 def test_survivor_stops_with_one_line(killed_run):
-    _, at_kill, rc, stopped, log = killed_run
+    wd, at_kill, rc, stopped, log = killed_run
     assert at_kill == [1], at_kill  # killed with a step left to do
     assert rc == 3, log[-3000:]  # runtime.distributed.EXIT_PEER_LOST
     assert stopped < 60, stopped
@@ -121,8 +122,50 @@ def test_survivor_stops_with_one_line(killed_run):
             or "another process of this run is gone" in lines[-1]), lines[-1]
     assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
     assert sum("error" in ln.lower() for ln in lines) == 1, log[-3000:]
+    # Stopped by its watchdog, process 0 released the workdir lock on its way out: a
+    # restart on another host need not wait for it to go stale.
+    from ssm_jax.runs import lock
+    assert lock.read_lock(f"{wd}/{lock.LOCK_FILE}").get("released") is True
     print(f"survivor stopped {stopped:.1f} s after the kill (SSM_JAX_PEER_TIMEOUT="
           f"{PEER_TIMEOUT})")
+
+
+def test_coordinator_killed_survivor_stops_with_one_line(tmp_path):
+    """Process 0, which hosts JAX's coordination service, SIGKILLed once both processes
+    have joined: JAX aborts process 1 from C++ within a second; its supervisor
+    (runtime.supervise) prints one line instead of the crash report."""
+    logs = tmp_path / "proc"
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"),
+                             "2", "1", sys.executable, "-m", "ssm_jax", *ARGS, "--workdir",
+                             str(tmp_path / "wd")], env=dict(os.environ, SSM_LOG_PREFIX=str(logs)),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not all(os.path.exists(f"{logs}{i}.log") and f"process {i}/2" in
+                      open(f"{logs}{i}.log").read() for i in range(2)):
+            assert proc.poll() is None and time.time() - t0 < 300, "the processes never joined"
+            time.sleep(0.05)
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        killed = time.time()
+        launcher = proc.communicate(timeout=120)[1]
+        stopped = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = open(f"{logs}1.log").read()
+    assert re.search(r"process 1 exited with status 3\b", launcher), launcher
+    assert stopped < 60, stopped
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert lines[-1].startswith("ssm-jax: error: process 1 lost the run's coordination "
+                                "service: process 0, which hosts it, is gone"), lines[-5:]
+    assert "Check failure" not in log and "Terminating process" not in log, log[-3000:]
+    assert sum("error" in ln.lower() for ln in lines) == 1, log[-3000:]
+    report = re.search(r"JAX's report: (\S+)\)$", lines[-1]).group(1)
+    assert "detected fatal errors" in open(report).read()  # kept, for whoever needs it
+    os.unlink(report)
+    # No process of the run is left behind (the killed launcher child took its own child).
+    assert not _children(proc.pid)
+    print(f"process 1 stopped {stopped:.1f} s after process 0 was killed")
 
 
 def test_restart_resumes_and_ends_as_uninterrupted(killed_run, distributed_runs,

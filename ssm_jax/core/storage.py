@@ -300,9 +300,11 @@ def atomic_open(target: PathLike, mode: str = "w", fsync: bool = True,
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file
+            raise OSError(e.errno, e.strerror, str(target)) from e
         raise
 
 

@@ -339,6 +339,7 @@ class RunLock:
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
         self.lock: WorkdirLock | None = None
+        self._unregister = None
 
     def __enter__(self) -> RunLock:
         import jax
@@ -360,8 +361,15 @@ class RunLock:
                                     f"run (see process 0's message)")
         if error is not None:
             raise error
+        if self.lock is not None and jax.process_count() > 1:
+            # A process stopped by its peer watchdog ends without unwinding: release the
+            # lock there too, so that a restart on another host need not wait it out.
+            from ssm_jax.runtime import distributed
+            self._unregister = distributed.before_abrupt_exit(self.lock.release)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._unregister is not None:
+            self._unregister()
         if self.lock is not None:
             self.lock.release()

@@ -25,9 +25,12 @@ collective that fails because its peer is gone (gloo: "Connection reset by peer"
 reported in one line too, not as orbax's and Python's tracebacks.
 
 When process 0 (which hosts the coordination service) dies, the other processes lose the
-service itself: JAX's error polling ends them within a second, before any watchdog can
-speak, with its own (multi-line) "Terminating process because the JAX distributed service
-detected fatal errors" message.
+service itself: JAX's error polling aborts them within a second, before any watchdog can
+speak, with a C++ crash report; :mod:`ssm_jax.runtime.supervise` turns that into one line.
+
+A process that stops this way skips Python's clean-up, so what must not be left behind
+(process 0's workdir lock, which a restart on another host would otherwise wait out) is
+registered with :func:`before_abrupt_exit` and run first.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -53,6 +57,7 @@ _ALIVE_PREFIX = "ssm_jax/alive/"
 _DONE = "done"
 _FAILED = "failed"
 _WATCHDOG: PeerWatchdog | None = None
+_RELEASE_BEFORE_EXIT: list[Callable[[], None]] = []
 # A collective that failed because the process at the other end is gone (gloo on CPU).
 _PEER_GONE_TEXTS = ("Connection reset by peer", "Connection closed by peer",
                     "Connection refused")
@@ -105,10 +110,37 @@ def peer_timeout() -> float:
     return value
 
 
+def before_abrupt_exit(release: Callable[[], None]) -> Callable[[], None]:
+    """Registers ``release`` to run when this process stops at once because of a peer
+    (:func:`end_failed_process`, the watchdog); returns the function that unregisters it."""
+    _RELEASE_BEFORE_EXIT.append(release)
+
+    def unregister() -> None:
+        if release in _RELEASE_BEFORE_EXIT:
+            _RELEASE_BEFORE_EXIT.remove(release)
+    return unregister
+
+
+def _run_releases(timeout: float = 10.0) -> None:
+    """Runs the registered releases, at most ``timeout`` seconds in all (one may wait on
+    unreachable storage; the process must still end)."""
+    def run_all() -> None:
+        for release in reversed(list(_RELEASE_BEFORE_EXIT)):
+            try:
+                release()
+            except Exception as e:  # noqa: BLE001 - the process is ending anyway
+                log.warning("clean-up before stopping failed: %s", e)
+
+    worker = threading.Thread(target=run_all, daemon=True)
+    worker.start()
+    worker.join(timeout)
+
+
 def _stop_process(message: str) -> None:
     """One error line, then the process ends at once (its main thread may be blocked in a
     collective that never returns, so no exception could reach the CLI)."""
     os.write(2, f"ssm-jax: error: {message}\n".encode())
+    _run_releases()
     os._exit(EXIT_PEER_LOST)
 
 
@@ -200,6 +232,7 @@ def end_failed_process(status: int) -> None:
     if _WATCHDOG is None:
         return
     _WATCHDOG.stop(_FAILED)
+    _run_releases()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
