@@ -76,8 +76,9 @@ SLOW_FIRST = (
     "tests/serving/test_onnx_export.py", "tests/test_reliability_fallback.py",
     "tests/serving/test_detector.py", "tests/commands/test_sweep.py",
     "tests/test_optional_deps.py", "tests/method/test_masks.py", "tests/training/test_groups.py",
-    "tests/test_native.py", "tests/test_multihost.py", "tests/report/test_page_browser.py",
-    "tests/runs/test_lock.py", "tests/runtime/test_host_devices.py",
+    "tests/test_native_resolution.py", "tests/test_multihost.py",
+    "tests/report/test_page_browser.py", "tests/runs/test_lock.py",
+    "tests/runtime/test_host_devices.py",
     "tests/test_streamed_training.py", "tests/data/test_stream.py", "tests/test_full_disk.py",
 )
 
@@ -210,6 +211,47 @@ def tiny_run(tmp_path_factory):
 
     folder, info = shared_once(tmp_path_factory, "tiny_run", build)
     return folder / "wd", info["stderr"]
+
+
+# --- Native resolution: a folder of non-square images -----------------------------------
+def _texture(h, w, seed, defect=None):
+    """A (h, w) uint8 texture and its mask; ``defect`` (y, x) blanks an 8 x 8 square."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = 0.5 + 0.2 * np.sin(xx / 2.0 + rng.uniform(0, 6)) * np.cos(yy / 3.0)
+    img = img + 0.03 * rng.standard_normal((h, w))
+    mask = np.zeros((h, w), np.uint8)
+    if defect is not None:
+        y, x = defect
+        img[y:y + 8, x:x + 8] = 0.0
+        mask[y:y + 8, x:x + 8] = 255
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """An MVTec-layout folder of non-square images of two shapes (landscape, portrait), for
+    data/test_folder.py and test_native_resolution.py."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("wide") / "cat"
+    shapes = [(40, 100), (40, 96), (90, 40)]
+    for i in range(12):
+        h, w = shapes[i % 3]
+        os.makedirs(root / "train" / "good", exist_ok=True)
+        Image.fromarray(_texture(h, w, i)[0]).save(root / "train" / "good" / f"{i:03d}.png")
+    for i in range(4):
+        h, w = shapes[i % 3]
+        os.makedirs(root / "test" / "good", exist_ok=True)
+        Image.fromarray(_texture(h, w, 100 + i)[0]).save(root / "test" / "good" / f"{i:03d}.png")
+        img, m = _texture(h, w, 200 + i, defect=(10, 12))
+        os.makedirs(root / "test" / "hole", exist_ok=True)
+        os.makedirs(root / "ground_truth" / "hole", exist_ok=True)
+        Image.fromarray(img).save(root / "test" / "hole" / f"{i:03d}.png")
+        Image.fromarray(m).save(root / "ground_truth" / "hole" / f"{i:03d}_mask.png")
+    return root
 
 
 # --- Cloud storage: a real GCS emulator (fake-gcs-server), no mocks ---------------------------

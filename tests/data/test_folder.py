@@ -246,3 +246,17 @@ def test_pipeline_deterministic_resumable_sharded():
     assert [r for _, r in batches] == [4, 4, 2] and batches[-1][0].shape[0] == 4
     assert np.concatenate([b[:r] for b, r in batches]).ravel().tolist() == list(range(10))
     assert batches[-1][0].ravel().tolist() == [8, 9, 9, 9]
+
+
+def test_keep_aspect_loading_pads_and_records_sizes(wide_folder):
+    d = load_dataset(str(wide_folder), 32, True, 0.25, seed=0, keep_aspect=True)
+    train, test = d["train"], d["test"]
+    assert train.images.shape[1:3] == test.images.shape[1:3]  # one common shape
+    h, w = train.images.shape[1:3]
+    assert h % 16 == 0 and w % 16 == 0
+    sizes = np.concatenate([train.sizes, d["val"].sizes, test.sizes])
+    assert set(map(tuple, sizes)) == {(32, 80), (32, 77), (72, 32)}  # shorter side 32
+    # Padding repeats the last valid row/column; masks are zero there.
+    i = int(np.flatnonzero(test.sizes[:, 0] == 32)[0])
+    np.testing.assert_array_equal(test.images[i, 40], test.images[i, 31])
+    assert test.masks[:, 72:].sum() == 0 and test.masks.sum() > 0

@@ -1,4 +1,5 @@
-"""SSIM, GMS, MS-GMS, smoothing and the composite."""
+"""SSIM, GMS, MS-GMS (edge-replicated and the published zero border), smoothing and the
+composite."""
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,29 @@ def test_ms_gms_matches_independent_reference():
     published = 1 - (2 * g1 * g2 + 0.0026) / (g1 * g1 + g2 * g2 + 0.0026)
     np.testing.assert_allclose(m[2:-2, 2:-2], published[1:-1, 1:-1], atol=2e-5)
     assert published.mean() > 0.01  # the images differ
+
+
+def test_zero_border_is_the_published_rule():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(1, 32, 36, 1)).astype(np.float32)
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+
+    def published_gms(a, b, c=losses.GMS_C):
+        def grad(z):
+            z = ndimage.median_filter(z, size=3, mode="constant", cval=0.0)
+            gx = ndimage.correlate(z, np.array([[-1, 0, 1]] * 3) / 3.0)[1:-1, 1:-1]
+            gy = ndimage.correlate(z, np.array([[1, 1, 1], [0, 0, 0], [-1, -1, -1]]) / 3.0)
+            return np.sqrt(gx ** 2 + gy[1:-1, 1:-1] ** 2 + 2.220446049250313e-16)
+        ga, gb = grad(a[0, ..., 0].astype(np.float64)), grad(b[0, ..., 0].astype(np.float64))
+        return (2 * ga * gb + c) / (ga ** 2 + gb ** 2 + c)
+
+    got = np.asarray(losses.gms_map(jnp.asarray(x), jnp.asarray(y), border="zero"))[0]
+    assert got.shape == (30, 34)
+    np.testing.assert_allclose(got, published_gms(x, y), rtol=1e-4, atol=1e-5)
+    m = losses.ms_gms_anomaly_map(jnp.asarray(x), jnp.asarray(y), border="zero")
+    assert m.shape == (1, 32, 36)
+    tiny = losses.ms_gms_anomaly_map(jnp.asarray(x[:, :12, :14]), jnp.asarray(y[:, :12, :14]),
+                                     border="zero")  # coarsest scale 1 px: edge rule there
+    assert tiny.shape == (1, 12, 14) and np.isfinite(np.asarray(tiny)).all()
+    edge = losses.ms_gms_anomaly_map(jnp.asarray(x), jnp.asarray(y))
+    assert not np.allclose(np.asarray(m), np.asarray(edge))

@@ -1,4 +1,5 @@
-"""Per-pixel standardization of anomaly maps by held-out normal maps."""
+"""Per-pixel standardization of anomaly maps by held-out normal maps (valid pixels only for
+padded images), and the fusion of image score and MSE."""
 
 import numpy as np
 import pytest
@@ -65,3 +66,35 @@ def test_saved_stats_round_trip_and_unreadable_file(tmp_path):
     assert detector.load_map_stats(str(tmp_path), "settings B") is None  # other settings
     (tmp_path / detector.MAP_STATS_FILE).write_bytes(b"not an npz")
     assert detector.load_map_stats(str(tmp_path), "settings A") is None  # recalibrate
+
+
+def test_normalization_with_sizes_uses_valid_pixels_only():
+    rng = np.random.default_rng(4)
+    maps = rng.normal(size=(6, 8, 8))
+    sizes = np.array([[8, 8], [8, 8], [4, 8], [8, 8], [8, 4], [8, 8]])
+    stats = normalization.fit(maps, sizes)
+    # Pixel (6, 6) is valid in images 0, 1, 3, 5 only.
+    ref = maps[[0, 1, 3, 5], 6, 6]
+    assert stats["mean"][6, 6] == pytest.approx(ref.mean(), rel=1e-5)
+    loo = normalization.standardize_leave_one_out(maps, sizes)
+    # Image 0 at (6, 6) is standardized by images 1, 3, 5.
+    rest = maps[[1, 3, 5], 6, 6]
+    floor_free = (maps[0, 6, 6] - rest.mean()) / rest.std()
+    assert np.sign(loo[0, 6, 6]) == np.sign(floor_free)
+    assert abs(loo[0, 6, 6]) <= abs(floor_free) + 1e-6
+    # Without padding it is the earlier exact rule.
+    np.testing.assert_allclose(normalization.standardize_leave_one_out(maps, None),
+                               normalization.standardize_leave_one_out(maps), rtol=1e-6)
+
+
+def test_fusion_standardizes_both_parts_leave_one_out():
+    s = np.array([1.0, 2.0, 3.0, 4.0])
+    m = np.array([0.1, 0.1, 0.3, 0.5])
+    f = normalization.fit_fusion(s, m)
+    fused = normalization.fuse(s, m, f)
+    ref = (s - s.mean()) / s.std() + (m - m.mean()) / m.std()
+    np.testing.assert_allclose(fused, ref, rtol=1e-5)
+    loo = normalization.fuse_leave_one_out(s, m)
+    rest = np.array([0, 1, 2])
+    assert loo[3] == pytest.approx(float(normalization.fuse(
+        s[3], m[3], normalization.fit_fusion(s[rest], m[rest]))))

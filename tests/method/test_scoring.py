@@ -1,4 +1,5 @@
-"""Scoring and progressive refinement with stand-in restorers."""
+"""Scoring and progressive refinement with stand-in restorers; padded images (scored on
+their valid region only), k weighting and mask draws."""
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,109 @@ def test_validate():
         scoring.ScoringConfig(ks=(64,)).validate(32)
     with pytest.raises(ConfigError):
         scoring.ScoringConfig(refine_rule="x").validate(32)
+
+
+def _local_restore(masked, m):
+    """Ignores the mask and looks at no neighbour: padding cannot reach the valid region."""
+    del masked
+    return jnp.zeros(m.shape + (1,)) + 0.25, jnp.ones(m.shape)
+
+
+def _restore_from(x):
+    def restore(masked, m):
+        return jnp.broadcast_to(jnp.sqrt(x)[None], m.shape + x.shape[-1:]), m
+    return restore
+
+
+@pytest.mark.parametrize("image_score", ["max", "mean_topk"])
+def test_padding_amount_never_changes_a_score(image_score):
+    """The same image padded to two canvas sizes (as two data sets or two shape buckets
+    would) scores the same: masks, composite, maps, blur and image score see only the
+    valid region (the restorer here ignores the mask and its neighbours, as a network
+    cannot: with a real U-Net the receptive field also sees the edge-replicated pad)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(48, 80, 1)).astype(np.float32)
+    x[20:26, 30:36] = 1.0
+    small = np.pad(x, ((0, 16), (0, 16), (0, 0)), mode="edge")
+    large = np.pad(x, ((0, 48), (0, 48), (0, 0)), mode="edge")
+    sc = scoring.ScoringConfig(ks=(4, 8), image_score=image_score, sigma_side=48)
+    key = jax.random.PRNGKey(3)
+    hw = jnp.array([48, 80])
+    a = scoring.score_image(_restore_from(jnp.asarray(small)), key, jnp.asarray(small), sc, hw)
+    b = scoring.score_image(_restore_from(jnp.asarray(large)), key, jnp.asarray(large), sc, hw)
+    np.testing.assert_allclose(float(a["score"]), float(b["score"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(a["map"])[:48, :80], np.asarray(b["map"])[:48, :80],
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(a["mse"]), float(b["mse"]), rtol=1e-5)
+    # Extreme values in the padded part of a map never reach the image score.
+    m = np.asarray(a["map"]).copy()
+    m[48:, :] = 1e6
+    valid = scoring.valid_mask(m.shape, hw)
+    assert float(scoring.image_score(jnp.asarray(m), image_score, 0.01, valid)) == (
+        pytest.approx(float(a["score"]), rel=1e-5))
+    # Without the valid size the padding is scored as image content and the map changes.
+    c = scoring.score_image(_restore_from(jnp.asarray(large)), key, jnp.asarray(large), sc)
+    assert not np.allclose(np.asarray(b["map"])[:48, :80], np.asarray(c["map"])[:48, :80],
+                           atol=1e-4)
+
+
+def test_refinement_never_hides_padding():
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 48, 1)), jnp.float32)
+    sc = scoring.ScoringConfig(ks=(4,), refine_passes=3, refine_cell=8, sigma_side=32)
+    out = scoring.score_image(_local_restore, jax.random.PRNGKey(0), x, sc,
+                              jnp.array([24, 40]))
+    susp = np.asarray(out["suspicious"])
+    assert susp[24:].sum() == 0 and susp[:, 40:].sum() == 0
+    assert 0 < susp[:24, :40].sum() < 24 * 40
+
+
+def test_area_k_weighting_matches_published_division():
+    sc = scoring.ScoringConfig(ks=(2, 4, 8), k_weighting="area")
+    w = np.array(sc.k_weights())
+    # Published: each k's map divided by N^2, N = S/k cells a side: proportional to k^2.
+    n_sq = np.array([(64 / k) ** 2 for k in (2, 4, 8)])
+    np.testing.assert_allclose(w / w.sum(), (1 / n_sq) / (1 / n_sq).sum(), rtol=1e-6)
+    assert scoring.ScoringConfig(ks=(2, 4, 8)).k_weights() == (1.0, 1.0, 1.0)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(32, 32, 1)), jnp.float32)
+    key = jax.random.PRNGKey(0)
+
+    def restore(masked, m):  # normalized blur of the visible pixels: depends on the mask
+        num = losses.gaussian_blur(masked[..., 0], 1.5)
+        den = losses.gaussian_blur(m, 1.5)
+        return (num / jnp.maximum(den, 1e-3))[..., None], m
+
+    ones = jnp.ones((32, 32))
+    area = scoring.single_pass(restore, key, x, ones, sc)
+    # Same key, same masks: the raw map is the k^2-weighted sum of the per-k maps.
+    eq = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(2, 4, 8)))
+    assert not np.allclose(np.asarray(eq["raw"]), np.asarray(area["raw"]))
+    grid = scoring.masks.scoring_masks(key, (32, 32), (2, 4, 8), 3)
+    maps = []
+    for i in range(3):
+        eff = grid[i]
+        rest, _ = restore(x[None] * eff[..., None], eff)
+        x_hat = losses.composite(rest, eff)
+        maps.append(np.asarray(losses.ms_gms_anomaly_map(x[None], x_hat[None]))[0])
+    np.testing.assert_allclose(np.asarray(area["raw"]), np.tensordot(w, np.stack(maps), 1),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(eq["raw"]), np.sum(maps, 0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(Exception, match="k_weighting"):
+        scoring.ScoringConfig(k_weighting="bogus").validate(64)
+
+
+def test_mask_draws_average_independent_mask_sets():
+    x = jnp.asarray(np.random.default_rng(6).uniform(size=(32, 32, 1)), jnp.float32)
+
+    def restore(masked, m):
+        num = losses.gaussian_blur(masked[..., 0], 1.5)
+        return (num / jnp.maximum(losses.gaussian_blur(m, 1.5), 1e-3))[..., None], m
+
+    key, ones = jax.random.PRNGKey(2), jnp.ones((32, 32))
+    two = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8),
+                                                                           mask_draws=2))
+    flat = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8, 4, 8)))
+    np.testing.assert_allclose(np.asarray(two["raw"]), np.asarray(flat["raw"]) / 2, rtol=1e-5)
+    one = scoring.single_pass(restore, key, x, ones, scoring.ScoringConfig(ks=(4, 8)))
+    assert not np.allclose(np.asarray(one["raw"]), np.asarray(two["raw"]))
+    with pytest.raises(Exception, match="mask_draws"):
+        scoring.ScoringConfig(mask_draws=0).validate(32)

@@ -224,3 +224,26 @@ def test_threshold_and_detection_rates():
     assert r == pytest.approx({"fpr": 2 / 4, "recall": 2 / 3, "precision": 2 / 4})
     assert metrics.detection_rates(labels, scores, 0.6)["fpr"] == 0.0  # strict ">"
     assert metrics.detection_rates(labels, scores, 1.0)["precision"] is None
+
+
+def test_metrics_ignore_padded_pixels():
+    rng = np.random.default_rng(2)
+    maps = rng.uniform(size=(4, 16, 24)).astype(np.float32)
+    gt = np.zeros((4, 16, 24), np.float32)
+    gt[1, 2:6, 3:7] = 1
+    gt[3, 8:12, 1:5] = 1
+    sizes = np.array([[16, 24], [12, 20], [16, 16], [14, 24]])
+    labels = np.array([0, 1, 0, 1])
+    # Reference: the valid pixels only, flattened into one row of "images".
+    valid = np.zeros_like(gt, bool)
+    for i, (h, w) in enumerate(sizes):
+        valid[i, :h, :w] = True
+    got = metrics.compute_all(labels, maps.max(axis=(1, 2)), gt, maps, sizes=sizes)
+    assert got["pixel_auroc"] == pytest.approx(metrics.roc_auc(gt[valid], maps[valid]))
+    # Padded pixels with extreme scores must not move the pixel AUROC.
+    spoiled = np.where(valid, maps, 100.0)
+    got2 = metrics.compute_all(labels, maps.max(axis=(1, 2)), gt, spoiled, sizes=sizes)
+    assert got2["pixel_auroc"] == pytest.approx(got["pixel_auroc"])
+    assert got2["aupro"] == pytest.approx(got["aupro"])
+    no_sizes = metrics.compute_all(labels, maps.max(axis=(1, 2)), gt, spoiled)
+    assert no_sizes["pixel_auroc"] != pytest.approx(got["pixel_auroc"])
