@@ -7,13 +7,21 @@ setting and evaluation variant: mean +- sd over the seeds and their number. The 
 single-seed CSV (benchmarks/results/accuracy.csv) gives one row per CSV row, grouped by
 data set and training run; the training overrides (``--set`` of benchmarks/accuracy.py)
 are read back from the recorded command.
+
+The tables are formatted by tools/make_docs.py (which writes the committed CSVs into
+docs/results.md); this prints any CSV, and the single-seed one with its training overrides.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
 
 
 def training_overrides(command: str) -> str:
@@ -27,36 +35,30 @@ def training_overrides(command: str) -> str:
     return " ".join(out)
 
 
-def _fmt(row: dict, key: str) -> str:
-    return f"{float(row[key]):.3f}" if row.get(key) else "-"
-
-
-def _mean_sd(rows: list[dict], key: str) -> str:
-    import numpy as np
-
-    v = np.array([float(r[key]) for r in rows if r.get(key) not in (None, "")])
-    if not v.size:
-        return "-"
-    return f"{v.mean():.3f} +- {v.std(ddof=1):.3f}" if v.size > 1 else f"{v[0]:.3f}"
-
-
-def seeds_table(rows: list[dict]) -> None:
+def seeds_table(rows: list[dict]) -> str:
     """Mean +- sd over seeds per (data set, setting, training overrides, variant)."""
-    groups: dict[tuple, list[dict]] = {}
+    import make_docs
+
+    return make_docs.table(["data set", "setting (training overrides)", "eval variant",
+                            "seeds", *[m for _, m in make_docs.METRICS], "eval s (mean)"],
+                           make_docs.seeds_rows(rows))
+
+
+def single_seed_table(rows: list[dict]) -> str:
+    """One row per CSV row, grouped by data set and training overrides (CSV order within)."""
+    from make_docs import METRICS, f3, table
+
     for r in rows:
-        train = " ".join(w for w in r["train_overrides"].split() if not w.startswith("seed="))
-        key = (r["dataset"], r["setting"], train, r["variant"], r["overrides"])
-        groups.setdefault(key, []).append(r)
-    print("| data set | setting (training overrides) | eval variant | seeds | image AUROC | "
-          "pixel AUROC | AUPRO | eval s (mean) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (ds, setting, train, variant, overrides), g in sorted(groups.items()):
-        seeds = ",".join(sorted({r["seed"] for r in g}))
-        ev = sum(float(r["eval_seconds"]) for r in g) / len(g)
-        print(f"| {ds} | {setting}" + (f" (`{train}`)" if train else "") + f" | {variant}"
-              + (f" (`{overrides}`)" if overrides else "") + f" | {seeds} | "
-              f"{_mean_sd(g, 'image_auroc')} | {_mean_sd(g, 'pixel_auroc')} | "
-              f"{_mean_sd(g, 'aupro')} | {ev:.0f} |")
+        r["train"] = training_overrides(r["command"])
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["train"]))
+    return table(["data set", "training (`--set`)", "train s", "eval variant",
+                  *[m for _, m in METRICS], "F1-max", "R", "eval s",
+                  "test FPR / recall at threshold"],
+                 [[r["dataset"], f"`{r['train']}`", r["train_seconds"] or "-",
+                   r["variant"] + (f" (`{r['overrides']}`)" if r["overrides"] else ""),
+                   *[f3(r[k]) for k, _ in METRICS], f3(r["f1_max"]), r["refine_passes"],
+                   r["eval_seconds"], f"{f3(r['test_fpr'])} / {f3(r['test_recall'])}"]
+                  for r in rows])
 
 
 def main() -> None:
@@ -65,21 +67,7 @@ def main() -> None:
     args = p.parse_args()
     with open(args.results, newline="") as f:
         rows = list(csv.DictReader(f))
-    if rows and "seed" in rows[0]:
-        seeds_table(rows)
-        return
-    for r in rows:
-        r["train"] = training_overrides(r["command"])
-    rows.sort(key=lambda r: (r["dataset"], r["train"]))  # stable: CSV order within a run
-    print("| data set | training (`--set`) | train s | eval variant | image AUROC | "
-          "pixel AUROC | AUPRO | F1-max | R | eval s | test FPR / recall at threshold |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        variant = r["variant"] + (f" (`{r['overrides']}`)" if r["overrides"] else "")
-        print(f"| {r['dataset']} | `{r['train']}` | {r['train_seconds'] or '-'} | {variant} | "
-              f"{_fmt(r, 'image_auroc')} | {_fmt(r, 'pixel_auroc')} | {_fmt(r, 'aupro')} | "
-              f"{_fmt(r, 'f1_max')} | {r['refine_passes']} | {r['eval_seconds']} | "
-              f"{_fmt(r, 'test_fpr')} / {_fmt(r, 'test_recall')} |")
+    print(seeds_table(rows) if rows and "seed" in rows[0] else single_seed_table(rows), end="")
 
 
 if __name__ == "__main__":
