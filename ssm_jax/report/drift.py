@@ -47,7 +47,8 @@ def _summary(check: dict) -> str:
     text = (f"{check['above']} of {check['n']} images above the threshold "
             f"({check['share_above']:.1%}, 95% interval {check['share_interval'][0]:.1%}-"
             f"{check['share_interval'][1]:.1%}) against the calibrated "
-            f"{check['expected_rate']:.1%} (binomial p={check['binomial_p']:.2g})")
+            f"{check['expected_rate']:.1%} ({check.get('count_test', 'binomial')} p="
+            f"{check['binomial_p']:.2g})")
     if "ks_p" in check:
         text += (f"; scores below the threshold against the calibration normals': KS "
                  f"D={check['ks_statistic']:.2f}, p={check['ks_p']:.2g}")
