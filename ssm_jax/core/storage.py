@@ -303,7 +303,8 @@ def atomic_open(target: PathLike, mode: str = "w", fsync: bool = True,
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and not e.filename:  # a failed write names no file
+        # A failed write names no file (an OSError raised with a message only keeps it).
+        if isinstance(e, OSError) and not e.filename and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(target)) from e
         raise
 

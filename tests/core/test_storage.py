@@ -52,6 +52,14 @@ def test_local_atomic_write(tmp_path):
             raise RuntimeError("writer died")
     assert target.read_text() == '{"a": 1}'
     assert os.listdir(tmp_path) == ["a.json"]  # no temporary left
+    # A failed write is named by the target; an OSError with only a message keeps it.
+    with pytest.raises(OSError) as err:
+        with storage.atomic_open(target, "w") as f:
+            raise OSError(28, "No space left on device")
+    assert err.value.filename == str(target) and err.value.errno == 28
+    with pytest.raises(OSError, match="custom message"):
+        with storage.atomic_open(target, "w") as f:
+            raise OSError("custom message")
     # Two calls in one thread never share a temporary name.
     assert storage.temp_name(target) != storage.temp_name(target)
 
