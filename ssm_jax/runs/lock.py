@@ -349,7 +349,7 @@ class RunLock:
             self.lock = WorkdirLock(self.workdir)
             try:
                 self.lock.acquire()
-            except WorkdirLocked as e:
+            except Exception as e:  # noqa: BLE001 - any failure: the peers wait to hear it
                 error = e
         if jax.process_count() > 1:
             import numpy as np
@@ -358,7 +358,7 @@ class RunLock:
             ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
             if not ok and error is None:
                 raise WorkdirLocked(f"workdir {self.workdir} is in use by another training "
-                                    f"run (see process 0's message)")
+                                    f"run or could not be locked (see process 0's message)")
         if error is not None:
             raise error
         if self.lock is not None and jax.process_count() > 1:

@@ -275,3 +275,25 @@ def test_gcs_stale_lock_two_contenders_one_wins(gcs_bucket, monkeypatch, caplog)
         assert any("no heartbeat from host another-host.example" in r.getMessage()
                    for r in caplog.records)
         locks[winners[0]].release()
+
+
+def test_run_lock_tells_the_peers_of_any_failure(tmp_path, monkeypatch):
+    """Process 0 failing to take the lock for another reason than a live lock (an
+    unwritable workdir) still broadcasts the outcome: the peers stop instead of waiting."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x: sent.append(int(x)) or x)
+
+    def fail(self):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(workdir_lock.WorkdirLock, "acquire", fail)
+    with pytest.raises(PermissionError):
+        with workdir_lock.RunLock(str(tmp_path / "wd")):
+            pass
+    assert sent == [0]
