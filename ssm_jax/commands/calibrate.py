@@ -19,9 +19,10 @@ calibration.
 
 Refused, with one line, before any scoring:
 
-* a folder with fewer than ``ceil(1 / fpr)`` images (50 at the default 0.02): with fewer,
-  even their largest score is exceeded by a new normal image with probability
-  1 / (n + 1) > fpr, so no threshold from them meets the asked rate (the same rule as
+* a folder with fewer than ``ceil(1 / fpr)`` images (50 at the default 0.02): the largest
+  of n scores is exceeded by a new normal image with probability 1 / (n + 1), so below
+  n = 1 / fpr - 1 no threshold from them meets the asked rate, and at it only their
+  maximum does; the rule keeps one image of margin (the same rule as
   ``threshold_min_normals`` in evaluate's metrics);
 * a missing folder, one without images, or an unreadable image;
 * images of another channel count than the run's training images (grey against colour,

@@ -292,6 +292,8 @@ def atomic_open(target: PathLike, mode: str = "w", fsync: bool = True,
             data = data.encode(kwargs.get("encoding") or "utf-8")
         p.write_bytes(data)
         return
+    if mode == "w":  # as on object storage and as read_text reads it, whatever the locale
+        kwargs.setdefault("encoding", "utf-8")
     tmp = temp_name(target)
     try:
         with open(tmp, mode, **kwargs) as f:

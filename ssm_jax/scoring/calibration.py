@@ -135,7 +135,10 @@ def current(workdir: str) -> dict | None:
     if not storage.isfile(path):
         return None
     try:
-        return json.loads(storage.read_text(path))
+        record = json.loads(storage.read_text(path))
+        if not isinstance(record, dict) or "threshold" not in record:
+            raise ValueError("not a calibration record")
+        return record
     except (OSError, ValueError) as e:  # unreadable: recalibrated when needed
         log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         return None
@@ -150,9 +153,11 @@ def history(workdir: str) -> list[dict]:
         path = rundir.path(workdir, f"{HISTORY_DIR}/{cid}/{THRESHOLD_FILE}")
         if storage.isfile(path):
             try:
-                out.append(json.loads(storage.read_text(path)))
+                record = json.loads(storage.read_text(path))
             except (OSError, ValueError):
                 continue  # a copy being written or damaged: the others stand
+            if isinstance(record, dict):
+                out.append(record)
     now = current(workdir)
     if now is not None and now.get("id") not in {r.get("id") for r in out}:
         out.append(now)

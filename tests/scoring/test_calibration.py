@@ -53,3 +53,10 @@ def test_history_statistics_and_site_precedence(tmp_path, monkeypatch):
     assert [h["source"] for h in hist] == [calibration.VALIDATION, "/site"]
     assert hist[0]["map_stats"] != hist[1]["map_stats"]
     assert calibration.load(wd, _cfg(), 7)[0] == 2.5
+
+
+def test_damaged_threshold_json_is_ignored(tmp_path):
+    wd = str(tmp_path)
+    (tmp_path / calibration.THRESHOLD_FILE).write_text("[1.5]")  # JSON, not a record
+    assert calibration.current(wd) is None and calibration.history(wd) == []
+    assert calibration.load_record(wd, _cfg(), 7) == (None, None)
