@@ -211,6 +211,10 @@ class WorkdirLock:
             if got is None:  # released or changed in between: try again
                 continue
             info, stale_gen = got
+            if info.get("token") == self.token and not info.get("released"):
+                # Our own create, its success lost and the retried upload refused.
+                self._generation = stale_gen
+                return
             why = "released" if info.get("released") else stale_reason(info)
             if why is None:
                 raise self._in_use(info)
@@ -289,6 +293,10 @@ class WorkdirLock:
                     log.debug("lock heartbeat failed: %s", e)
                     continue
                 if gen is None:
+                    got = self._gcs.read()  # a retried write of ours refused: still ours
+                    if got is not None and got[0].get("token") == self.token:
+                        self._generation = got[1]
+                        continue
                     log.warning("the lock %s was taken by another run", self.path)
                     return
                 self._generation = gen

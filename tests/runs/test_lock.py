@@ -297,3 +297,35 @@ def test_run_lock_tells_the_peers_of_any_failure(tmp_path, monkeypatch):
         with workdir_lock.RunLock(str(tmp_path / "wd")):
             pass
     assert sent == [0]
+
+
+def test_gcs_own_lock_recognized_after_a_refused_retry(monkeypatch):
+    """An upload that succeeded but whose answer was lost is retried by the client and
+    refused by its precondition: the lock read back is ours, not another run's."""
+    class Store:  # a GcsLockObject whose first create succeeds but reports failure
+        def __init__(self, url):
+            self.obj, self.gen, self.lose = None, 0, True
+
+        def write(self, info, generation):
+            if generation != self.gen:
+                return None
+            self.obj, self.gen = dict(info), self.gen + 1
+            if self.lose:
+                self.lose = False
+                return None
+            return self.gen
+
+        def read(self):
+            return None if self.obj is None else (dict(self.obj), self.gen)
+
+    monkeypatch.setattr(workdir_lock, "GcsLockObject", Store)
+    lock = workdir_lock.WorkdirLock("gs://bkt/run", heartbeat_s=0.05)
+    lock.acquire()
+    assert lock.held and lock._generation == 1
+    lock._gcs.lose = True  # a heartbeat whose answer is lost: the next ones go on
+    deadline = time.time() + 5
+    while lock._gcs.gen < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock._gcs.gen >= 4 and lock._thread.is_alive()
+    lock.release()
+    assert lock._gcs.obj.get("released") is True
