@@ -9,7 +9,7 @@ sees, every program compiled and written), ``warm`` (the cache the cold run fill
 run directory), ``off`` (``SSM_JAX_COMPILATION_CACHE=0``). Records wall seconds, the CPU
 seconds of the process (user + sys: less sensitive to other jobs than wall time), the
 1-minute load average before and after, and the run's eval/metrics.json. ``--install``
-also times ``python3 -m venv`` + ``pip install -e ".[test]"`` into a new virtual
+also times ``python3 -m venv`` + ``pip install -e .`` (README's first command) into a new virtual
 environment (pip's download cache is whatever this machine has; the note says so).
 ``--set`` passes ``--config.KEY=VALUE`` overrides (for trying settings; the recorded
 file is meant for the committed config, without them). ``python tools/make_docs.py``
@@ -109,11 +109,11 @@ def time_install() -> dict:
     venv = tempfile.mkdtemp(prefix="quickstart_venv_")
     t0 = time.perf_counter()
     subprocess.check_call([sys.executable, "-m", "venv", venv])
-    subprocess.check_call([os.path.join(venv, "bin", "pip"), "install", "--quiet", "-e",
-                           ".[test]"], cwd=ROOT)
+    subprocess.check_call([os.path.join(venv, "bin", "pip"), "install", "--quiet", "-e", "."],
+                          cwd=ROOT)
     wall = time.perf_counter() - t0
     shutil.rmtree(venv, ignore_errors=True)
-    return {"command": 'python3 -m venv .venv && pip install -e ".[test]"',
+    return {"command": "python3 -m venv .venv && pip install -e .",
             "note": "pip's download cache warm", "wall_s": round(wall, 1)}
 
 

@@ -1,8 +1,9 @@
 """CPU-sized run on the embedded synthetic data: README's first set-up command.
 
 Sized for a short first command on a 2-core CPU (benchmarks/results/quickstart.json,
-docs/startup.md): 32 px and 300 steps; train + evaluate take about 2.5 minutes with an
-empty compilation cache (1.2 with a warm one), after an install of about 2.5 minutes. Measured against the former 64 px / 600 steps (image AUROC 1.000, pixel 0.996):
+docs/startup.md): 32 px and 300 steps; train + evaluate take about 2.3 minutes with an
+empty compilation cache (1.2 with a warm one), after an install of about 1.3 minutes.
+Measured against the former 64 px / 600 steps (image AUROC 1.000, pixel 0.996):
 32 px at 300 steps gave image AUROC 0.998, pixel 0.992, AUPRO 0.965; at 200 steps with
 eval.ks=(8,) 0.993 / 0.990 (too close to the 0.99 floor); width 4 at 200 steps 0.977. Most
 of the command's CPU time is compiling (init, training step, validation, scorer), which
