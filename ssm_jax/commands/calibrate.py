@@ -34,6 +34,7 @@ Refused, with one line, before any scoring:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from ssm_jax.core import storage
 from ssm_jax.core.errors import ConfigError, DataError
 
 DEFAULT_FPR = 0.02
+log = logging.getLogger("ssm_jax")
 ASPECT_TOLERANCE = 1.1
 REFERENCE_FILES = 64  # training images whose headers give the reference shape
 
@@ -75,13 +77,23 @@ def _reference(cfg: ml_collections.ConfigDict) -> tuple[set[int], float, float, 
 
     root = str(cfg.data.path or "")
     good = storage.join(root, "train", "good") if root else ""
-    if good and storage.isdir(good):
+    channels = 1 if cfg.data.grayscale else 3
+    try:
+        reachable = bool(good) and storage.isdir(good)
+    except Exception:  # noqa: BLE001 - e.g. no credentials for the bucket here
+        reachable = False
+    if reachable:
         paths = folder.list_images(good)[:REFERENCE_FILES]
         heads = [_header(p) for p in paths]
         if heads:
             aspects = [a for _, a in heads]
             return {c for c, _ in heads}, min(aspects), max(aspects), good
-    channels = 1 if cfg.data.grayscale else 3
+    elif root:
+        # On site the training data is often not at hand: the channels come from the
+        # config, and no image shape can be checked (a non-square set must not be refused).
+        log.warning("calibrate: the run's training images (%s) are not reachable here; the "
+                    "new normals' image shape is not checked against them", good)
+        return {channels}, 0.0, math.inf, f"the run's config; {good} is not reachable"
     return {channels}, 1.0, 1.0, "the run's generated training images"
 
 

@@ -143,3 +143,26 @@ def test_readme_deploying_commands_as_written(tiny_run, tmp_path, monkeypatch):
     assert record["fpr"] == 0.02 and record["num_val_images"] == 50
     assert (tmp_path / "runs" / "site_check" / "drift.png").is_file()
     assert (tmp_path / "runs" / "quickstart" / "detector.ssm").is_file()
+
+
+def test_unreachable_training_data_checks_channels_only(tmp_path, caplog):
+    """On site the training folder is often absent: a non-square set is not refused for
+    its shape (the reference is unknown), but another channel count still is."""
+    from ssm_jax.commands import calibrate
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core.errors import DataError
+
+    cfg = base_config()
+    cfg.data.path = str(tmp_path / "not_here")
+    cfg.data.grayscale = True
+    wide = [str(tmp_path / f"w{i}.png") for i in range(5)]
+    for p in wide:
+        Image.fromarray(np.full((32, 96), 100, np.uint8)).save(p)
+    with caplog.at_level("WARNING", logger="ssm_jax"):
+        calibrate.check_normals(cfg, wide, str(tmp_path), 0.2)
+    assert any("not reachable" in r.getMessage() for r in caplog.records)
+    rgb = [str(tmp_path / f"c{i}.png") for i in range(5)]
+    for p in rgb:
+        Image.fromarray(np.full((32, 96, 3), 100, np.uint8)).save(p)
+    with pytest.raises(DataError, match="3 channel"):
+        calibrate.check_normals(cfg, rgb, str(tmp_path), 0.2)
