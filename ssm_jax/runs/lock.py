@@ -41,7 +41,7 @@ import time
 import uuid
 
 from ssm_jax.core import storage
-from ssm_jax.core.errors import WorkdirLocked
+from ssm_jax.core.errors import ConfigError, WorkdirLocked
 
 log = logging.getLogger("ssm_jax")
 
@@ -240,7 +240,11 @@ class WorkdirLock:
             self.held = True
             self._start_heartbeat()
             return
-        os.makedirs(self.workdir, exist_ok=True)
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the workdir {self.workdir}: "
+                              f"{e.strerror or e}") from e
         for _ in range(20):
             tmp = self._write_private()
             try:

@@ -140,6 +140,8 @@ def _stop_process(message: str) -> None:
     """One error line, then the process ends at once (its main thread may be blocked in a
     collective that never returns, so no exception could reach the CLI)."""
     os.write(2, f"ssm-jax: error: {message}\n".encode())
+    if _WATCHDOG is not None:  # tells process 0, which may be waiting for it to leave
+        _WATCHDOG.stop(_FAILED)
     _run_releases()
     os._exit(EXIT_PEER_LOST)
 
@@ -205,6 +207,20 @@ class PeerWatchdog:
         threading.Thread(target=self._run, daemon=True, name="ssm_jax_peer_watchdog").start()
         return self
 
+    def wait_for_peers(self, timeout: float) -> None:
+        """Waits, at most ``timeout`` seconds, until every peer has left (``done`` or
+        ``failed`` in the key-value store), e.g. after hearing that this process failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                values = dict(self.client.key_value_dir_get(_ALIVE_PREFIX))
+            except Exception:  # noqa: BLE001 - the service is gone: nothing to wait for
+                return
+            if all(values.get(f"{_ALIVE_PREFIX}{p}") in (_DONE, _FAILED)
+                   for p in range(self.n) if p != self.me):
+                return
+            time.sleep(0.1)
+
     def stop(self, state: str = _DONE) -> None:
         """Stops watching and tells the peers that this process left: normally (``done``:
         no longer watched) or with an error (``failed``: they stop too)."""
@@ -233,6 +249,10 @@ def end_failed_process(status: int) -> None:
         return
     _WATCHDOG.stop(_FAILED)
     _run_releases()
+    if _WATCHDOG.me == 0:
+        # Process 0 hosts the coordination service: leaving at once would abort the others
+        # (runtime.supervise) before their watchdogs read this "failed" and said why.
+        _WATCHDOG.wait_for_peers(2 * _WATCHDOG.interval + 1.0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

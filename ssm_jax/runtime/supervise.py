@@ -15,7 +15,8 @@ line. JAX's C++ log lines (``W1203 17:23:23.838 27452 file.cc:147] ...`` and the
 that follow them) are held back for ``HOLD_S`` seconds; when a fatal coordination report
 arrives in that time, the held lines and the rest of the crash report go to a file instead
 of the terminal, and when the child has ended the supervisor prints one line naming the
-lost coordinator and that file, and exits with status 3 (the peer watchdog's). Every other
+lost coordinator and that file (unless the command had printed its own error line), and
+exits with status 3 (the peer watchdog's). Every other
 line, and C++ lines that no crash follows, pass through unchanged (late by at most
 ``HOLD_S``).
 
@@ -78,6 +79,7 @@ class StderrFilter:
         self.held: list[bytes] = []
         self.held_since = 0.0
         self.report: list[bytes] = []  # the crash report, once one began
+        self.said_error = False  # the command printed its own one-line error
 
     @property
     def crashed(self) -> bool:
@@ -96,6 +98,7 @@ class StderrFilter:
                 self.held_since = now
             self.held.append(line)
         else:
+            self.said_error = self.said_error or line.startswith(b"ssm-jax: error:")
             self._write([line])
         self.tick(now)
 
@@ -152,6 +155,9 @@ def run(command: Sequence[str]) -> int:
             break
         filt.feed(line, time.monotonic())
     status = child.wait()
+    if filt.crashed and status != 0 and filt.said_error:
+        _save_report(filt.report)  # it already said why it stopped: one line is enough
+        return EXIT_COORDINATOR_LOST
     if filt.crashed and status != 0:
         path = _save_report(filt.report)
         process = os.environ.get("SSM_PROCESS_ID", "?")

@@ -45,3 +45,12 @@ def test_a_coordination_crash_report_is_kept_off_the_terminal():
     f.tick(now=5.0)
     assert out.getvalue() == b"ok\n"
     assert f.crashed and f.report[:3] == [CPP_WARN, CPP_ERR, CPP_FATAL] and len(f.report) == 5
+
+
+def test_a_command_that_said_why_gets_no_second_line():
+    out = io.BytesIO()
+    f = supervise.StderrFilter(out, hold_s=1.0)
+    f.feed(b"ssm-jax: error: workdir w is in use by another training run\n", now=0.0)
+    f.feed(CPP_FATAL, now=0.1)
+    assert f.crashed and f.said_error  # supervise.run then adds no line of its own
+    assert out.getvalue() == b"ssm-jax: error: workdir w is in use by another training run\n"
