@@ -113,8 +113,11 @@ def init_state(cfg: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
     model = make_model(cfg)
     x = jnp.zeros((1, s, s, channels(cfg)), jnp.float32)
     m = jnp.ones((1, s, s), jnp.float32)
-    init = jax.jit(lambda k: model.init(k, x, m, train=False)).lower(k_init)
-    variables = init.compile(compiler_options=run_once_options())(k_init)
+    init = jax.jit(lambda k: model.init(k, x, m, train=False))
+    if isinstance(k_init, jax.core.Tracer):  # traced (jax.eval_shape of a resume): no compile
+        variables = init(k_init)
+    else:
+        variables = init.lower(k_init).compile(compiler_options=run_once_options())(k_init)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables["batch_stats"],
