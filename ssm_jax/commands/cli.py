@@ -335,26 +335,17 @@ def run(argv: Sequence[str]) -> int:
     except Exception as e:
         # A full disk outside training's checkpoints (report, scores, an export, a sweep's
         # summary): one line. Every file is written whole or not at all (core.storage).
-        from ssm_jax.core.errors import disk_full_reason
+        from ssm_jax.core.errors import disk_full_reason, exception_chain
         reason = disk_full_reason(e)
         if reason is None or debug:
             raise
-        where = next((f" writing {x.filename}" for x in _chain(e)
+        where = next((f" writing {x.filename}" for x in exception_chain(e)
                       if isinstance(x, OSError) and x.filename), "")
         print(f"ssm-jax: error: the disk is full ({reason}){where}; the files written before "
               "are whole. Free space and run the same command again", file=sys.stderr)
         if "ssm_jax.runtime.distributed" in sys.modules:
             sys.modules["ssm_jax.runtime.distributed"].end_failed_process(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from."""
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
 
 
 def main() -> None:

@@ -46,20 +46,29 @@ _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_
                     "os_error_code='122'")
 
 
+def exception_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else ``__context__``),
+    outermost first."""
+    chain: list[BaseException] = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def disk_full_reason(exc: BaseException) -> str | None:
     """"No space left on device" (or the quota's words) when ``exc`` or an exception it was
     raised from failed because the disk is full, else None."""
     import errno
 
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return os.strerror(exc.errno)
-        text = str(exc)
+    for e in exception_chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(e.errno)
+        text = str(e)
         for words in _DISK_FULL_TEXTS:
             if words in text:
                 return words if not words.startswith("os_error") else os.strerror(
                     errno.ENOSPC if "28" in words else errno.EDQUOT)
-        exc = exc.__cause__ or exc.__context__
     return None

@@ -31,7 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ssm_jax.core import storage
-from ssm_jax.core.errors import CheckpointError, DiskFull, disk_full_reason
+from ssm_jax.core.errors import CheckpointError, DiskFull, disk_full_reason, exception_chain
 from ssm_jax.runs.rundir import BEST_DIR, CHECKPOINTS_DIR, DAMAGED_DIR
 
 log = logging.getLogger("ssm_jax")
@@ -200,11 +200,7 @@ def _quiet_failed_restore_echoes() -> None:
 def _reason(e: BaseException) -> str:
     """A few words on why a restore failed: the innermost status line (tensorstore's
     ``OUT_OF_RANGE: ...``, ``NOT_FOUND: ...``) if any, else the exception's first line."""
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = exception_chain(e)
     picked = chain[-1]
     for c in chain:
         if not isinstance(c, CheckpointError):
