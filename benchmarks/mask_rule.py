@@ -11,7 +11,10 @@ under both rules at several eval seeds, on every ``--every``-th test image (1: a
 spread over eval seeds is the mask-draw noise that a rule change has to stay within.
 Writes ``results.csv`` (one row per set, rule and eval seed) and ``summary.csv`` (per set
 and rule: mean and sd over eval seeds of image AUROC, pixel AUROC and AUPRO, and the
-difference hash - threefry).
+difference hash - threefry) and, where a set has runs of several training seeds,
+``paired.csv`` (per set and metric: each rule's mean and sd over the training seeds, each
+seed's figure averaged over the eval seeds first, and hash - threefry paired by training
+seed).
 """
 
 from __future__ import annotations
@@ -96,7 +99,34 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print(f"wrote {args.out}/results.csv and summary.csv")
+    paired = paired_by_training_seed(rows)
+    if paired:
+        with open(os.path.join(args.out, "paired.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(paired[0]))
+            w.writeheader()
+            w.writerows(paired)
+    print(f"wrote {args.out}/results.csv, summary.csv" + (" and paired.csv" if paired else ""))
+
+
+def paired_by_training_seed(rows: list[dict]) -> list[dict]:
+    """Per set with at least two training seeds and per metric: each rule's mean and sd
+    over training seeds (eval seeds averaged first), and hash - threefry paired by seed."""
+    out = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == name]
+        train_seeds = sorted({r["train_seed"] for r in mine})
+        if len(train_seeds) < 2:
+            continue
+        for k in METRICS:
+            per_rule = {rule: np.array([np.mean([r[k] for r in mine if r["rule"] == rule
+                                                 and r["train_seed"] == t])
+                                        for t in train_seeds]) for rule in RULES}
+            per_rule["hash - threefry (paired by training seed)"] = (
+                per_rule["hash"] - per_rule["threefry"])
+            for what, v in per_rule.items():
+                out.append({"set": name, "metric": k, "what": what, "mean": float(v.mean()),
+                            "sd": float(v.std(ddof=1)), "n": len(v)})
+    return out
 
 
 if __name__ == "__main__":

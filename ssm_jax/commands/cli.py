@@ -254,11 +254,15 @@ def run(argv: Sequence[str]) -> int:
         one_process = not distributed.maybe_initialize()
         if args.command == "train":
             from ssm_jax.commands import evaluate
+            from ssm_jax.serving.detector import scorer_ahead
             from ssm_jax.training import loop as train
             cfg = config_utils.load(args.config, overrides)  # every section checked
             if one_process:  # all CPU cores (SSM_JAX_CPU_DEVICES)
                 host_devices.configure(cfg.train.batch_size)
-            out = train.train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite)
+            # The scorer that --evaluate needs compiles beside the training step.
+            ahead = [scorer_ahead(cfg)] if args.evaluate else []
+            out = train.train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite,
+                              compile_ahead=ahead)
             logging.getLogger("ssm_jax").info("training done: %s", json.dumps(out))
             if args.evaluate:
                 res = evaluate.evaluate(cfg, args.workdir)

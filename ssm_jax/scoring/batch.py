@@ -72,8 +72,7 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
 
     from ssm_jax.data.pipeline import eval_batches
 
-    n_dev = jax.device_count()
-    batch_size = max(batch_size // n_dev, 1) * n_dev
+    batch_size = device_batch_size(batch_size)
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
     n, full = len(images), images.shape[1:3]
     if sizes is None:
@@ -93,9 +92,7 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
                 eval_batches(sizes[members], batch_size))):
             rows = members[start * batch_size:start * batch_size + real]
             idx = ids[np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])]
-            images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
-            idx_g = parallel.global_batch(mesh, parallel.host_rows(idx.astype(np.int32)))
-            hw_g = parallel.global_batch(mesh, parallel.host_rows(hw))
+            images_g, idx_g, hw_g = _place_batch(mesh, batch, idx, hw)
             if compiled is None:
                 compiled = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
                 parallel.barrier(f"ssm_jax_score_compiled_{progress}_{g}")
@@ -111,6 +108,32 @@ def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int,
     if bar is not None:
         bar.close()
     return outs
+
+
+def device_batch_size(batch_size: int) -> int:
+    """The scoring batch: ``batch_size`` rounded down to a multiple of the device count
+    (at least one image per device)."""
+    n_dev = jax.device_count()
+    return max(batch_size // n_dev, 1) * n_dev
+
+
+def _place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> tuple:
+    """A host batch, its mask ids and valid sizes as global arrays sharded over ``data``."""
+    return (parallel.global_batch(mesh, parallel.host_rows(batch)),
+            parallel.global_batch(mesh, parallel.host_rows(ids.astype(np.int32))),
+            parallel.global_batch(mesh, parallel.host_rows(np.asarray(sizes, np.int32))))
+
+
+def lower_scorer(score_fn, variables, mesh, batch_size: int, image_shape: tuple[int, ...],
+                 seed: int):
+    """``score_fn`` lowered as :func:`score_images` lowers it for images of
+    ``image_shape`` (H, W, C) scored whole; ``variables`` may be abstract
+    (``jax.ShapeDtypeStruct`` with their sharding). For compiling ahead."""
+    b = device_batch_size(batch_size)
+    key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
+    args = _place_batch(mesh, np.zeros((b, *image_shape), np.float32), np.zeros(b, np.int32),
+                        np.tile(np.asarray(image_shape[:2], np.int32), (b, 1)))
+    return score_fn.lower(variables, key, *args)
 
 
 def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:

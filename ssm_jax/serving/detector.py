@@ -29,6 +29,7 @@ from ssm_jax.core.errors import CheckpointError, ConfigError, DataError
 from ssm_jax.data.folder import full_sizes
 from ssm_jax.method import scoring
 from ssm_jax.runs import checkpoints, rundir
+from ssm_jax.runtime import compile_ahead
 from ssm_jax.scoring import batch as batch_scoring
 from ssm_jax.scoring import calibration
 
@@ -68,6 +69,31 @@ def inference_shapes(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                                jax.random.PRNGKey(0), x, m)
     return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": variables["params"],
             "batch_stats": variables["batch_stats"]}
+
+
+def scorer_lowered(cfg: ml_collections.ConfigDict):
+    """The scorer ``Detector.from_config(cfg, ...)`` compiles for the run's own images
+    (validation and test: ``data.image_size`` square), lowered from the variables' shapes
+    alone: what :func:`scorer_ahead` compiles."""
+    mesh = parallel.data_mesh()
+    score_fn = batch_scoring.make_score_fn(cfg, mesh, batch_scoring.scoring_config(cfg))
+    replicated = parallel.replicated(mesh)
+    shapes = inference_shapes(cfg)
+    variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                            sharding=replicated),
+                             {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+    s = cfg.data.image_size
+    return batch_scoring.lower_scorer(score_fn, variables, mesh, cfg.eval.batch_size,
+                                      (s, s, train_step.channels(cfg)), cfg.eval.seed)
+
+
+def scorer_ahead(cfg: ml_collections.ConfigDict):
+    """A callable that compiles :func:`scorer_lowered`, for
+    :func:`ssm_jax.runtime.compile_ahead.beside` while the run trains; None where images
+    are scored at several shapes (``data.keep_aspect``)."""
+    if cfg.data.keep_aspect:
+        return None
+    return compile_ahead.named("scorer", lambda: scorer_lowered(cfg).compile())
 
 
 def load_variables(cfg: ml_collections.ConfigDict, workdir: str, mesh):

@@ -2,5 +2,5 @@
 (``loop``), model groups trained as one program (``groups``) and the TensorBoard writer
 (``tb_writer``).
 
-May import: ``core``, ``data``, ``method``, ``config``, ``runs``.
+May import: ``core``, ``runtime``, ``data``, ``method``, ``config``, ``runs``.
 """

@@ -24,7 +24,7 @@ import math
 import platform
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError, TrainingDiverged
 from ssm_jax.core.progress import TrainProgress
 from ssm_jax.runs import checkpoints, rundir
+from ssm_jax.runtime.compile_ahead import beside, named
 from ssm_jax.training import step as train_step
 
 log = logging.getLogger("ssm_jax")
@@ -259,9 +260,11 @@ class _Run:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, compile_ahead: Sequence[Callable[[], Any]] = ()) -> dict:
     """Trains (or resumes) and returns the final training metrics. ``cfg`` is a checked
     config (:func:`ssm_jax.config.loader.load`: every value is validated there, once).
+    ``compile_ahead``: compilations the caller needs after training (the scorer), run
+    beside the training step's (:func:`ssm_jax.runtime.compile_ahead.beside`).
 
     From the first instruction on, SIGTERM means "finish the current step, save, stop".
     """
@@ -274,23 +277,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, resume: bool = False,
     with SigtermFlag() as sigterm, workdir_lock.RunLock(workdir), \
             checkpoints.full_disk_stops(workdir):
         return train_runs([cfg], [workdir], SingleProgram, sigterm, resume=resume,
-                          overwrite=overwrite)[0]
+                          overwrite=overwrite, compile_ahead=compile_ahead)[0]
 
 
 def train_runs(cfgs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
                make_program, sigterm: SigtermFlag, resume: bool = False,
-               overwrite: bool = False) -> list[dict] | None:
+               overwrite: bool = False,
+               compile_ahead: Sequence[Callable[[], Any]] = ()) -> list[dict] | None:
     """The training loop for M >= 1 runs stepped together by ``make_program(cfgs)`` (a
     :class:`StepProgram`); returns each run's final metrics, or None when the runs cannot
     continue together (their checkpoints are at different steps or LR decay steps).
 
-    The caller holds the run directories' locks and ``sigterm``.
+    The caller holds the run directories' locks and ``sigterm``; ``compile_ahead`` as in
+    :func:`train`.
     """
     for c, wd in zip(cfgs, workdirs):
         prepare_workdir(c, wd, resume=resume, overwrite=overwrite)
     program = make_program(cfgs)
     with contextlib.ExitStack() as stack:
-        return _loop(cfgs, workdirs, program, sigterm, stack)
+        return _loop(cfgs, workdirs, program, sigterm, stack, compile_ahead)
 
 
 def _open_runs(cfgs, workdirs, stack) -> list[_Run]:
@@ -330,8 +335,22 @@ def _restore_or_init(run: _Run, sharding) -> tuple[Any, bool]:
     return state, True
 
 
+def val_step_lowered(program: StepProgram, state, images: np.ndarray, batch_size: int):
+    """``program.val_fn`` lowered for :func:`validation_losses`'s batches of ``images``,
+    placed as it places them: what the loop compiles ahead."""
+    from ssm_jax.data.pipeline import eval_batches
+
+    batch, _ = next(eval_batches(images, batch_size))
+    mesh = program.mesh
+    images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
+    idx_g = parallel.global_batch(mesh, parallel.host_rows(np.arange(len(batch),
+                                                                      dtype=np.int32)))
+    return program.val_fn.lower(state, images_g, idx_g)
+
+
 def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
-          stack: contextlib.ExitStack) -> list[dict] | None:
+          stack: contextlib.ExitStack,
+          compile_ahead: Sequence[Callable[[], Any]] = ()) -> list[dict] | None:
     from ssm_jax.training import tb_writer  # before clu: its metric writers without TensorFlow
     tb_writer.metric_writers()
     from clu import parameter_overview, periodic_actions
@@ -387,7 +406,10 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
     if first is not None:
         # Compile before the first step, then line the hosts up: a slow host must not
         # make the first cross-host collective time out.
-        step_fn = program.compile(state, program.global_images(first))
+        ahead = [named("validation step", lambda: val_step_lowered(
+            program, state, val_images, val_batch).compile()) if len(val_set) else None,
+            *compile_ahead]
+        step_fn = beside(lambda: program.compile(state, program.global_images(first)), ahead)
         log.info("train step compiled in %.1f s", time.time() - t0)
         parallel.barrier("ssm_jax_train_compiled")
     progress = TrainProgress(start, total, cfg0.train.batch_size * m,

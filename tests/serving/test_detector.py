@@ -48,6 +48,34 @@ def test_score_any_batch_and_calibrated_predict(detector, images):
     np.testing.assert_allclose(pred["scores"], out["scores"], rtol=1e-5)
 
 
+def test_scorer_compiled_ahead_is_the_one_scoring_compiles(detector, images):
+    """What `train --evaluate` compiles beside the training step (scorer_lowered, from the
+    variables' shapes) is the program the Detector lowers to score the run's images: the
+    same HLO, so the persistent compilation cache serves it instead of a second
+    compilation."""
+    import dataclasses
+
+    from ssm_jax.config import loader
+    from ssm_jax.serving.detector import scorer_ahead, scorer_lowered
+
+    seen = []
+
+    class Recording:  # the score function, recording what it lowers
+        def lower(self, *args):
+            lowered = detector.score_fn.lower(*args)
+            seen.append(lowered.as_text())
+            return lowered
+
+    out = dataclasses.replace(detector, score_fn=Recording()).raw_scores(images)
+    assert out["score"].shape == (len(images),)
+    assert len(seen) == 1 and seen[0] == scorer_lowered(detector.cfg).as_text()
+    # Sensitive to what decides the program: another eval batch size lowers another one.
+    other = loader.apply_overrides(detector.cfg, ["eval.batch_size=4"])
+    assert scorer_lowered(other).as_text() != seen[0]
+    # Images scored at several shapes (native resolution) are not compiled ahead.
+    assert scorer_ahead(loader.apply_overrides(detector.cfg, ["data.keep_aspect=true"])) is None
+
+
 def test_calibrate_on_given_normals(detector, images):
     normals = images[:3]
     t = detector.calibrate(normals)

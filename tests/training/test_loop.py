@@ -44,6 +44,10 @@ def test_training_learns(tmp_path, monkeypatch):
     after 4 steps and the model separates defective from normal test images far above
     chance (measured: image AUROC 0.98, pixel AUROC 0.91)."""
     val_losses = _recording(monkeypatch, train, "validation_losses")
+    lines = []
+    info = train.log.info  # the "ssm_jax" logger, which compile_ahead logs to as well
+    monkeypatch.setattr(train.log, "info", lambda msg, *a, **k: (
+        lines.append(msg % a if a else msg), info(msg, *a, **k)))
     wd = tmp_path / "wd"
     rc = cli.run(["train", "--config", "configs/quickstart.py", "--workdir", str(wd),
                   "--config.data.image_size=32", "--config.model.width=4",
@@ -58,9 +62,39 @@ def test_training_learns(tmp_path, monkeypatch):
     print("val losses", [round(v, 4) for v in val_losses], "metrics", m["image_auroc"],
           m["pixel_auroc"])
     assert len(val_losses) == 20
+    # --evaluate: the validation step and the scorer compiled beside the training step
+    # (the session's compilation cache is on, see conftest).
+    ahead = [line for line in lines if line.startswith("compiled ahead")]
+    assert len(ahead) == 1 and "validation step" in ahead[0] and "scorer" in ahead[0]
     assert val_losses[-1] < 0.85 * val_losses[0]  # measured: 0.76
     assert min(val_losses[10:]) < min(val_losses[:10])  # still improving in the second half
     assert m["image_auroc"] >= 0.85 and m["pixel_auroc"] >= 0.8
+
+
+def test_validation_step_compiled_ahead_is_the_one_validation_runs():
+    """What the loop compiles beside the training step (val_step_lowered, from the state
+    before the first step) is the program validation_losses runs after steps: the same
+    HLO, so the persistent compilation cache serves it instead of a second compilation."""
+    cfg = _cfg("train.steps=2")
+    program = train.SingleProgram([cfg])
+    program.build(train_step.lr_decay_steps(cfg))
+    state = program.place([train_step.init_state(cfg, jax.random.PRNGKey(0))], False)
+    val_images = np.random.default_rng(0).random((11, 32, 32, 1), dtype=np.float32)
+    ahead = train.val_step_lowered(program, state, val_images, 8).as_text()
+    batch = np.random.default_rng(1).random((8, 32, 32, 1), dtype=np.float32)
+    step = program.compile(state, program.global_images([batch]))
+    state, _ = step(state, program.global_images([batch]))
+    seen, real = [], program.val_fn
+
+    def recording(*args):
+        seen.append(real.lower(*args).as_text())
+        return real(*args)
+
+    losses = train.validation_losses(recording, state, program.mesh, val_images, 8)
+    assert len(seen) == 2 and seen[0] == seen[1] == ahead  # 11 images: 2 batches of 8
+    assert np.isfinite(losses).all()
+    # Sensitive to what decides the program: another batch size lowers another one.
+    assert train.val_step_lowered(program, state, val_images, 4).as_text() != ahead
 
 
 def test_best_checkpoint_rotation_and_lr_steps(tmp_path, monkeypatch):
