@@ -34,6 +34,30 @@ def run(tiny_run, tmp_path_factory):
     return wd, tmp / "normals", tmp
 
 
+def test_shape_reference_is_all_training_images(tmp_path):
+    """The aspect-ratio range comes from the whole training folder, not its first files:
+    new normals shaped like its last files are accepted (a real set's test normals were
+    refused when the first 64 files gave the range), other shapes still refused."""
+    from ssm_jax.commands import calibrate
+    from ssm_jax.config.defaults import base_config
+    from ssm_jax.core.errors import DataError
+
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(80):  # sorted names: 70 squares first, then 10 tall tiles
+        shape = (32, 32) if i < 70 else (64, 32)
+        Image.fromarray(np.full(shape, 100, np.uint8)).save(good / f"{i:03d}.png")
+    cfg = base_config()
+    cfg.data.path = str(tmp_path / "data")
+    cfg.data.grayscale = True
+    tall = [str(good / f"{i:03d}.png") for i in range(70, 80)]
+    calibrate.check_normals(cfg, tall * 5, "site", 0.02)  # 50 tall normals: accepted
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((32, 96), 100, np.uint8)).save(wide)
+    with pytest.raises(DataError, match="aspect ratio 3"):
+        calibrate.check_normals(cfg, [str(wide)] * 50, "site", 0.02)
+
+
 def test_refusals_one_line(run, tmp_path):
     wd, normals, _ = run
     res = ssm("calibrate", "--workdir", wd, "--normals", normals)  # fpr 0.02: 50 needed
