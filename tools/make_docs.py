@@ -361,6 +361,9 @@ def startup_page() -> str:
             i = q["install"]
             out.append(f"Install before it (`{i['command']}`, {i['note']}): "
                        f"{i['wall_s']:.0f} s.\n\n")
+        if q.get("first_command_wall_s"):
+            out.append("README's first set-up command, whole (install + the cold run): "
+                       f"{q['first_command_wall_s']:.0f} s.\n\n")
     out.append(other_files("startup"))
     return "".join(out)
 

@@ -12,6 +12,18 @@ from ssm_jax.runtime import compile_ahead
 @pytest.fixture
 def cache_on(monkeypatch):
     monkeypatch.setattr(compile_ahead, "cache_is_on", lambda: True)
+    monkeypatch.setenv(compile_ahead.ENV_SWITCH, "1")
+
+
+def test_default_is_off_on_cpu_and_the_switch_decides(monkeypatch):
+    monkeypatch.delenv(compile_ahead.ENV_SWITCH, raising=False)
+    assert not compile_ahead.enabled()  # the tests run on the CPU backend
+    monkeypatch.setenv(compile_ahead.ENV_SWITCH, "1")
+    assert compile_ahead.enabled()
+    monkeypatch.setenv(compile_ahead.ENV_SWITCH, "0")
+    ran = []
+    monkeypatch.setattr(compile_ahead, "cache_is_on", lambda: True)
+    assert compile_ahead.beside(lambda: 1, [lambda: ran.append(1)]) == 1 and ran == []
 
 
 def test_ahead_runs_in_another_thread_while_main_runs(cache_on, caplog):

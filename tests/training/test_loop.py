@@ -44,6 +44,7 @@ def test_training_learns(tmp_path, monkeypatch):
     after 4 steps and the model separates defective from normal test images far above
     chance (measured: image AUROC 0.98, pixel AUROC 0.91)."""
     val_losses = _recording(monkeypatch, train, "validation_losses")
+    monkeypatch.setenv("SSM_JAX_COMPILE_AHEAD", "1")  # off by default on CPU
     lines = []
     info = train.log.info  # the "ssm_jax" logger, which compile_ahead logs to as well
     monkeypatch.setattr(train.log, "info", lambda msg, *a, **k: (
@@ -63,7 +64,7 @@ def test_training_learns(tmp_path, monkeypatch):
           m["pixel_auroc"])
     assert len(val_losses) == 20
     # --evaluate: the validation step and the scorer compiled beside the training step
-    # (the session's compilation cache is on, see conftest).
+    # (switched on above; the session's compilation cache is on, see conftest).
     ahead = [line for line in lines if line.startswith("compiled ahead")]
     assert len(ahead) == 1 and "validation step" in ahead[0] and "scorer" in ahead[0]
     assert val_losses[-1] < 0.85 * val_losses[0]  # measured: 0.76
