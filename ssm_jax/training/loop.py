@@ -147,15 +147,21 @@ def validation_losses(val_fn, state, mesh, images: np.ndarray, batch_size: int) 
 
     total, count, offset = None, 0, 0
     for batch, real in eval_batches(images, batch_size):
-        idx = np.arange(offset, offset + len(batch), dtype=np.int32)
-        images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
-        idx_g = parallel.global_batch(mesh, parallel.host_rows(idx))
-        out = np.asarray(parallel.to_host(val_fn(state, images_g, idx_g)), np.float64)
+        out = np.asarray(parallel.to_host(val_fn(state, *_val_batch(mesh, batch, offset))),
+                         np.float64)
         part = out.reshape(-1, out.shape[-1])[:, :real].sum(1)
         total = part if total is None else total + part
         count += real
         offset += len(batch)
     return total / max(count, 1)
+
+
+def _val_batch(mesh, batch: np.ndarray, offset: int) -> tuple:
+    """A validation batch and its example indices (from ``offset``: the masks' keys) as
+    global arrays sharded over ``data``."""
+    idx = np.arange(offset, offset + len(batch), dtype=np.int32)
+    return (parallel.global_batch(mesh, parallel.host_rows(batch)),
+            parallel.global_batch(mesh, parallel.host_rows(idx)))
 
 
 def load_training_data(cfg: ml_collections.ConfigDict):
@@ -341,11 +347,7 @@ def val_step_lowered(program: StepProgram, state, images: np.ndarray, batch_size
     from ssm_jax.data.pipeline import eval_batches
 
     batch, _ = next(eval_batches(images, batch_size))
-    mesh = program.mesh
-    images_g = parallel.global_batch(mesh, parallel.host_rows(batch))
-    idx_g = parallel.global_batch(mesh, parallel.host_rows(np.arange(len(batch),
-                                                                      dtype=np.int32)))
-    return program.val_fn.lower(state, images_g, idx_g)
+    return program.val_fn.lower(state, *_val_batch(program.mesh, batch, 0))
 
 
 def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
