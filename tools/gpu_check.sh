@@ -4,7 +4,9 @@
 #
 #   1. pytest tests/method/test_{model,scoring,losses,masks}.py
 #   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
-#      float32 and bfloat16, then a short table (and one RESULT JSON line per run).
+#      float32 and bfloat16, then a short table (and one RESULT JSON line per run);
+#   3. while time is left, compile-ahead on against off: the quickstart's cold
+#      `train --evaluate`, alternating (SSM_JAX_COMPILE_AHEAD=1/0).
 #
 # Before the device call, on this machine: `bash tools/fetch_wheels.sh` (grain,
 # array_record, portpicker, clu, ml_collections for Python 3.12 and this machine's python,
@@ -26,6 +28,7 @@ if [[ $SMOKE == 1 ]]; then
   SIZE=${SIZE:-32}; WIDTH=${WIDTH:-8}; BATCHES=${BATCHES:-"4 8"}; DTYPES=${DTYPES:-"float32 bfloat16"}
   BENCH_ARGS=(--repeats 1 --iters 1 --refine-passes 2 --peak-size 512)
   TEST_TIMEOUT=${TEST_TIMEOUT:-900}; RUN_TIMEOUT=${RUN_TIMEOUT:-400}
+  AB_ROUNDS=${AB_ROUNDS:-1}; AB_TIMEOUT=${AB_TIMEOUT:-400}; AB_DEADLINE=${AB_DEADLINE:-100000}
 else
   SIZE=${SIZE:-128}; WIDTH=${WIDTH:-64}; BATCHES=${BATCHES:-"32 128"}; DTYPES=${DTYPES:-"float32 bfloat16"}
   BENCH_ARGS=(--repeats 5 --iters 3 --refine-passes 3)
@@ -56,6 +59,27 @@ for b in $BATCHES; do
     rc=$?
     grep -v '^RESULT ' "$log" | tail -6
     (( rc )) && echo "   (exit $rc$( ((rc == 124)) && echo ': timed out'))"
+  done
+done
+
+# Compile-ahead on/off (runtime.compile_ahead: on by default off CPU, unmeasured on a GPU):
+# the quickstart's train --evaluate with an empty compilation cache, alternating, while
+# time is left (the device call's limit is 600 s).
+echo "== compile-ahead A/B (quickstart train --evaluate, empty cache)"
+AB_ROUNDS=${AB_ROUNDS:-2}; AB_TIMEOUT=${AB_TIMEOUT:-100}
+for r in $(seq "$AB_ROUNDS"); do
+  for ahead in 1 0; do
+    if (( SECONDS + AB_TIMEOUT > ${AB_DEADLINE:-560} )); then
+      echo "-- skipped (round $r, ahead=$ahead): ${SECONDS} s used"; continue
+    fi
+    wd="$(mktemp -d)"
+    t0=$(date +%s.%N)
+    SSM_JAX_COMPILE_AHEAD=$ahead SSM_JAX_CACHE_DIR="$wd/cache" timeout "$AB_TIMEOUT" \
+      python -m ssm_jax train --config configs/quickstart.py --workdir "$wd/run" --evaluate \
+      >"$OUT_DIR/ahead_${ahead}_r$r.log" 2>&1
+    rc=$?
+    echo "-- round $r ahead=$ahead: $(python -c "import time; print(f'{time.time() - $t0:.1f}')") s (exit $rc)"
+    rm -rf "$wd"
   done
 done
 

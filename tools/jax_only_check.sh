@@ -27,7 +27,7 @@ pin() {  # NAME -> NAME==VERSION of the calling python, or NAME
   python3 -c "import importlib.metadata as m; print('$1==' + m.version('$1'))" 2>/dev/null \
     || echo "$1"
 }
-BASE=(jax jaxlib flax optax orbax-checkpoint tensorboard)
+BASE=(jax jaxlib ml_dtypes flax optax orbax-checkpoint tensorboard)  # ml_dtypes: pyproject.toml pins it
 IMAGE=(matplotlib tqdm wrapt cloudpickle)  # on the GPU image too (KINDS.md)
 specs=()
 for p in "${BASE[@]}" "${IMAGE[@]}"; do specs+=("$(pin "$p")"); done

@@ -24,20 +24,28 @@ from ssm_jax.training import step as train_step
 
 
 def make_score_fn(cfg: ml_collections.ConfigDict, mesh, sc: scoring.ScoringConfig):
-    """Returns jit(score(variables, key, images, indices, sizes) -> per-image outputs)."""
+    """Returns jit(score(variables, key, images, indices, sizes) -> per-image outputs).
+
+    Built from the model settings and ``sc`` only, and kept per process for them
+    (``train_step.kept_program``): evaluate after train, a sweep's cells and seeds trace and
+    compile their scorer once."""
     model = train_step.make_model(cfg)
 
-    def per_device(variables, key, images, indices, sizes):
-        def restore(masked, m):
-            return model.apply(variables, masked, m, train=False)
+    def build():
+        def per_device(variables, key, images, indices, sizes):
+            def restore(masked, m):
+                return model.apply(variables, masked, m, train=False)
 
-        out = scoring.score_batch(restore, key, images, indices, sc, sizes)
-        return {k: out[k] for k in ("map", "score", "mse", "restored")}
+            out = scoring.score_batch(restore, key, images, indices, sc, sizes)
+            return {k: out[k] for k in ("map", "score", "mse", "restored")}
 
-    spec = P(parallel.DATA_AXIS)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec, spec),
-                            out_specs=spec, check_vma=False)
-    return jax.jit(sharded)
+        spec = P(parallel.DATA_AXIS)
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec, spec, spec),
+                                out_specs=spec, check_vma=False)
+        return jax.jit(sharded)
+
+    # The model is a frozen dataclass of its settings: hashable, equal when they are.
+    return train_step.kept_program(("scorer", model, sc, mesh), build)
 
 
 def shape_buckets(sizes: np.ndarray, full: tuple[int, int],

@@ -144,24 +144,35 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
     ``P(model, data)``; metrics come back per model, [M]. The state is donated.
     """
     check_group(cfgs)
+    # Seeds reach the step through the states: a group that differs only in its seeds (or
+    # loop settings) reuses this process's step (train_step.kept_program).
+    cfgs = [train_step.program_config(c, ("seed", *train_step.LOOP_KEYS)) for c in cfgs]
     variants, index = _mask_variants(cfgs)
     cfg0 = cfgs[0]
+    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
 
-    def per_model(idx, state, images):
-        mask_fn = None
-        if len(variants) > 1:
-            def mask_fn(st, im):
-                return switched_masks(variants, idx, st, im)
-        return train_step.make_per_device_step(cfg0, lr_decay_steps, mask_fn)(state, images)
+    def build():
+        def per_model(idx, state, images):
+            mask_fn = None
+            if len(variants) > 1:
+                def mask_fn(st, im):
+                    return switched_masks(variants, idx, st, im)
+            return train_step.make_per_device_step(
+                cfg0, None if lr is None else list(lr), mask_fn)(state, images)
 
-    def per_device(idx, states, images):
-        return over_models(per_model, mesh, idx, states, images)
+        def per_device(idx, states, images):
+            return over_models(per_model, mesh, idx, states, images)
 
-    sharded = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS, DATA_AXIS)),
-                            out_specs=(P(MODEL_AXIS), P(MODEL_AXIS)), check_vma=False)
+        sharded = jax.shard_map(
+            per_device, mesh=mesh,
+            in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS, DATA_AXIS)),
+            out_specs=(P(MODEL_AXIS), P(MODEL_AXIS)), check_vma=False)
+        return jax.jit(sharded, donate_argnums=(1,))
+
+    step = train_step.kept_program(
+        ("group_train_step", tuple(train_step.config_key(c) for c in cfgs), mesh,
+         group_mode(mesh), lr), build)
     idx = _model_index_array(mesh, index)
-    step = jax.jit(sharded, donate_argnums=(1,))
 
     def run(states, images):
         return step(idx, states, images)
@@ -174,25 +185,35 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
 def make_multi_val_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh):
     """Returns ``val(states, images, indices) -> [M, B] per-example losses``: each model's
     ``train_step.make_val_step`` (its own fixed masks), all models in one program."""
-    variants, index = _mask_variants(cfgs)
-    model = train_step.make_model(cfgs[0])
     val_keys = jnp.stack([train_step.val_key(c) for c in cfgs])
+    # The seeds come in as val_keys: the program is the rest of the configs'.
+    cfgs = [train_step.program_config(c, ("seed", *train_step.LOOP_KEYS)) for c in cfgs]
+    variants, index = _mask_variants(cfgs)
 
-    def per_model(idx, vkey, state, images, indices):
-        s = images.shape[1]
-        draws = [lambda k, c=c: train_step.val_masks(c, k, indices, s) for c in variants]
-        mask_batch = (jax.lax.switch(idx, draws, vkey) if len(draws) > 1 else draws[0](vkey))
-        return train_step.val_example_losses(model, cfgs[0], state, images, mask_batch)
+    def build():
+        model = train_step.make_model(cfgs[0])
 
-    def per_device(idx, vkeys, states, images, indices):
-        return over_models(lambda i, k, st: per_model(i, k, st, images, indices), mesh,
-                           idx, vkeys, states)
+        def per_model(idx, vkey, state, images, indices):
+            s = images.shape[1]
+            draws = [lambda k, c=c: train_step.val_masks(c, k, indices, s) for c in variants]
+            mask_batch = (jax.lax.switch(idx, draws, vkey) if len(draws) > 1
+                          else draws[0](vkey))
+            return train_step.val_example_losses(model, cfgs[0], state, images, mask_batch)
 
-    sharded = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
-        out_specs=P(MODEL_AXIS, DATA_AXIS), check_vma=False)
-    step = jax.jit(sharded)
+        def per_device(idx, vkeys, states, images, indices):
+            return over_models(lambda i, k, st: per_model(i, k, st, images, indices), mesh,
+                               idx, vkeys, states)
+
+        sharded = jax.shard_map(
+            per_device, mesh=mesh,
+            in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS), P(DATA_AXIS),
+                      P(DATA_AXIS)),
+            out_specs=P(MODEL_AXIS, DATA_AXIS), check_vma=False)
+        return jax.jit(sharded)
+
+    step = train_step.kept_program(
+        ("group_val_step", tuple(train_step.config_key(c) for c in cfgs), mesh,
+         group_mode(mesh)), build)
     idx = _model_index_array(mesh, index)
     vk = jax.device_put(val_keys, NamedSharding(mesh, P(MODEL_AXIS)))
     return lambda states, images, indices: step(idx, vk, states, images, indices)

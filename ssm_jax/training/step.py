@@ -9,6 +9,8 @@ the same global batch gives the same masks (and loss) on 1 or N devices.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import flax
@@ -21,7 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ssm_jax.core.parallel import DATA_AXIS
-from ssm_jax.method import losses, masks
+from ssm_jax.method import conv_forms, losses, masks
 from ssm_jax.method.model import SSMUNet
 
 
@@ -34,6 +36,52 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+
+
+# Config keys that no compiled training or validation step is built from: they steer the
+# loop, data loading and scoring. A process keeps its last few steps by the rest of the
+# config (``program_config``), so runs that differ only in these keys (a sweep's seeds run
+# one after another, a resumed run, a second ``train`` in one Python session) trace, lower
+# and load their step once: 5-10 s each on a CPU, even with the compilation cache warm.
+LOOP_KEYS = ("data.path", "data.stream", "data.val_fraction", "data.synthetic_num_train",
+             "train.log_every", "train.checkpoint_every", "train.eval_every",
+             "train.keep_checkpoints", "eval")
+_PROGRAMS: dict[Hashable, Any] = {}
+_KEEP_PROGRAMS = 8
+
+
+def program_config(cfg: ml_collections.ConfigDict,
+                   drop: tuple[str, ...] = LOOP_KEYS) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` without the keys in ``drop`` (deleted, so that a step built from
+    it that read one of them fails at once instead of being shared by runs it differs
+    between)."""
+    out = cfg.copy_and_resolve_references()
+    out.unlock()
+    for key in drop:
+        *parents, name = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        if name in node:
+            del node[name]
+    return out
+
+
+def kept_program(key: Hashable, build: Callable[[], Any]) -> Any:
+    """``build()``, kept for this process under ``key`` (the oldest of more than a few is
+    let go): the jitted function keeps its traced and compiled programs. The convolution
+    forms switched on (``conv_forms.ENABLED``, read while tracing) are part of the key."""
+    key = (key, frozenset(conv_forms.ENABLED))
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= _KEEP_PROGRAMS:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = build()
+    return _PROGRAMS[key]
+
+
+def config_key(cfg: ml_collections.ConfigDict) -> str:
+    """The config as one string (a key for ``kept_program``)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=list)
 
 
 def channels(cfg: ml_collections.ConfigDict) -> int:
@@ -117,7 +165,10 @@ def init_state(cfg: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
     if isinstance(k_init, jax.core.Tracer):  # traced (jax.eval_shape of a resume): no compile
         variables = init(k_init)
     else:
-        variables = init.lower(k_init).compile(compiler_options=run_once_options())(k_init)
+        compiled = kept_program(
+            ("init", model, s, channels(cfg)),
+            lambda: init.lower(k_init).compile(compiler_options=run_once_options()))
+        variables = compiled(k_init)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables["batch_stats"],
@@ -217,12 +268,19 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
 
     ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
-    replicated. The state buffers are donated.
+    replicated. The state buffers are donated. Kept per process (``kept_program``) for the
+    config less its seed and ``LOOP_KEYS``.
     """
-    per_device = make_per_device_step(cfg, lr_decay_steps)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                            out_specs=(P(), P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,))
+    cfg = program_config(cfg, ("seed", *LOOP_KEYS))  # masks come from state.rng
+    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
+
+    def build():
+        per_device = make_per_device_step(cfg, None if lr is None else list(lr))
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                                out_specs=(P(), P()), check_vma=False)
+        return jax.jit(sharded, donate_argnums=(0,))
+
+    return kept_program(("train_step", config_key(cfg), mesh, lr), build)
 
 
 # Validation masks come from PRNGKey(seed + VAL_SEED_OFFSET), never from the training key.
@@ -261,13 +319,19 @@ def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     Validation uses eval-mode BatchNorm and masks keyed by the example index only, so the
     value is comparable across checkpoints. Padding rows are dropped by the caller.
     """
-    model = make_model(cfg)
-    key = val_key(cfg)
+    cfg = program_config(cfg)  # the seed stays: it keys the validation masks
 
-    def per_device(state: TrainState, images: jax.Array, indices: jax.Array):
-        return val_example_losses(model, cfg, state, images,
-                                  val_masks(cfg, key, indices, images.shape[1]))
+    def build():
+        model = make_model(cfg)
+        key = val_key(cfg)
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-                            out_specs=P(DATA_AXIS), check_vma=False)
-    return jax.jit(sharded)
+        def per_device(state: TrainState, images: jax.Array, indices: jax.Array):
+            return val_example_losses(model, cfg, state, images,
+                                      val_masks(cfg, key, indices, images.shape[1]))
+
+        sharded = jax.shard_map(per_device, mesh=mesh,
+                                in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+                                out_specs=P(DATA_AXIS), check_vma=False)
+        return jax.jit(sharded)
+
+    return kept_program(("val_step", config_key(cfg), mesh), build)

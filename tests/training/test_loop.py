@@ -172,6 +172,8 @@ def _record_masks(monkeypatch):
         return m
 
     monkeypatch.setattr(masks, "sample_masks", sample)
+    # Steps built fresh, and not kept: one kept from an earlier test would not call it.
+    monkeypatch.setattr(train_step, "kept_program", lambda key, build: build())
     return drawn
 
 
@@ -254,3 +256,40 @@ def test_variants_through_a_step_and_scoring(override):
         ref = score(ref_cfg)
         np.testing.assert_allclose(out["score"], ref["score"], rtol=0.1)
         assert not np.array_equal(out["map"], ref["map"])
+
+
+def test_runs_differing_only_in_loop_settings_share_their_programs():
+    """A process keeps its steps by the config less the seed and LOOP_KEYS (the scorer by
+    model and scoring settings): a sweep's next seed, or evaluate after train, traces and
+    compiles nothing again; any other change builds another program."""
+    from ssm_jax.scoring import batch as batch_scoring
+
+    cfg = _cfg("train.steps=2")
+    mesh = parallel.data_mesh()
+    step = train_step.make_train_step(cfg, mesh)
+    loop_only = config_utils.apply_overrides(cfg, ["seed=3", "train.log_every=1",
+                                                   "eval.ks=(4,)", "data.path=/elsewhere"])
+    assert train_step.make_train_step(loop_only, mesh) is step
+    for other in ("loss.mse_weight=2.0", "train.steps=3", "mask.ks=(8,)", "model.width=8"):
+        changed = config_utils.apply_overrides(cfg, [other])
+        assert train_step.make_train_step(changed, mesh) is not step, other
+    assert train_step.make_train_step(cfg, mesh, [1, None, None]) is not step
+    # Validation masks come from the seed; eval settings do not reach the step.
+    val = train_step.make_val_step(cfg, mesh)
+    same = config_utils.apply_overrides(cfg, ["eval.ks=(4,)", "train.eval_every=1"])
+    assert train_step.make_val_step(same, mesh) is val
+    assert train_step.make_val_step(loop_only, mesh) is not val
+    sc = batch_scoring.scoring_config(cfg)
+    scorer = batch_scoring.make_score_fn(cfg, mesh, sc)
+    assert batch_scoring.make_score_fn(loop_only, mesh, sc) is scorer
+    assert batch_scoring.make_score_fn(
+        cfg, mesh, batch_scoring.scoring_config(loop_only)) is not scorer
+    # The programs are built from the config without those keys: one that read them
+    # would fail instead of being shared by runs that differ there.
+    reduced = train_step.program_config(cfg, ("seed", *train_step.LOOP_KEYS))
+    for key in ("seed", "eval", "data.path"):
+        with pytest.raises(KeyError):
+            config_utils.flatten(reduced)[key]
+    with pytest.raises(AttributeError):
+        assert reduced.eval is None  # never reached: the key is gone
+    assert reduced.mask.ks == cfg.mask.ks and cfg.eval.ks == (8,)  # cfg itself untouched
