@@ -4,7 +4,9 @@
 These tests train (or resume, evaluate, predict) with the same settings so that the XLA
 programs one of them compiles are found in the session's compilation cache (conftest) by
 the others: the training step depends on the shapes, the batch size and, through the LR
-schedule, on ``train.steps``; validation and scoring on the eval batch size and ks.
+schedule, on ``train.steps``; validation and scoring on the eval batch size and ks. In
+one process (an xdist worker) the built programs are kept as well
+(``ssm_jax.training.step.kept_program``): a later run of the same settings traces nothing.
 """
 
 import contextlib
