@@ -44,7 +44,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv "$VENV"
   quiet "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-quiet "$VENV/bin/python" -m pip install --quiet "${specs[@]}"
+# --no-compile: CI builds this beside the tests; modules are byte-compiled when imported
+quiet "$VENV/bin/python" -m pip install --quiet --no-compile "${specs[@]}"
 echo "== venv ready ($((SECONDS - t0)) s)"
 [[ "${1:-}" == "--prepare" ]] && exit 0
 
