@@ -10,6 +10,7 @@ the same global batch gives the same masks (and loss) on 1 or N devices.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -47,6 +48,7 @@ LOOP_KEYS = ("data.path", "data.stream", "data.val_fraction", "data.synthetic_nu
              "train.log_every", "train.checkpoint_every", "train.eval_every",
              "train.keep_checkpoints", "eval")
 _PROGRAMS: dict[Hashable, Any] = {}
+_PROGRAMS_LOCK = threading.Lock()
 _KEEP_PROGRAMS = 8
 
 
@@ -72,11 +74,15 @@ def kept_program(key: Hashable, build: Callable[[], Any]) -> Any:
     let go): the jitted function keeps its traced and compiled programs. The convolution
     forms switched on (``conv_forms.ENABLED``, read while tracing) are part of the key."""
     key = (key, frozenset(conv_forms.ENABLED))
-    if key not in _PROGRAMS:
-        if len(_PROGRAMS) >= _KEEP_PROGRAMS:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = build()
-    return _PROGRAMS[key]
+    with _PROGRAMS_LOCK:  # compile-ahead builds from a thread of its own
+        program = _PROGRAMS.get(key)
+    if program is None:
+        program = build()  # outside the lock: the initializer compiles here
+        with _PROGRAMS_LOCK:
+            program = _PROGRAMS.setdefault(key, program)
+            while len(_PROGRAMS) > _KEEP_PROGRAMS:
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    return program
 
 
 def config_key(cfg: ml_collections.ConfigDict) -> str:
