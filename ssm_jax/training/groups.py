@@ -146,10 +146,9 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
     check_group(cfgs)
     # Seeds reach the step through the states: a group that differs only in its seeds (or
     # loop settings) reuses this process's step (train_step.kept_program).
-    cfgs = [train_step.program_config(c, ("seed", *train_step.LOOP_KEYS)) for c in cfgs]
+    cfgs = [train_step.program_config(c, train_step.NOT_IN_TRAIN_STEP) for c in cfgs]
     variants, index = _mask_variants(cfgs)
     cfg0 = cfgs[0]
-    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
 
     def build():
         def per_model(idx, state, images):
@@ -157,8 +156,8 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
             if len(variants) > 1:
                 def mask_fn(st, im):
                     return switched_masks(variants, idx, st, im)
-            return train_step.make_per_device_step(
-                cfg0, None if lr is None else list(lr), mask_fn)(state, images)
+            one_model = train_step.make_per_device_step(cfg0, lr_decay_steps, mask_fn)
+            return one_model(state, images)
 
         def per_device(idx, states, images):
             return over_models(per_model, mesh, idx, states, images)
@@ -169,8 +168,9 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
             out_specs=(P(MODEL_AXIS), P(MODEL_AXIS)), check_vma=False)
         return jax.jit(sharded, donate_argnums=(1,))
 
+    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
     step = train_step.kept_program(
-        ("group_train_step", tuple(train_step.config_key(c) for c in cfgs), mesh,
+        ("group_train_step", tuple(config_utils.to_json(c) for c in cfgs), mesh,
          group_mode(mesh), lr), build)
     idx = _model_index_array(mesh, index)
 
@@ -187,7 +187,7 @@ def make_multi_val_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh):
     ``train_step.make_val_step`` (its own fixed masks), all models in one program."""
     val_keys = jnp.stack([train_step.val_key(c) for c in cfgs])
     # The seeds come in as val_keys: the program is the rest of the configs'.
-    cfgs = [train_step.program_config(c, ("seed", *train_step.LOOP_KEYS)) for c in cfgs]
+    cfgs = [train_step.program_config(c, train_step.NOT_IN_TRAIN_STEP) for c in cfgs]
     variants, index = _mask_variants(cfgs)
 
     def build():
@@ -212,7 +212,7 @@ def make_multi_val_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh):
         return jax.jit(sharded)
 
     step = train_step.kept_program(
-        ("group_val_step", tuple(train_step.config_key(c) for c in cfgs), mesh,
+        ("group_val_step", tuple(config_utils.to_json(c) for c in cfgs), mesh,
          group_mode(mesh)), build)
     idx = _model_index_array(mesh, index)
     vk = jax.device_put(val_keys, NamedSharding(mesh, P(MODEL_AXIS)))

@@ -9,7 +9,6 @@ the same global batch gives the same masks (and loss) on 1 or N devices.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -23,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ssm_jax.config import loader
 from ssm_jax.core.parallel import DATA_AXIS
 from ssm_jax.method import conv_forms, losses, masks
 from ssm_jax.method.model import SSMUNet
@@ -47,6 +47,9 @@ class TrainState:
 LOOP_KEYS = ("data.path", "data.stream", "data.val_fraction", "data.synthetic_num_train",
              "train.log_every", "train.checkpoint_every", "train.eval_every",
              "train.keep_checkpoints", "eval")
+# The training steps (one run's, a group's) also leave out the seed: masks come from the
+# state's PRNG key. The validation step keeps it (it keys the validation masks).
+NOT_IN_TRAIN_STEP = ("seed", *LOOP_KEYS)
 _PROGRAMS: dict[Hashable, Any] = {}
 _PROGRAMS_LOCK = threading.Lock()
 _KEEP_PROGRAMS = 8
@@ -83,11 +86,6 @@ def kept_program(key: Hashable, build: Callable[[], Any]) -> Any:
             while len(_PROGRAMS) > _KEEP_PROGRAMS:
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))
     return program
-
-
-def config_key(cfg: ml_collections.ConfigDict) -> str:
-    """The config as one string (a key for ``kept_program``)."""
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=list)
 
 
 def channels(cfg: ml_collections.ConfigDict) -> int:
@@ -172,7 +170,7 @@ def init_state(cfg: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
         variables = init(k_init)
     else:
         compiled = kept_program(
-            ("init", model, s, channels(cfg)),
+            ("init", model, s),  # the model holds the channel count
             lambda: init.lower(k_init).compile(compiler_options=run_once_options()))
         variables = compiled(k_init)
     params = variables["params"]
@@ -277,16 +275,16 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     replicated. The state buffers are donated. Kept per process (``kept_program``) for the
     config less its seed and ``LOOP_KEYS``.
     """
-    cfg = program_config(cfg, ("seed", *LOOP_KEYS))  # masks come from state.rng
-    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
+    cfg = program_config(cfg, NOT_IN_TRAIN_STEP)
 
     def build():
-        per_device = make_per_device_step(cfg, None if lr is None else list(lr))
+        per_device = make_per_device_step(cfg, lr_decay_steps)
         sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                 out_specs=(P(), P()), check_vma=False)
         return jax.jit(sharded, donate_argnums=(0,))
 
-    return kept_program(("train_step", config_key(cfg), mesh, lr), build)
+    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
+    return kept_program(("train_step", loader.to_json(cfg), mesh, lr), build)
 
 
 # Validation masks come from PRNGKey(seed + VAL_SEED_OFFSET), never from the training key.
@@ -340,4 +338,4 @@ def make_val_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
                                 out_specs=P(DATA_AXIS), check_vma=False)
         return jax.jit(sharded)
 
-    return kept_program(("val_step", config_key(cfg), mesh), build)
+    return kept_program(("val_step", loader.to_json(cfg), mesh), build)

@@ -286,7 +286,7 @@ def test_runs_differing_only_in_loop_settings_share_their_programs():
         cfg, mesh, batch_scoring.scoring_config(loop_only)) is not scorer
     # The programs are built from the config without those keys: one that read them
     # would fail instead of being shared by runs that differ there.
-    reduced = train_step.program_config(cfg, ("seed", *train_step.LOOP_KEYS))
+    reduced = train_step.program_config(cfg, train_step.NOT_IN_TRAIN_STEP)
     for key in ("seed", "eval", "data.path"):
         with pytest.raises(KeyError):
             config_utils.flatten(reduced)[key]
