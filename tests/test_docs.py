@@ -78,6 +78,31 @@ def test_make_docs_check_flags_a_stale_page(tmp_path, monkeypatch):
     assert (tmp_path / "docs" / "speed.md").read_text() == "typed by hand\n"
 
 
+def test_a_sweep_run_before_a_default_changed_is_printed_as_it_ran():
+    """A sweep whose recorded base config differs from today's config file (a default
+    changed since) gets the old values as overrides: in its command, so the command runs
+    the same grid, and in README's row; an unchanged one gets none."""
+    import json
+
+    from ssm_jax.config import loader
+    md = _make_docs()
+    today = loader.load(os.path.join(ROOT, "configs", "cpu_native.py"),
+                        ["data.path=/d/kolektor", "train.steps=400"], check_values=False)
+    d = {"config": "configs/cpu_native.py", "seeds": [0, 1],
+         "config_overrides": ["data.path=/d/kolektor", "train.steps=400"],
+         "cells": [["base", ""], ["r2", "eval.refine_passes=2"]],
+         "base_config": json.loads(loader.to_json(today))}
+    assert md.as_run(d) == []
+    assert md.beyond_today(d, "") == ("400", [])
+    d["base_config"]["mask"]["ks"] = [2, 4]
+    d["base_config"]["eval"]["border"] = "zero"
+    assert md.as_run(d) == ["eval.border=zero", "mask.ks=(2,4)"]
+    assert "--config.mask.ks=(2,4)" in md.sweep_command(d, "x")
+    assert "--config.data.path=$DATA/kolektor" in md.sweep_command(d, "x")
+    assert md.beyond_today(d, "eval.refine_passes=2 train.steps=9") == (
+        "9", ["eval.border=zero", "eval.refine_passes=2", "mask.ks=(2,4)"])
+
+
 def test_readme_is_for_users():
     text = _readme()
     assert len(text.splitlines()) <= 250

@@ -24,6 +24,9 @@ import sys
 from collections.abc import Iterable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The config files and the package the sweeps' configs are compared with (ROOT, where the
+# pages and results live, is moved by the tests; the code is this checkout's).
+CODE = ROOT
 RESULTS = os.path.join("benchmarks", "results")
 PAGES = ("docs/results.md", "docs/speed.md", "docs/startup.md")
 # README.md's results table is printed here too, between these two lines.
@@ -40,7 +43,8 @@ DATA_SETS = {
 }
 # The sweeps whose base cell and best cell (by pixel AUROC) README's table shows (at most 12
 # rows with the quickstart's).
-README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep_native_kolektor")
+README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep_native_kolektor",
+                 "sweep_native_magnetic_tile", "sweep_steps_kolektor")
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json"}
 
@@ -131,12 +135,57 @@ def quickstart_section() -> str:
     return "\n".join(out) + "\n"
 
 
+def override_text(value: object) -> str:
+    """A config value as a ``KEY=VALUE`` override spells it (sequences as ``(4,8,16)``)."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+def as_run(d: dict) -> list[str]:
+    """The overrides today's config file needs to be the base config a sweep ran with:
+    ``KEY=VALUE`` for each key whose default changed since (keys added since are left
+    out: they default to the behaviour before them). Empty when nothing changed."""
+    sys.path.insert(0, CODE)
+    from ssm_jax.config import loader
+
+    now = loader.flatten(loader.load(os.path.join(CODE, d["config"]),
+                                     d["config_overrides"], check_values=False))
+    then = loader.flatten(d["base_config"])
+    return [f"{k}={override_text(v)}" for k, v in sorted(then.items())
+            if k in now and now[k] != v]
+
+
+def base_steps(d: dict) -> str:
+    """The training steps of a sweep's base config (its override, else the recorded config)."""
+    ov = dict(o.split("=", 1) for o in d["config_overrides"])
+    return ov.get("train.steps") or str(d.get("base_config", {}).get("train", {}).get(
+        "steps", "the config's"))
+
+
+def beyond_today(d: dict, cell_overrides: str) -> tuple[str, list[str]]:
+    """(steps, overrides) of one cell as it ran: its training steps, and ``KEY=VALUE`` for
+    every key (but the data folder and the steps) where it differs from today's config file
+    (the sweep's overrides, defaults changed since, the cell's own)."""
+    sys.path.insert(0, CODE)
+    from ssm_jax.config import loader
+
+    ran = loader.apply_overrides(loader.from_json(json.dumps(d["base_config"])),
+                                 cell_overrides.split())
+    ran, today = loader.flatten(ran), loader.flatten(
+        loader.load(os.path.join(CODE, d["config"]), check_values=False))
+    return str(ran["train.steps"]), [
+        f"{k}={override_text(v)}" for k, v in sorted(ran.items())
+        if k in today and today[k] != v and k not in ("data.path", "train.steps")]
+
+
 def sweep_command(d: dict, name: str) -> str:
-    """The sweep's command line from its sweep.json (data folder as $DATA/<set>)."""
+    """The sweep's command line from its sweep.json (data folder as $DATA/<set>; keys whose
+    default changed since the sweep ran as --config overrides, so it runs the same grid)."""
     parts = [f"ssm-jax sweep --config {d['config']} --workdir sweeps/{name}",
              "--seeds " + ",".join(str(s) for s in d["seeds"])]
     parts += [f'--cell {c} "{ov}"' for c, ov in d["cells"]]
-    for ov in d["config_overrides"]:
+    for ov in [*d["config_overrides"], *as_run(d)]:
         k, v = ov.split("=", 1)
         parts.append(f"--config.{k}=$DATA/{data_name(v)}" if k == "data.path"
                      else f"--config.{ov}")
@@ -168,10 +217,13 @@ def sweep_section(dirname: str) -> tuple[str, str]:
                        f"{signed(r['ci95_high'])}]" if r and r["diff"] else "")
         rows.append(row)
     n = max(int(r["n"]) for r in summary)
-    steps = overrides.get("train.steps", "the config's")
+    steps = base_steps(d)
+    then = as_run(d) if "base_config" in d else []
     text = (f"### {ds}, `{d['config']}`, {steps} steps ({dirname})\n\n"
             f"Mean +- sd over {n} seeds; diff = the cell minus `{d['cells'][0][0]}`, paired "
-            "by seed, with its 95% t interval (an interval containing 0 is no difference).\n\n"
+            "by seed, with its 95% t interval (an interval containing 0 is no difference)."
+            + (" Run before a default changed; its base config is today's with `"
+               + " ".join(then) + "`." if then else "") + "\n\n"
             + table(["cell", "overrides", *[m for _, m in METRICS],
                      *[f"diff {m} [95%]" for _, m in METRICS]], rows)
             + ("\n```bash\n" + sweep_command(d, dirname) + "\n```\n\n" if "seeds" in d
@@ -278,14 +330,14 @@ def readme_table() -> str:
     for name in README_SWEEPS:
         d = read_json(f"{RESULTS}/{name}/sweep.json")
         ov = dict(o.split("=", 1) for o in d["config_overrides"])
-        steps = ov.get("train.steps", "the config's")
         by = {(r["cell"], r["metric"]): r for r in read_csv(f"{RESULTS}/{name}/summary.csv")}
         cells = dict(d["cells"])
         base = d["cells"][0][0]
         best = max(cells, key=lambda c: float(by[(c, "pixel_auroc")]["mean"]))
         for cell in dict.fromkeys([base, best]):
+            steps, words = beyond_today(d, cells[cell])
             rows.append([data_name(ov["data.path"]), f"`{d['config']}`, {steps}",
-                         f"`{cells[cell]}`" if cells[cell] else "-",
+                         f"`{' '.join(words)}`" if words else "-",
                          by[(cell, "image_auroc")]["n"],
                          *[f"{f3(by[(cell, k)]['mean'])} +- {f3(by[(cell, k)]['sd'])}"
                            for k, _ in METRICS]])
