@@ -66,3 +66,27 @@ def test_input_pipeline_measures_both_sizes(tmp_path, capsys):
     assert "rss_growth_pipeline_streamed" in result["summary"]
     assert os.path.exists(tmp_path / "r.json")
     assert capsys.readouterr().out.splitlines()[-1].startswith("RESULT ")
+
+
+def test_ensemble_scores_the_mean_of_the_members_maps(tiny_run, capsys):
+    """benchmarks/ensemble.py: the image score of an ensemble is the rule applied to the
+    mean of the standardized maps (not the mean of the members' scores), padded pixels left
+    out; an ensemble of one run twice scores exactly as that run, paired difference 0."""
+    import numpy as np
+
+    ens = _script("ensemble")
+    a = np.zeros((2, 4, 4), np.float32)
+    b = np.zeros((2, 4, 4), np.float32)
+    a[:, 0, 0], b[:, 1, 1] = 4.0, 2.0
+    a[1, 3, 3] = b[1, 3, 3] = 9.0  # outside image 1's valid 3 x 3 corner
+    scores, mean = ens.mean_map_scores([a, b], "max", 0.01, np.array([[4, 4], [3, 3]]))
+    np.testing.assert_allclose(mean[0, 0, 0], 2.0)
+    np.testing.assert_allclose(scores, [2.0, 2.0])  # the mean's max, not (4 + 2) / 2 = 3
+
+    wd = str(tiny_run[0])
+    result = ens.main(["--size", "2", "--members", wd, wd, "--against", wd])
+    single = result["singles"][wd]
+    for k in ("image_auroc", "pixel_auroc", "aupro"):
+        assert result["ensembles"][0][k] == single[k], k
+        assert result["summary"][k]["diff"]["mean"] == 0.0
+    assert "ensemble 0 (2 runs)" in capsys.readouterr().out
