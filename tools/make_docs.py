@@ -142,18 +142,28 @@ def override_text(value: object) -> str:
     return str(value)
 
 
-def as_run(d: dict) -> list[str]:
-    """The overrides today's config file needs to be the base config a sweep ran with:
-    ``KEY=VALUE`` for each key whose default changed since (keys added since are left
-    out: they default to the behaviour before them). Empty when nothing changed."""
+def _loader():
     sys.path.insert(0, CODE)
     from ssm_jax.config import loader
+    return loader
 
-    now = loader.flatten(loader.load(os.path.join(CODE, d["config"]),
-                                     d["config_overrides"], check_values=False))
-    then = loader.flatten(d["base_config"])
-    return [f"{k}={override_text(v)}" for k, v in sorted(then.items())
-            if k in now and now[k] != v]
+
+def _differences(ran: dict, config: str, overrides: list[str], skip: tuple = ()) -> list[str]:
+    """``KEY=VALUE`` for each key of the flat config ``ran`` whose value today's config file
+    (with ``overrides``) does not have; keys added since are left out (they default to the
+    behaviour before them), as are the keys in ``skip``."""
+    loader = _loader()
+    today = loader.flatten(loader.load(os.path.join(CODE, config), overrides,
+                                       check_values=False))
+    return [f"{k}={override_text(v)}" for k, v in sorted(ran.items())
+            if k in today and today[k] != v and k not in skip]
+
+
+def as_run(d: dict) -> list[str]:
+    """The overrides today's config file needs to be the base config a sweep ran with:
+    one for each key whose default changed since. Empty when nothing changed."""
+    return _differences(_loader().flatten(d["base_config"]), d["config"],
+                        d["config_overrides"])
 
 
 def base_steps(d: dict) -> str:
@@ -167,16 +177,11 @@ def beyond_today(d: dict, cell_overrides: str) -> tuple[str, list[str]]:
     """(steps, overrides) of one cell as it ran: its training steps, and ``KEY=VALUE`` for
     every key (but the data folder and the steps) where it differs from today's config file
     (the sweep's overrides, defaults changed since, the cell's own)."""
-    sys.path.insert(0, CODE)
-    from ssm_jax.config import loader
-
-    ran = loader.apply_overrides(loader.from_json(json.dumps(d["base_config"])),
-                                 cell_overrides.split())
-    ran, today = loader.flatten(ran), loader.flatten(
-        loader.load(os.path.join(CODE, d["config"]), check_values=False))
-    return str(ran["train.steps"]), [
-        f"{k}={override_text(v)}" for k, v in sorted(ran.items())
-        if k in today and today[k] != v and k not in ("data.path", "train.steps")]
+    loader = _loader()
+    ran = loader.flatten(loader.apply_overrides(
+        loader.from_json(json.dumps(d["base_config"])), cell_overrides.split()))
+    return str(ran["train.steps"]), _differences(ran, d["config"], [],
+                                                 ("data.path", "train.steps"))
 
 
 def sweep_command(d: dict, name: str) -> str:
