@@ -97,10 +97,23 @@ def test_a_sweep_run_before_a_default_changed_is_printed_as_it_ran():
     d["base_config"]["mask"]["ks"] = [2, 4]
     d["base_config"]["eval"]["border"] = "zero"
     assert md.as_run(d) == ["eval.border=zero", "mask.ks=(2,4)"]
-    assert "--config.mask.ks=(2,4)" in md.sweep_command(d, "x")
+    assert "--config.mask.ks='(2,4)'" in md.sweep_command(d, "x")
     assert "--config.data.path=$DATA/kolektor" in md.sweep_command(d, "x")
     assert md.beyond_today(d, "eval.refine_passes=2 train.steps=9") == (
         "9", ["eval.border=zero", "eval.refine_passes=2", "mask.ks=(2,4)"])
+
+
+def test_results_page_commands_are_valid_shell():
+    """Every command docs/results.md prints parses in bash as written (a value such as
+    ``(4,8,16)`` is quoted)."""
+    import subprocess
+
+    page = _make_docs().render()["docs/results.md"]
+    blocks = re.findall(r"```bash\n(.*?)```", page, re.S)
+    assert blocks
+    for block in blocks:
+        res = subprocess.run(["bash", "-n", "-c", block], capture_output=True, text=True)
+        assert res.returncode == 0, (block, res.stderr)
 
 
 def test_readme_is_for_users():

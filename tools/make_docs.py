@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable
 
@@ -193,7 +194,7 @@ def sweep_command(d: dict, name: str) -> str:
     for ov in [*d["config_overrides"], *as_run(d)]:
         k, v = ov.split("=", 1)
         parts.append(f"--config.{k}=$DATA/{data_name(v)}" if k == "data.path"
-                     else f"--config.{ov}")
+                     else f"--config.{k}={shlex.quote(v)}")  # "(4,8,16)": not bare in bash
     return " \\\n    ".join(parts)
 
 
