@@ -45,7 +45,8 @@ DATA_SETS = {
 # The sweeps whose base cell and best cell (by pixel AUROC) README's table shows (at most 12
 # rows with the quickstart's).
 README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep_native_kolektor",
-                 "sweep_native_magnetic_tile", "sweep_steps_kolektor")
+                 "sweep_native_magnetic_tile", "sweep_steps_kolektor",
+                 "sweep_steps_magnetic_tile")
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json"}
 
