@@ -21,8 +21,9 @@ Fourth round: on magnetic_tile at native resolution the 8-32 px cells are no dif
 +0.096]; benchmarks/results/sweep_native_magnetic_tile), so by the rule "better on one set,
 not worse on the other" they are the default here: ``mask.ks = eval.ks = (8, 16, 32)``
 (``--config.mask.ks="(4,8,16)" --config.eval.ks="(4,8,16)"`` for the former cells).
-2000 against 1000 steps on kolektor: no difference but F1-max (+0.018 [+0.006, +0.029];
-benchmarks/results/sweep_steps_kolektor), so the 1000 steps of cpu.py stay.
+2000 against 1000 steps: on kolektor no difference but F1-max (+0.018 [+0.006, +0.029];
+benchmarks/results/sweep_steps_kolektor), on magnetic_tile none (pixel +0.008 [-0.017,
++0.034]; sweep_steps_magnetic_tile), so the 1000 steps of cpu.py stay.
 """
 
 import os
