@@ -4,7 +4,9 @@ figure (input, restoration, ground truth, overlay, thresholded map; colour bar b
 Sample choice: half anomalous, half normal where possible (the other class fills any
 shortfall). Within each class the images are ranked by image score, highest first, and
 picked evenly spaced along that ranking, so the sample always contains the highest- and
-the lowest-scoring image of each class and is deterministic.
+the lowest-scoring image of each class and is deterministic. :func:`hardest` picks the
+failures instead: the lowest-scoring anomalous images (misses) and the highest-scoring
+normal ones (false alarms), which say what limits a model.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ def sample(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         return ranked[np.unique(np.linspace(0, len(ranked) - 1, n).round().astype(int))]
 
     return np.r_[pick(bad, nb), pick(good, ng)].astype(int)
+
+
+def hardest(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Up to ``k`` indices: the lowest-scoring anomalous images (lowest first), then the
+    highest-scoring normal ones (highest first), half each where possible; none unless
+    both classes are present (a miss or a false alarm is only one against the other)."""
+    k = max(int(k), 0)
+    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    bad = np.nonzero(labels == 1)[0]
+    good = np.nonzero(labels != 1)[0]
+    if not len(bad) or not len(good):
+        return np.zeros(0, int)
+    nb = min(len(bad), max(math.ceil(k / 2), k - len(good)))
+    ng = min(len(good), k - nb)
+    misses = bad[np.argsort(scores[bad], kind="stable")][:nb]
+    alarms = good[np.argsort(-scores[good], kind="stable")][:ng]
+    return np.r_[misses, alarms].astype(int)
 
 
 def pixel_threshold(maps: np.ndarray, labels: np.ndarray, threshold: float | None) -> float:

@@ -12,6 +12,7 @@ module stays cheap and works without a display.
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +69,8 @@ def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str
 
 def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                  threshold: float | None, num_overlays: int) -> str:
-    """Writes overlays, ``grid.png``, ``roc.png``, ``pro.png``, ``scores_hist.png``, every
+    """Writes overlays, ``grid.png``, ``hardest.png`` (misses and false alarms; both
+    classes needed), ``roc.png``, ``pro.png``, ``scores_hist.png``, every
     image's overlay and thumbnail (``images/``), ``per_image.csv`` and
     ``index.md``/``index.html`` into ``eval_dir`` (see :mod:`ssm_jax.report.grid` for the
     sample and :mod:`ssm_jax.report.tables` for the row order). Plots that cannot be drawn
@@ -102,6 +104,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     n = len(labels)
     has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
     pix_thr = grid.pixel_threshold(maps, labels, threshold)
+    thr_label = "threshold" if threshold is not None else "normal 99% quantile"
     vmin, vmax = overlays.heat_scale(pix_thr, maps[np.isfinite(maps)])
     scale_note = overlays.scale_note(vmin, vmax, "the pixel threshold")
     figures: list[tuple[str, str]] = []
@@ -137,12 +140,24 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     # 2. The sample grid.
     if len(idx):
         titles = [f"{caption(i)}\nscore {scores[i]:.4g}" for i in idx]
-        save(grid.grid_figure(idx, valid, titles, pix_thr, vmin, vmax,
-                              "threshold" if threshold is not None else "normal 99% quantile"),
+        save(grid.grid_figure(idx, valid, titles, pix_thr, vmin, vmax, thr_label),
              "grid.png", "Samples: input, restoration, ground truth, overlay, region")
     else:
         notes.append("No sample grid: no images were sampled (empty test set or "
                      "num_overlays = 0).")
+    worst = grid.hardest(labels, scores, num_overlays) if n else np.zeros(0, int)
+    if len(worst):
+        def verdict(i: int) -> str:  # as per_image.csv decides: flagged = score > threshold
+            if threshold is None or not math.isfinite(threshold):
+                return ""
+            flagged = scores[i] > threshold
+            return (", caught" if flagged else ", missed") if labels[i] == 1 else \
+                (", false alarm" if flagged else ", passed")
+
+        titles = [f"{caption(i)}\nscore {scores[i]:.4g}{verdict(i)}" for i in worst]
+        save(grid.grid_figure(worst, valid, titles, pix_thr, vmin, vmax, thr_label),
+             "hardest.png", "Hardest cases: the lowest-scoring anomalous images and the "
+             "highest-scoring normal ones")
 
     # 3. ROC (image, and pixel when masks have both classes) and PRO, from metrics' curves.
     pixel_roc, pro = (curves.pixel_points(masks, raw_maps, sizes)  # one sort of every pixel

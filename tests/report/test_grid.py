@@ -17,6 +17,16 @@ def test_sample_is_balanced_and_covers_extremes():
     assert len(grid.sample(labels, scores, 0)) == 0
 
 
+def test_hardest_are_the_lowest_anomalous_and_the_highest_normal():
+    labels = np.array([0, 1, 0, 1, 1, 0, 0])
+    scores = np.array([5.0, 0.5, 1.0, 9.0, 2.0, 7.0, np.nan])
+    assert list(grid.hardest(labels, scores, 4)) == [1, 4, 5, 0]  # misses, then false alarms
+    assert list(grid.hardest(labels, scores, 3)) == [1, 4, 5]
+    assert list(grid.hardest(labels, scores, 100)) == [1, 4, 3, 5, 0, 2, 6]  # NaN ranks lowest
+    assert list(grid.hardest(labels == 9, scores, 4)) == []  # one class: no miss, no alarm
+    assert list(grid.hardest(labels, scores, 0)) == []
+
+
 def test_pixel_threshold():
     maps = np.zeros((4, 2, 2))
     maps[:2] = np.arange(8).reshape(2, 2, 2)

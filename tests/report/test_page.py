@@ -67,6 +67,7 @@ def test_write_report_files(tmp_path, c):
     for key in result:
         assert key in page and key in md
     assert "0.5000" in page and "metrics.json" in page and "PRO skipped" not in page
+    assert (tmp_path / "hardest.png").is_file() and "Hardest cases" in page
 
 
 def test_report_without_masks(tmp_path):
@@ -84,6 +85,7 @@ def test_report_all_normal_and_single_image(tmp_path):
     assert not (tmp_path / "a" / "roc.png").exists() and not (tmp_path / "a" / "pro.png").exists()
     assert "ROC skipped" in page and "PRO skipped" in page
     assert len(list((tmp_path / "a").glob("*_overlay.png"))) == 3
+    assert not (tmp_path / "a" / "hardest.png").exists()  # no anomalous image: nothing missed
 
     for all_normal in (True, False):
         d = tmp_path / f"one_{all_normal}"
