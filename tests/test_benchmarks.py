@@ -4,6 +4,8 @@ broken by a signature change is found here, not on a lent GPU)."""
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,6 +68,38 @@ def test_input_pipeline_measures_both_sizes(tmp_path, capsys):
     assert "rss_growth_pipeline_streamed" in result["summary"]
     assert os.path.exists(tmp_path / "r.json")
     assert capsys.readouterr().out.splitlines()[-1].startswith("RESULT ")
+
+
+def test_score_confounds_finds_a_score_that_is_brightness(tmp_path):
+    """benchmarks/score_confounds.py: a score equal to the image mean correlates 1 with it
+    in both classes and has the mean's AUROC; the images are read from per_image.csv."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    sc = _script("score_confounds")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        label = i % 2
+        img = np.clip(rng.normal(0.3 + 0.05 * i + 0.1 * label, 0.05 + 0.02 * i, (16, 16)), 0, 1)
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((img * 255).astype(np.uint8)).save(path)
+        mean, _ = sc.image_stats(str(path))
+        rows.append({"score": mean, "truth": "anomalous" if label else "normal",
+                     "path": str(path)})
+    (tmp_path / "eval").mkdir()
+    with open(tmp_path / "eval" / "per_image.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["score", "truth", "path"])
+        w.writeheader()
+        w.writerows(rows)
+    r = sc.run_confounds(str(tmp_path))
+    assert r["n"] == 8 and r["n_anomalous"] == 4
+    assert r["rho_score_mean_normal"] == r["rho_score_mean_anomalous"] == 1.0
+    assert r["auroc_score"] == r["auroc_mean"] > 0.5
+    with pytest.raises(SystemExit, match="per_image.csv not found"):
+        sc.run_confounds(str(tmp_path / "nowhere"))
 
 
 def test_ensemble_scores_the_mean_of_the_members_maps(tiny_run, capsys):
