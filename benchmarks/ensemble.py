@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
         mean, sd, _, _ = paired_ci(values)
         return {"mean": mean, "sd": None if np.isnan(sd) else sd, "n": len(values)}
 
-    result = {"size": args.size, "num_test_images": len(test.labels),
+    cmd = argv if argv is not None else sys.argv[1:]
+    result = {"command": "python benchmarks/ensemble.py " + " ".join(cmd),
+              "size": args.size, "num_test_images": len(test.labels),
               "seconds": round(time.time() - t0, 1), "ensembles": ensembles,
               "singles": {r: {k: singles[r][k] for k in METRICS} for r in singles}}
     summary = {}
