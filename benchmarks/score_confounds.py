@@ -79,10 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in r.items():
             if k != "run":
                 print(f"  {k:28s} {'-' if v is None else round(v, 4)}")
+    out = {"command": "python benchmarks/score_confounds.py " + " ".join(args.runs),
+           "runs": results}
+    diffs = [r["auroc_score_over_sd"] - r["auroc_score"] for r in results
+             if r["auroc_score"] is not None]
+    if len(diffs) > 1:
+        from ssm_jax.commands.sweep import paired_ci
+
+        mean, sd, lo, hi = paired_ci(diffs)
+        out["score_over_sd_minus_score"] = {"mean": mean, "sd": sd, "ci95_low": lo,
+                                            "ci95_high": hi, "n": len(diffs)}
+        print(f"image AUROC, score over sd - score: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+              f"over {len(diffs)} runs")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python benchmarks/score_confounds.py " + " ".join(args.runs),
-                       "runs": results}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 
