@@ -74,6 +74,7 @@ def test_score_confounds_finds_a_score_that_is_brightness(tmp_path):
     """benchmarks/score_confounds.py: a score equal to the image mean correlates 1 with it
     in both classes and has the mean's AUROC; the images are read from per_image.csv."""
     import csv
+    import json
 
     import numpy as np
     from PIL import Image
@@ -100,8 +101,6 @@ def test_score_confounds_finds_a_score_that_is_brightness(tmp_path):
     assert r["auroc_score"] == r["auroc_mean"] > 0.5
     with pytest.raises(SystemExit, match="per_image.csv not found"):
         sc.run_confounds(str(tmp_path / "nowhere"))
-    import json
-
     sc.main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "c.json")])
     d = json.loads((tmp_path / "c.json").read_text())["score_over_sd_minus_score"]
     assert d["n"] == 2 and d["mean"] == r["auroc_score_over_sd"] - r["auroc_score"]

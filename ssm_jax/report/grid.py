@@ -20,15 +20,22 @@ import numpy as np
 from ssm_jax.report import overlays
 
 
-def sample(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Up to ``k`` indices: half anomalous, half normal where possible; within a class,
-    evenly spaced along the ranking by score (highest first), so the extremes are included."""
+def _split(labels: np.ndarray, scores: np.ndarray, k: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(scores with NaN lowest, anomalous indices, normal indices, how many of each to
+    show): half of ``k`` each where possible, the other class filling any shortfall."""
     k = max(int(k), 0)
     scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
     bad = np.nonzero(labels == 1)[0]
     good = np.nonzero(labels != 1)[0]
     nb = min(len(bad), max(math.ceil(k / 2), k - len(good)))
-    ng = min(len(good), k - nb)
+    return scores, bad, good, nb, min(len(good), k - nb)
+
+
+def sample(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Up to ``k`` indices: half anomalous, half normal where possible; within a class,
+    evenly spaced along the ranking by score (highest first), so the extremes are included."""
+    scores, bad, good, nb, ng = _split(labels, scores, k)
 
     def pick(idx: np.ndarray, n: int) -> np.ndarray:
         if n <= 0:
@@ -43,14 +50,9 @@ def hardest(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     """Up to ``k`` indices: the lowest-scoring anomalous images (lowest first), then the
     highest-scoring normal ones (highest first), half each where possible; none unless
     both classes are present (a miss or a false alarm is only one against the other)."""
-    k = max(int(k), 0)
-    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
-    bad = np.nonzero(labels == 1)[0]
-    good = np.nonzero(labels != 1)[0]
+    scores, bad, good, nb, ng = _split(labels, scores, k)
     if not len(bad) or not len(good):
         return np.zeros(0, int)
-    nb = min(len(bad), max(math.ceil(k / 2), k - len(good)))
-    ng = min(len(good), k - nb)
     misses = bad[np.argsort(scores[bad], kind="stable")][:nb]
     alarms = good[np.argsort(-scores[good], kind="stable")][:ng]
     return np.r_[misses, alarms].astype(int)

@@ -12,7 +12,6 @@ module stays cheap and works without a display.
 from __future__ import annotations
 
 import html
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -147,12 +146,10 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                      "num_overlays = 0).")
     worst = grid.hardest(labels, scores, num_overlays) if n else np.zeros(0, int)
     if len(worst):
-        def verdict(i: int) -> str:  # as per_image.csv decides: flagged = score > threshold
-            if threshold is None or not math.isfinite(threshold):
-                return ""
-            flagged = scores[i] > threshold
-            return (", caught" if flagged else ", missed") if labels[i] == 1 else \
-                (", false alarm" if flagged else ", passed")
+        def verdict(i: int) -> str:  # the outcome per_image.csv gives the image
+            decision = tables.flagged(scores[i], threshold)
+            return "" if decision is None else \
+                f", {tables.OUTCOMES[(bool(labels[i] == 1), decision)]}"
 
         titles = [f"{caption(i)}\nscore {scores[i]:.4g}{verdict(i)}" for i in worst]
         save(grid.grid_figure(worst, valid, titles, pix_thr, vmin, vmax, thr_label),

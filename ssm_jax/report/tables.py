@@ -23,6 +23,14 @@ OUTCOMES = {(True, True): "true positive", (False, True): "false positive",
             (True, False): "false negative", (False, False): "true negative"}
 
 
+def flagged(score: float, threshold: float | None) -> bool | None:
+    """The decision for one image: anomalous when its score is above the threshold; None
+    when there is no (finite) threshold."""
+    if threshold is None or not math.isfinite(threshold):
+        return None
+    return bool(score > threshold)
+
+
 def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarray,
                    threshold: float | None, files_rel: Sequence[tuple[str, str]],
                    labels: np.ndarray | None = None,
@@ -34,7 +42,7 @@ def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarra
     has_thr = threshold is not None and math.isfinite(threshold)
     rows = []
     for i, (file, path, score, (ovl, thumb)) in enumerate(zip(files, paths, scores, files_rel)):
-        flagged = bool(score > threshold) if has_thr else None
+        decision = flagged(score, threshold)
         row: dict[str, Any] = {"rank": 0, "file": file}
         if labels is not None:
             truth = bool(labels[i] == 1)
@@ -42,11 +50,11 @@ def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarra
             row["truth"] = "anomalous" if truth else "normal"
         row.update({"score": float(score), "threshold": float(threshold) if has_thr else None,
                     "margin": float(score - threshold) if has_thr else None,
-                    "decision": "n/a" if flagged is None else
-                    ("anomalous" if flagged else "normal")})
+                    "decision": "n/a" if decision is None else
+                    ("anomalous" if decision else "normal")})
         if labels is not None:
-            row["correct"] = "n/a" if flagged is None else ("yes" if flagged == truth else "no")
-            row["outcome"] = "n/a" if flagged is None else OUTCOMES[(truth, flagged)]
+            row["correct"] = "n/a" if decision is None else ("yes" if decision == truth else "no")
+            row["outcome"] = "n/a" if decision is None else OUTCOMES[(truth, decision)]
         row.update({"overlay": ovl, "thumbnail": thumb, "path": str(path)})
         rows.append(row)
 
