@@ -144,7 +144,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     else:
         notes.append("No sample grid: no images were sampled (empty test set or "
                      "num_overlays = 0).")
-    worst = grid.hardest(labels, scores, num_overlays) if n else np.zeros(0, int)
+    worst = grid.hardest(labels, scores, num_overlays)  # empty without both classes
     if len(worst):
         def verdict(i: int) -> str:  # the outcome per_image.csv gives the image
             decision = tables.flagged(scores[i], threshold)
