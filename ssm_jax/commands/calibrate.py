@@ -80,16 +80,17 @@ def _reference(cfg: ml_collections.ConfigDict) -> tuple[set[int], float, float, 
     from ssm_jax.data import folder
 
     root = str(cfg.data.path or "")
-    good = storage.join(root, "train", "good") if root else ""
+    good = f"{root} (training split)"
     channels = 1 if cfg.data.grayscale else 3
-    try:
-        reachable = bool(good) and storage.isdir(good)
-    except Exception:  # noqa: BLE001 - e.g. no credentials for the bucket here
-        reachable = False
-    if reachable:
+    paths = []
+    if root:
+        try:
+            paths = folder.train_paths(root, cfg.data.layout)
+        except Exception:  # noqa: BLE001 - moved, or no credentials for the bucket here
+            paths = []
+    if paths:
         from concurrent.futures import ThreadPoolExecutor
 
-        paths = folder.list_images(good)
         if len(paths) > REFERENCE_FILES:
             paths = [paths[int(i)] for i in
                      np.linspace(0, len(paths) - 1, REFERENCE_FILES).round()]

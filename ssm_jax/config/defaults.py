@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # MVTec-layout folder; "" = embedded synthetic data
+    # How data.path is laid out: auto (chosen from the folder), mvtec (also MPDD), visa
+    # (ROOT/<category>, split_csv/1cls.csv) or btad (ssm_jax.data.layouts).
+    c.data.layout = "auto"
     c.data.image_size = 128
     c.data.grayscale = False
     c.data.val_fraction = 0.1  # held-out normal train images: checkpoint choice, threshold

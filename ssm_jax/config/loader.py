@@ -53,7 +53,7 @@ MASK_DRAW_KEYS = ("mask.ks", "mask.families", "mask.family_weights", "mask.k_sch
 # Keys that may differ between the models of one trained group (eval.* does not train).
 GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.")
 # Keys a saved threshold / map statistics depend on (besides the checkpoint step).
-SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.keep_aspect",
+SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.layout", "data.keep_aspect",
                 "data.val_fraction", "seed")
 SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays")
 
@@ -262,6 +262,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     from ssm_jax.data.stream import stream_setting
 
     stream_setting(cfg.data.stream)  # auto | true | false
+    from ssm_jax.data.layouts import check_layout_name
+
+    check_layout_name(cfg.data.layout)
     t = cfg.train
     if not 0.0 <= t.lr_decay_factor <= 1.0:
         raise ConfigError(f"train.lr_decay_factor must be in [0, 1] (the learning rate is "

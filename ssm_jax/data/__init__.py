@@ -1,6 +1,7 @@
-"""Input data: the MVTec-layout folder reader, the embedded synthetic set, tfds builders
-(``tfds_builders``, imported only when used), training images streamed from their files
-(``stream``) and grain pipelines (``pipeline``).
+"""Input data: the folder reader (MVTec AD, VisA and BTAD layouts: ``layouts``), the
+embedded synthetic set, tfds builders (``tfds_builders``, imported only when used),
+training images streamed from their files (``stream``) and grain pipelines
+(``pipeline``).
 
 May import: ``core``.
 """
@@ -14,8 +15,8 @@ from ssm_jax.data.folder import ImageSet, load_split, padded_shape, split_valida
 
 
 def load_dataset(path: str, image_size: int, grayscale: bool, val_fraction: float, seed: int,
-                 synthetic_num_train: int = 200,
-                 keep_aspect: bool = False) -> dict[str, ImageSet]:
+                 synthetic_num_train: int = 200, keep_aspect: bool = False,
+                 layout: str = "auto") -> dict[str, ImageSet]:
     """Returns {'train', 'val', 'test'}: ``path`` empty means the embedded synthetic set.
 
     With ``keep_aspect`` the shorter side of every image is ``image_size`` and all splits
@@ -28,8 +29,8 @@ def load_dataset(path: str, image_size: int, grayscale: bool, val_fraction: floa
         train, test = make_synthetic(image_size, grayscale, num_train=synthetic_num_train,
                                      seed=0)
     else:
-        train = load_split(path, "train", image_size, grayscale, keep_aspect)
-        test = load_split(path, "test", image_size, grayscale, keep_aspect)
+        train = load_split(path, "train", image_size, grayscale, keep_aspect, layout)
+        test = load_split(path, "test", image_size, grayscale, keep_aspect, layout)
         if keep_aspect:
             shape = padded_shape([train.images.shape[1:3], test.images.shape[1:3]])
             train, test = train.padded_to(shape), test.padded_to(shape)
@@ -41,7 +42,8 @@ def load_dataset_for(cfg) -> dict[str, ImageSet]:
     """:func:`load_dataset` with the settings of a config's ``data`` section."""
     d = cfg.data
     return load_dataset(d.path, d.image_size, d.grayscale, d.val_fraction, cfg.seed,
-                        synthetic_num_train=d.synthetic_num_train, keep_aspect=d.keep_aspect)
+                        synthetic_num_train=d.synthetic_num_train, keep_aspect=d.keep_aspect,
+                        layout=d.layout)
 
 
 def load_training_sets(cfg) -> tuple[ImageSet, ImageSet, object]:
@@ -58,11 +60,11 @@ def load_training_sets(cfg) -> tuple[ImageSet, ImageSet, object]:
     d = cfg.data
     setting = stream.stream_setting(d.stream)
     if d.path and setting != "false":
-        n = len(folder.train_paths(d.path))
+        n = len(folder.train_paths(d.path, d.layout))
         if stream.should_stream(setting, n, d.image_size, d.grayscale):
             train, val, val_images = stream.streamed_training_split(
                 d.path, d.image_size, d.grayscale, d.val_fraction, cfg.seed, d.keep_aspect,
-                d.crop_size)
+                d.crop_size, d.layout)
 
             def as_set(files: stream.ImageFiles) -> ImageSet:
                 k = len(files)

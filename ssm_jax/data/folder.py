@@ -17,8 +17,11 @@ Policies:
   the shorter side becomes ``image_size`` and the other side keeps the ratio; such images
   are padded (edge replication, bottom and right) to a common shape, a multiple of
   ``PAD_MULTIPLE``, and ``ImageSet.sizes`` holds each image's valid height and width.
-- Masks are resized with nearest neighbour and binarized (> 127, or > 0 for masks
-  stored as 0/1). A mask must have its image's original size.
+- Masks are resized with nearest neighbour and binarized (> 127, or > 0 for masks whose
+  values stay at or below 127: 0/1, or VisA's instance numbers; palette masks by their
+  indices). A mask must have its image's original size.
+- The listing of the splits (which files, which masks) is ``ssm_jax.data.layouts``'s:
+  MVTec AD (this module's :func:`mvtec_test_entries`), VisA and BTAD as they ship.
 - Files whose extension is not an image type (.png .jpg .jpeg .bmp .tif .tiff .webp),
   and hidden files and folders, are skipped with one ``UserWarning`` per folder: a README
   or a .DS_Store next to the images is common and harmless, while failing on it would
@@ -121,7 +124,8 @@ def _warn_skipped(folder: str, skipped: list[str]) -> None:
                       f"(e.g. {sorted(skipped)[0]})", stacklevel=3)
 
 
-def _isdir(path: str) -> bool:
+def is_dir(path: str) -> bool:
+    """Whether ``path`` (local or URL) is a folder."""
     return storage.isdir(path) if storage.is_remote(path) else os.path.isdir(path)
 
 
@@ -149,7 +153,7 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
     """Sorted image files of a folder (local or URL); other files are skipped with one
     warning."""
     folder = os.fspath(folder)
-    if not _isdir(folder):
+    if not is_dir(folder):
         raise DataError(f"folder does not exist: {folder}")
     found, skipped = [], []
     pending = [folder]
@@ -168,7 +172,7 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
     return sorted(found)
 
 
-def _subfolders(folder: str) -> list[str]:
+def subfolders(folder: str) -> list[str]:
     """Sorted visible subfolder names; stray files are skipped with one warning."""
     entries = _entries(folder)
     _warn_skipped(folder, [n for n, kind in entries if kind != "dir"])
@@ -257,9 +261,11 @@ def to_array(im) -> np.ndarray:
 
 
 def mask_to_array(m) -> np.ndarray:
-    """A PIL L mask (0/255 or 0/1) as [H, W] float32 in {0, 1}."""
+    """A PIL L mask as [H, W] float32 in {0, 1}: 0/255 masks (and their antialiased or
+    compressed edges) are cut at 127; masks whose values stay at or below 127 (0/1, or
+    VisA's instance numbers 1, 2, ...) mark a defect wherever they are non-zero."""
     a = np.asarray(m)
-    return (a > (127 if a.max(initial=0) > 1 else 0)).astype(np.float32)
+    return (a > (127 if a.max(initial=0) > 127 else 0)).astype(np.float32)
 
 
 def _load_one(path: str, image_size: int, grayscale: bool,
@@ -311,15 +317,16 @@ def load_images(paths: list[str], image_size: int, grayscale: bool,
     return images, sizes
 
 
-def _stem(path: str) -> str:
+def stem(path: str) -> str:
+    """The file name without folder and extension."""
     return os.path.splitext(os.path.basename(path))[0]
 
 
 def _check_root(root: str) -> None:
     storage.require_backend(root, "data.path")
-    if not _isdir(root):
+    if not is_dir(root):
         raise DataError(f"data path does not exist: {root}")
-    if not _isdir(storage.join(root, "train", "good")):
+    if not is_dir(storage.join(root, "train", "good")):
         raise DataError(f"not an MVTec-layout folder (no train/good): {root}")
 
 
@@ -334,71 +341,92 @@ def mvtec_test_entries(
     root = os.fspath(root)
     _check_root(root)
     test_dir = storage.join(root, "test")
-    if not _isdir(test_dir):
+    if not is_dir(test_dir):
         raise DataError(f"no test folder: {test_dir}")
     entries: list[tuple[str, str]] = []
-    for kind in _subfolders(test_dir):
+    for kind in subfolders(test_dir):
         entries += [(p, kind) for p in list_images(storage.join(test_dir, kind))]
     if not entries:
         raise DataError(f"no images in {test_dir}")
     gt_dir = storage.join(root, "ground_truth")
-    if not _isdir(gt_dir):
+    if not is_dir(gt_dir):
         return [(p, k, None) for p, k in entries], False
     masks: dict[tuple[str, str], str] = {}
-    for kind in _subfolders(gt_dir):
+    for kind in subfolders(gt_dir):
         for mp in list_images(storage.join(gt_dir, kind)):
-            stem = _stem(mp)
-            stem = stem[:-len("_mask")] if stem.endswith("_mask") else stem
-            masks[(kind, stem)] = mp
-    image_keys = {(k, _stem(p)) for p, k in entries}
+            key = stem(mp)
+            key = key[:-len("_mask")] if key.endswith("_mask") else key
+            masks[(kind, key)] = mp
+    image_keys = {(k, stem(p)) for p, k in entries}
     for key, mp in sorted(masks.items()):
         if key not in image_keys:
             raise DataError(f"mask has no matching test image: {mp}")
     out: list[tuple[str, str, str | None]] = []
     for p, k in entries:
-        mp = masks.get((k, _stem(p)))
+        mp = masks.get((k, stem(p)))
         if k != "good" and mp is None:
             raise DataError(f"mask missing for anomalous image: {p} (expected "
-                            f"{storage.join(gt_dir, k, _stem(p) + '_mask.png')})")
+                            f"{storage.join(gt_dir, k, stem(p) + '_mask.png')})")
         out.append((p, k, mp))
     return out, True
+
+
+def open_mask(path: str):
+    """A mask file as a PIL L image; a palette mask keeps its palette indices (the label
+    numbers), not their colours."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(_readable(path)) as im:
+            im.load()
+            if im.mode == "P":
+                return Image.fromarray(np.asarray(im).astype(np.uint8), "L")
+            return _to_8bit(im).convert("L")
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+            Image.DecompressionBombError) as e:
+        raise DataError(f"unreadable or truncated image: {path} ({e})") from e
 
 
 def load_mask(mask_path: str, image_path: str, image_wh: tuple[int, int],
               image_size: int, keep_aspect: bool = False) -> np.ndarray:
     """A mask as [S, S] (or [h, w]) float32 in {0, 1}; it must have its image's size."""
-    m = open_image(mask_path, "L")
+    m = open_mask(mask_path)
     if m.size != tuple(image_wh):
         raise DataError(f"mask size {m.size} differs from its image size {tuple(image_wh)}: "
                         f"{mask_path} vs {image_path}")
     return mask_to_array(resize(m, target_size(m.size, image_size, keep_aspect), nearest=True))
 
 
-def train_paths(root: str | os.PathLike) -> list[str]:
-    """The sorted training image files (train/good) of an MVTec-layout folder; none is a
-    DataError."""
-    root = os.fspath(root)
-    _check_root(root)
-    folder = storage.join(root, "train", "good")
-    paths = list_images(folder)
-    if not paths:
-        raise DataError(f"no images in {folder}")
-    return paths
+def train_paths(root: str | os.PathLike, layout: str = "auto") -> list[str]:
+    """The sorted normal training images of a folder in any layout
+    (``ssm_jax.data.layouts``: train/good for MVTec AD); none is a DataError."""
+    from ssm_jax.data import layouts
+
+    return layouts.train_files(root, layout)
+
+
+def test_entries(root: str | os.PathLike, layout: str = "auto"
+                 ) -> tuple[list[tuple[str, str, str | None]], bool]:
+    """The test split of a folder in any layout (``ssm_jax.data.layouts``), in the form
+    of :func:`mvtec_test_entries`."""
+    from ssm_jax.data import layouts
+
+    return layouts.test_entries(root, layout)
 
 
 def load_split(root: str | os.PathLike, split: str, image_size: int,
-               grayscale: bool, keep_aspect: bool = False) -> ImageSet:
-    """Reads ``train`` (train/good) or ``test`` (test/*, with ground_truth masks if any)."""
+               grayscale: bool, keep_aspect: bool = False, layout: str = "auto") -> ImageSet:
+    """Reads ``train`` (the normal training images) or ``test`` (with masks if the set has
+    ground truth) of a folder in any layout (``ssm_jax.data.layouts``)."""
     root = os.fspath(root)
-    _check_root(root)
     if split == "train":
-        paths = train_paths(root)
+        paths = train_paths(root, layout)
         images, sizes = load_images(paths, image_size, grayscale, keep_aspect)
         return ImageSet(images, np.zeros(len(paths), np.int32), None, paths,
                         ["good"] * len(paths), sizes)
     if split != "test":
         raise DataError(f"unknown split {split!r} (train or test) for {root}")
-    entries, has_gt = mvtec_test_entries(root)
+    entries, has_gt = test_entries(root, layout)
     paths = [p for p, _, _ in entries]
     kinds = [k for _, k, _ in entries]
     images, wh, valid = _load_many(paths, image_size, grayscale, keep_aspect)

@@ -134,19 +134,20 @@ def image_sizes(paths: Sequence[str], image_size: int, keep_aspect: bool) -> np.
 
 
 def streamed_training_split(path: str, image_size: int, grayscale: bool, val_fraction: float,
-                            seed: int, keep_aspect: bool = False, crop_size: int = 0
-                            ) -> tuple[ImageFiles, ImageFiles, ImageFiles]:
+                            seed: int, keep_aspect: bool = False, crop_size: int = 0,
+                            layout: str = "auto") -> tuple[ImageFiles, ImageFiles, ImageFiles]:
     """(train, held-out, held-out as validation scores it) sources over the training files
-    of an MVTec-layout folder: the same rows, shapes and held-out images as
-    ``load_dataset`` + ``split_validation`` give in memory, with nothing decoded yet.
+    of a folder in any layout (``ssm_jax.data.layouts``): the same rows, shapes and
+    held-out images as ``load_dataset`` + ``split_validation`` give in memory, with nothing
+    decoded yet.
 
     With ``keep_aspect`` every image's resized size is read from its header (train and
     test: the padded shape is common to both, as in memory)."""
-    paths = folder.train_paths(path)
+    paths = folder.train_paths(path, layout)
     shape, sizes = None, None
     if keep_aspect:
         sizes = image_sizes(paths, image_size, keep_aspect)
-        entries, _ = folder.mvtec_test_entries(path)
+        entries, _ = folder.test_entries(path, layout)
         test_sizes = image_sizes([p for p, _, _ in entries], image_size, keep_aspect)
         shape = folder.padded_shape([folder.padded_shape(sizes),
                                      folder.padded_shape(test_sizes)])

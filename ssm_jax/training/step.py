@@ -44,7 +44,8 @@ class TrainState:
 # config (``program_config``), so runs that differ only in these keys (a sweep's seeds run
 # one after another, a resumed run, a second ``train`` in one Python session) trace, lower
 # and load their step once: 5-10 s each on a CPU, even with the compilation cache warm.
-LOOP_KEYS = ("data.path", "data.stream", "data.val_fraction", "data.synthetic_num_train",
+LOOP_KEYS = ("data.path", "data.layout", "data.stream", "data.val_fraction",
+             "data.synthetic_num_train",
              "train.log_every", "train.checkpoint_every", "train.eval_every",
              "train.keep_checkpoints", "eval")
 # The training steps (one run's, a group's) also leave out the seed: masks come from the

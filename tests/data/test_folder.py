@@ -106,7 +106,7 @@ def test_bad_inputs_name_the_path(tmp_path):
     with pytest.raises(DataError, match="data path does not exist: .*nope"):
         folder.load_split(tmp_path / "nope", "train", 32, True)
     (tmp_path / "x").mkdir()
-    with pytest.raises(DataError, match="not an MVTec-layout folder .*no train/good.*x"):
+    with pytest.raises(DataError, match="not a known data layout .*train/good.*x"):
         folder.load_split(tmp_path / "x", "train", 32, True)
     (tmp_path / "x" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DataError, match="no images in .*x/train/good"):
