@@ -20,9 +20,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["aupro", "compute_all", "detection_rates", "f1_max", "pixel_curves", "pro_curve",
-           "roc_auc", "roc_curve", "threshold_expected_fpr", "threshold_from_normal_scores",
-           "threshold_sample_check"]
+__all__ = ["area_to_limit", "aupro", "compute_all", "detection_rates", "f1_max",
+           "label_regions", "pixel_curves", "pro_curve", "roc_auc", "roc_curve",
+           "threshold_expected_fpr", "threshold_from_normal_scores", "threshold_sample_check"]
 
 
 def _scores(scores: np.ndarray) -> np.ndarray:
@@ -173,15 +173,22 @@ def _check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.n
     return m, _scores(a)
 
 
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(labels [N, H, W] int32, number of regions)``: the 8-connected regions of each
+    binary mask of ``[N, H, W]``, numbered 1.. across the stack, never joined across images
+    (the regions of AUPRO, here and in :mod:`ssm_jax.scoring.pixel_metrics`)."""
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True  # 3x3 neighbourhood inside the slice, nothing across slices
+    return ndimage.label(masks, structure=structure)
+
+
 def _regions(masks: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     """8-connected regions of each image (never across images).
 
     Returns flat region ids (0 = normal), the number of regions and the per-id PRO
     weight ``1 / (size * n_regions)`` (0 for id 0).
     """
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = True  # 3x3 neighbourhood inside the slice, nothing across slices
-    region, n = ndimage.label(masks, structure=structure)
+    region, n = label_regions(masks)
     region = region.reshape(-1)
     sizes = np.bincount(region, minlength=n + 1).astype(np.float64)
     weight = np.zeros(n + 1)
@@ -242,7 +249,7 @@ def _check_limit(fpr_limit: float) -> None:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
 
 
-def _area_to(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
     """Trapezoid area under ``pro(fpr)`` on ``[0, fpr_limit]`` divided by ``fpr_limit``.
 
     The curve is cut at exactly ``fpr_limit`` by interpolating between the last point at
@@ -268,7 +275,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
     fpr, pro, n_normal = _pro(*_check_pixels(masks, maps), num_thresholds)
     if fpr.size == 1 or n_normal == 0:
         return float("nan")
-    return _area_to(fpr, pro, fpr_limit)
+    return area_to_limit(fpr, pro, fpr_limit)
 
 
 def threshold_from_normal_scores(scores: np.ndarray, quantile: float = 0.99) -> float:
@@ -391,5 +398,5 @@ def compute_all(image_labels: np.ndarray, image_scores: np.ndarray,
     n_normal = int(sw.fps[-1])
     if n and n_normal:
         fpr = np.r_[0.0, sw.fps / n_normal]
-        out["aupro"] = _area_to(fpr, np.r_[0.0, sw.pro], fpr_limit)
+        out["aupro"] = area_to_limit(fpr, np.r_[0.0, sw.pro], fpr_limit)
     return out
