@@ -5,7 +5,9 @@ other schemes etils.epath hands to fsspec: ``s3://``, ``az://``, ``hf://``).
 Paths go through :mod:`etils.epath`, the layer orbax already writes checkpoints with, so a
 run directory, its checkpoints, reports and exports all live in the same place. Local
 paths are made absolute once (:func:`as_path`); a URL is never passed to ``os.path``
-functions that would turn ``gs://b/r`` into a local folder ``./gs:/b/r``.
+functions that would turn ``gs://b/r`` into a local folder ``./gs:/b/r``. A ``file://`` URL
+(``file:///abs/path``, percent-escapes decoded) is a local path written as a URL: every
+helper turns it into that path first, and it is never remote.
 
 Writes are whole-file and atomic: locally through a temporary file (unique to process,
 thread and call) that is fsynced and renamed over the target; on object storage one PUT
@@ -32,13 +34,14 @@ import io
 import logging
 import os
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import IO
 
 from etils import epath
 
-from ssm_jax.core.errors import MissingDependency
+from ssm_jax.core.errors import ConfigError, MissingDependency
 
 PathLike = str | os.PathLike
 # The schemes etils.epath serves through fsspec, and the package each one needs.
@@ -50,11 +53,31 @@ _fsspec_configured = False
 _lock = threading.Lock()
 
 
+def _file_url_path(s: str) -> str | None:
+    """The local path a ``file://`` URL names (None for anything else)."""
+    if s[:7].lower() != "file://":
+        return None
+    parts = urllib.parse.urlsplit(s)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"{s}: a file:// URL names a file on this machine "
+                          f"(file:///path), not on the host {parts.netloc}")
+    return urllib.parse.unquote(parts.path) or "/"
+
+
+def _str(path: PathLike) -> str:
+    """``path`` as a string; a ``file://`` URL as the local path it names."""
+    s = str(path) if isinstance(path, epath.Path) else os.fspath(path)
+    local = _file_url_path(s)
+    return s if local is None else local
+
+
 def scheme(path: PathLike) -> str | None:
-    """The URL scheme of ``path`` (``"gs"``), or None for a local path."""
+    """The URL scheme of ``path`` (``"gs"``), or None for a local path (``file://`` too)."""
     s = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
     head, sep, _ = s.partition("://")
-    return head.lower() if sep and head.isalnum() else None
+    if not sep or not head.isalnum() or head.lower() == "file":
+        return None
+    return head.lower()
 
 
 def is_remote(path: PathLike) -> bool:
@@ -108,11 +131,10 @@ def require_backend(path: PathLike, command: str = "this command") -> None:
     file-system package is not installed; call before any work is done."""
     sch = scheme(path)
     if sch is None:
+        _str(path)  # a file:// URL naming another host stops here
         return
     configure()
     if sch not in BACKENDS:
-        from ssm_jax.core.errors import ConfigError
-
         raise ConfigError(f"{command}: {path} uses an unsupported scheme {sch}:// "
                           f"(supported: local paths, {', '.join(s + '://' for s in BACKENDS)})")
     package, extra = BACKENDS[sch]
@@ -139,7 +161,7 @@ def as_path(path: PathLike) -> epath.Path:
     if isinstance(path, epath.Path) and is_remote(path):
         configure()
         return path
-    s = os.fspath(path)
+    s = _str(path)
     if is_remote(s):
         configure()
         return epath.Path(s)
@@ -153,8 +175,9 @@ def resolve(path: PathLike) -> str:
 
 def join(base: PathLike, *parts: str) -> str:
     """``base/part/...`` as a string; a URL keeps its ``scheme://`` (unlike
-    os.path.normpath), a local base stays as given (relative stays relative)."""
-    s = str(base) if isinstance(base, epath.Path) else os.fspath(base)
+    os.path.normpath), a local base stays as given (relative stays relative; a ``file://``
+    URL becomes its path)."""
+    s = _str(base)
     if is_remote(s):
         out = s.rstrip("/")
         for p in parts:
@@ -164,26 +187,35 @@ def join(base: PathLike, *parts: str) -> str:
 
 
 def basename(path: PathLike) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else \
-        os.path.basename(os.fspath(path))
+    """The last name in ``path``; a trailing slash does not count (``a/b/`` -> ``b``)."""
+    s = _str(path)
+    if is_remote(s):
+        rest = s.partition("://")[2].rstrip("/")
+        return rest.rsplit("/", 1)[-1] if "/" in rest else ""
+    return os.path.basename(s.rstrip("/") or s)
 
 
 def dirname(path: PathLike) -> str:
-    s = str(path)
+    """The folder holding ``path`` (a trailing slash does not count: ``a/b/`` -> ``a``).
+    A root is its own folder: ``/`` for ``/``, ``gs://b`` for ``gs://b/`` (as
+    os.path.dirname keeps ``/``)."""
+    s = _str(path)
     if is_remote(s):
-        head, _, _ = s.rstrip("/").rpartition("/")
-        return head if "://" in head else s
-    return os.path.dirname(s)
+        head, _, rest = s.partition("://")
+        rest = rest.rstrip("/")
+        return f"{head}://{rest.rpartition('/')[0] if '/' in rest else rest}"
+    return os.path.dirname(s.rstrip("/") or s)
 
 
 def relpath(path: PathLike, start: PathLike) -> str:
     """``path`` relative to the folder ``start`` (both local, or both URLs)."""
+    path, start = _str(path), _str(start)
     if is_remote(path) or is_remote(start):
         p, base = str(as_path(path)), str(as_path(start)).rstrip("/") + "/"
         if not p.startswith(base):
             raise ValueError(f"{path} is not in {start}")
         return p[len(base):]
-    return os.path.relpath(os.fspath(path), os.fspath(start))
+    return os.path.relpath(path, start)
 
 
 def exists(path: PathLike) -> bool:
@@ -263,7 +295,7 @@ def rename(src: PathLike, dst: PathLike) -> None:
 
 def temp_name(target: PathLike) -> str:
     """A temporary name next to ``target`` unique to this process, thread and call."""
-    return (f"{os.fspath(target)}.tmp.{os.getpid()}.{threading.get_ident()}."
+    return (f"{_str(target)}.tmp.{os.getpid()}.{threading.get_ident()}."
             f"{uuid.uuid4().hex[:8]}")
 
 
@@ -294,6 +326,7 @@ def atomic_open(target: PathLike, mode: str = "w", fsync: bool = True,
         return
     if mode == "w":  # as on object storage and as read_text reads it, whatever the locale
         kwargs.setdefault("encoding", "utf-8")
+    target = _str(target)
     tmp = temp_name(target)
     try:
         with open(tmp, mode, **kwargs) as f:

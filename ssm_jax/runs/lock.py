@@ -12,8 +12,18 @@ How the lock is made exclusive depends on where the workdir is:
 
 * **Local disk**: the lock file is written to a private file, then hard-linked into place,
   which fails if a lock exists (atomic on POSIX file systems, NFS included), so a reader
-  never sees half a lock. A stale lock is renamed aside first; of several contenders only
-  one rename succeeds.
+  never sees half a lock. On a file system without hard links (exFAT, vfat, gcsfuse, some
+  network mounts and container overlays) the lock file is created with ``O_CREAT |
+  O_EXCL`` instead, equally exclusive; a contender that finds it still empty waits a moment
+  for its content. A stale lock is removed only under a takeover mutex (``flock`` on
+  ``train.lock.takeover``, deleted again by its holder) and only if it is still the very
+  lock judged stale; then the contenders race to create a new one, which exactly one does.
+  Without the mutex, one contender could move aside the lock another had just taken.
+  The heartbeat takes back a lock file that vanished (deleted by hand, a cleaned /tmp)
+  by creating it again, exclusively: the run is alive and keeps the workdir, and stopping
+  a long training because a file was deleted would lose its work, while re-creating it
+  exclusively can never displace another run's lock (if one was taken meanwhile, one
+  warning line says so and the heartbeat stops).
 * **Google Cloud Storage** (``gs://``): object stores have no links or renames, but every
   GCS write can carry a *generation precondition*, checked atomically by the store. The
   lock is taken by creating the object only if absent (``ifGenerationMatch=0``); the
@@ -32,6 +42,9 @@ How the lock is made exclusive depends on where the workdir is:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -48,6 +61,12 @@ log = logging.getLogger("ssm_jax")
 LOCK_FILE = "train.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
+# What os.link raises where a file system has no hard links (EPERM: exFAT, vfat, gcsfuse).
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+# How long a contender waits for a lock file created with O_EXCL to get its content, and
+# for the takeover mutex.
+_EMPTY_WAIT_S = 2.0
+_MUTEX_WAIT_S = 30.0
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -122,6 +141,46 @@ def read_lock(path: str) -> dict | None:
     return info
 
 
+@contextlib.contextmanager
+def _takeover_mutex(lock_path: str):
+    """Holds ``LOCK.takeover`` (``flock``, released with its process if that dies) while a
+    stale lock is removed. The holder deletes the file; a waiter that then gets the lock of
+    the deleted file sees another inode at the path and tries again."""
+    path = f"{lock_path}.takeover"
+    deadline = time.monotonic() + _MUTEX_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise WorkdirLocked(f"could not take over the stale lock {lock_path} "
+                                    f"(another process holds {path})") from None
+            time.sleep(0.005)
+            continue
+        except OSError as e:  # ENOLCK / EOPNOTSUPP: this file system has no locks
+            os.close(fd)
+            raise WorkdirLocked(
+                f"the lock {lock_path} is stale but cannot be taken over safely here (the "
+                f"file system does not support flock: {e.strerror}); delete it by hand if "
+                f"its run is really gone") from e
+        try:
+            mine = os.stat(path)
+            here = os.fstat(fd)
+            if (mine.st_ino, mine.st_dev) == (here.st_ino, here.st_dev):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
 class GcsLockObject:
     """``train.lock`` as one GCS object whose every write is conditional on its generation
     (see the module docstring)."""
@@ -171,7 +230,7 @@ class WorkdirLock:
     """``with WorkdirLock(workdir):`` holds ``workdir/train.lock`` (see module docstring)."""
 
     def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.workdir = storage.resolve(workdir) if storage.is_remote(workdir) else workdir
+        self.workdir = storage.resolve(workdir)
         self.path = storage.join(self.workdir, LOCK_FILE)
         self.heartbeat_s = heartbeat_s
         self.token = uuid.uuid4().hex
@@ -181,6 +240,7 @@ class WorkdirLock:
         self._scheme = storage.scheme(workdir)
         self._gcs: GcsLockObject | None = None
         self._generation = 0
+        self._links = True  # False once os.link has failed for want of hard links
 
     def _info(self) -> dict:
         pid = os.getpid()
@@ -193,6 +253,38 @@ class WorkdirLock:
         with open(tmp, "w") as f:
             json.dump(self._info(), f)
         return tmp
+
+    def _create(self) -> bool:
+        """Creates the lock file unless one exists; whether this call created it."""
+        if self._links:
+            tmp = self._write_private()
+            try:
+                os.link(tmp, self.path)  # atomic; fails if a lock exists
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in _NO_LINKS:
+                    raise
+                self._links = False
+                log.debug("no hard links in %s (%s): O_EXCL lock", self.workdir, e.strerror)
+            finally:
+                os.unlink(tmp)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._info(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _remove_stale(self, info: dict) -> None:
+        """Deletes the lock file if it is still exactly the lock ``info`` judged stale."""
+        with _takeover_mutex(self.path):
+            if read_lock(self.path) == info:
+                os.unlink(self.path)
 
     def _in_use(self, info: dict) -> WorkdirLocked:
         return WorkdirLocked(
@@ -245,42 +337,32 @@ class WorkdirLock:
         except OSError as e:
             raise ConfigError(f"cannot create the workdir {self.workdir}: "
                               f"{e.strerror or e}") from e
-        for _ in range(20):
-            tmp = self._write_private()
-            try:
-                os.link(tmp, self.path)  # atomic; fails if a lock exists
-                self.held = True
-                break
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-            info = read_lock(self.path)
-            if info is None:  # released in between: try again
-                continue
-            why = stale_reason(info)
-            if why is None:
-                raise self._in_use(info)
-            # Move the stale lock out of the way; of several contenders only one succeeds.
-            aside = f"{self.path}.stale.{self.token}"
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            now = read_lock(aside) or {}
-            if now.get("token") != info.get("token"):
-                # Someone replaced it between our read and rename: put it back, re-check.
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
-                os.unlink(aside)
-                continue
-            os.unlink(aside)
+        taken_over = None
+        try:
+            for _ in range(200):
+                if self._create():
+                    self.held = True
+                    break
+                info = read_lock(self.path)
+                if info is None:  # released in between: try again
+                    continue
+                if (not isinstance(info.get("pid"), int)
+                        and time.time() - info.get("mtime", 0) < _EMPTY_WAIT_S):
+                    time.sleep(0.01)  # created with O_EXCL, its content not yet written
+                    continue
+                why = stale_reason(info)
+                if why is None:
+                    raise self._in_use(info)
+                self._remove_stale(info)
+                taken_over = (info, why)
+            else:
+                raise WorkdirLocked(f"could not take the lock {self.path} (contended)")
+        except OSError as e:
+            raise ConfigError(f"cannot write the lock file {self.path}: "
+                              f"{e.strerror or e}") from e
+        if taken_over is not None:
             log.warning("taking over the stale lock of workdir %s (%s; %s)", self.workdir,
-                        _describe(info), why)
-        else:
-            raise WorkdirLocked(f"could not take the lock {self.path} (contended)")
+                        _describe(taken_over[0]), taken_over[1])
         self._start_heartbeat()
 
     def _start_heartbeat(self) -> None:
@@ -307,7 +389,12 @@ class WorkdirLock:
                 continue
             try:
                 info = read_lock(self.path)
-                if not info or info.get("token") != self.token:
+                if info is None:  # deleted by hand, a cleaned /tmp: take it back
+                    if self._create():
+                        log.warning("the lock file %s had vanished; taken back", self.path)
+                        continue
+                    info = read_lock(self.path) or {}
+                if info.get("token") != self.token:
                     log.warning("the lock %s was taken by another run", self.path)
                     return
                 tmp = self._write_private()

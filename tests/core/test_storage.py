@@ -113,3 +113,117 @@ def test_gs_without_gcsfs_stops_before_any_work(tmp_path):
                      'package, which is not installed; install it with: pip install -e '
                      '".[gcs]"'], lines
     assert os.listdir(tmp_path) == []
+
+
+# Every helper over local paths, file:// URLs, bucket roots, trailing slashes, and names
+# with spaces and non-ASCII letters. (file:// URLs counted as remote, and dirname of a
+# bucket root kept its slash, before.)
+PURE = [
+    # (helper, args, expected); {t} is tmp_path
+    (storage.scheme, ("/x/a b",), None),
+    (storage.scheme, ("rel/é",), None),
+    (storage.scheme, ("file:///x",), None),
+    (storage.scheme, ("FILE:///x",), None),
+    (storage.scheme, ("x:y",), None),
+    (storage.scheme, ("gs://b",), "gs"),
+    (storage.scheme, ("GS://b/é/",), "gs"),
+    (storage.scheme, ("s3://b/k",), "s3"),
+    (storage.is_remote, ("file:///x",), False),
+    (storage.is_remote, ("file://localhost/x",), False),
+    (storage.is_remote, ("gs://b/",), True),
+    (storage.is_remote, ("/x",), False),
+    (storage.resolve, ("rel/a b/",), "{t}/rel/a b"),
+    (storage.resolve, ("file:///x/a%20b/%C3%A9",), "/x/a b/é"),
+    (storage.resolve, ("file:///x/a b/é/",), "/x/a b/é"),
+    (storage.resolve, ("file://localhost/x",), "/x"),
+    (storage.resolve, ("gs://b/",), "gs://b"),
+    (storage.resolve, ("gs://b/a b/é/",), "gs://b/a b/é"),
+    (storage.join, ("gs://b/", "x"), "gs://b/x"),
+    (storage.join, ("gs://b", "a b", "é.png"), "gs://b/a b/é.png"),
+    (storage.join, ("gs://b/d/", "/e/"), "gs://b/d/e"),
+    (storage.join, ("file:///x/d/", "é"), "/x/d/é"),
+    (storage.join, ("/x/d/", "a b"), "/x/d/a b"),
+    (storage.join, ("rel", "é"), "rel/é"),
+    (storage.basename, ("gs://b/a b/é.png",), "é.png"),
+    (storage.basename, ("gs://b/dir/",), "dir"),
+    (storage.basename, ("gs://b/",), ""),
+    (storage.basename, ("gs://b",), ""),
+    (storage.basename, ("/x/a b/",), "a b"),
+    (storage.basename, ("/x/é.png",), "é.png"),
+    (storage.basename, ("/",), ""),
+    (storage.basename, ("file:///x/%C3%A9.png",), "é.png"),
+    (storage.dirname, ("gs://b/",), "gs://b"),
+    (storage.dirname, ("gs://b",), "gs://b"),
+    (storage.dirname, ("gs://b/x",), "gs://b"),
+    (storage.dirname, ("gs://b/a b/é/",), "gs://b/a b"),
+    (storage.dirname, ("gs://b/a b/é.png",), "gs://b/a b"),
+    (storage.dirname, ("/x/a b/",), "/x"),
+    (storage.dirname, ("/x/é.png",), "/x"),
+    (storage.dirname, ("/",), "/"),
+    (storage.dirname, ("x.ssm",), ""),
+    (storage.dirname, ("file:///x/é.png",), "/x"),
+    (storage.dirname, ("file:///",), "/"),
+    (storage.relpath, ("gs://b/in/a b/é.png", "gs://b/in/"), "a b/é.png"),
+    (storage.relpath, ("gs://b/x", "gs://b/"), "x"),
+    (storage.relpath, ("gs://b/x", "gs://b"), "x"),
+    (storage.relpath, ("file:///x/in/é", "/x/in"), "é"),
+    (storage.relpath, ("/x/in/a b/", "file:///x/in/"), "a b"),
+]
+
+
+@pytest.mark.parametrize("helper,args,expected", PURE,
+                         ids=[f"{h.__name__}{a}" for h, a, _ in PURE])
+def test_path_helpers_table(helper, args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    want = expected.format(t=tmp_path) if isinstance(expected, str) else expected
+    assert helper(*args) == want
+
+
+def test_file_url_of_another_host_is_one_error_line():
+    from ssm_jax.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names a file on this machine"):
+        storage.resolve("file://otherhost/x")
+    with pytest.raises(ConfigError, match="names a file on this machine"):
+        storage.require_backend("file://otherhost/x")
+    storage.require_backend("file:///x")  # a local path: nothing to install
+
+
+@pytest.fixture(params=["local", "file_url", "gcs"])
+def base_dir(request, tmp_path):
+    """A folder named with a space and a non-ASCII letter, as each kind of path."""
+    from urllib.parse import quote
+
+    if request.param == "local":
+        return str(tmp_path / "d ä")
+    if request.param == "file_url":
+        return "file://" + quote(str(tmp_path / "d ä")) + "/"
+    return f"{request.getfixturevalue('gcs_bucket')}/storage-table {tmp_path.name}/d ä/"
+
+
+def test_file_helpers_table(base_dir, tmp_path):
+    """The file helpers on each kind of base (with its trailing slash, where given)."""
+    sub = storage.join(base_dir, "sub é")
+    target = storage.join(sub, "a b.json")
+    storage.makedirs(sub)
+    storage.atomic_write(target, '{"é": 1}')
+    with storage.atomic_open(storage.join(base_dir, "c.bin"), "wb") as f:
+        f.write(b"\x00\xff")
+    assert storage.listdir(base_dir) == ["c.bin", "sub é"]
+    assert storage.isdir(base_dir) and storage.isdir(sub + "/") and storage.exists(target)
+    assert storage.isfile(target) and not storage.isfile(sub)
+    assert storage.read_text(target) == '{"é": 1}'
+    assert storage.read_bytes(storage.join(base_dir, "c.bin")) == b"\x00\xff"
+    with storage.open_read(target, "r") as f:
+        assert f.read() == '{"é": 1}'
+    assert storage.relpath(target, base_dir) == "sub é/a b.json"
+    storage.rename(sub, storage.join(base_dir, "moved ü"))
+    assert storage.listdir(base_dir) == ["c.bin", "moved ü"]
+    storage.remove(storage.join(base_dir, "c.bin"))
+    storage.remove(storage.join(base_dir, "c.bin"))  # missing_ok
+    storage.rmtree(base_dir)
+    assert not storage.exists(base_dir)
+    # Nothing was written under a folder named after a URL.
+    assert not os.path.exists("file:") and not os.path.exists("gs:")
+    if not storage.is_remote(base_dir):
+        assert not os.path.exists(tmp_path / "d ä")

@@ -304,3 +304,227 @@ def test_run_lock_tells_the_peers_of_any_failure(tmp_path):
     for i in range(2):
         text = open(f"{logs}{i}.log").read()
         assert "Traceback" not in text and text.count("ssm-jax: error:") == 1, text[-2000:]
+
+
+# --- The local takeover race, a file system without hard links, a lock file that vanishes ---
+
+RACE = textwrap.dedent("""
+    import json, multiprocessing as mp, os, sys, time
+    from ssm_jax.core.errors import WorkdirLocked
+    from ssm_jax.runs import lock as workdir_lock
+    PAD = 100_000
+    HOLD = 0.01
+
+    def contend(wd, dead_pid, until, barrier, out):
+        # Takes the lock whenever it can; once held, checks that no other contender holds
+        # it too (a file only a holder creates, exclusively) and that the lock file is still
+        # its own at the end, then "dies": the lock is left
+        # naming a process that is gone, and the others take it over at once.
+        path, mark = os.path.join(wd, workdir_lock.LOCK_FILE), os.path.join(wd, "holder")
+        held = both = 0
+        barrier.wait()
+        while time.time() < until:
+            lock = workdir_lock.WorkdirLock(wd, heartbeat_s=3600)
+            try:
+                lock.acquire()
+            except WorkdirLocked as e:
+                if " is in use by " not in str(e):
+                    out.put(("error", str(e)))
+                    return
+                continue
+            held += 1
+            try:
+                fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+            except FileExistsError:
+                both += 1
+                fd = None
+            time.sleep(HOLD)
+            try:  # still ours on disk: nobody may touch a live lock
+                with open(path) as f:
+                    both += json.load(f).get("token") != lock.token
+            except (OSError, ValueError):
+                both += 1
+            lock._stop.set()
+            lock.held = False
+            if fd is not None:
+                os.unlink(mark)
+            # A long lock file: reading it takes a while, which widens the race.
+            dead = {"host": os.uname().nodename, "pid": dead_pid, "start_time": 0,
+                    "heartbeat": 0, "token": lock.token, "pad": "x" * PAD}
+            with open(f"{path}.{os.getpid()}.dead", "w") as f:
+                json.dump(dead, f)
+            os.replace(f"{path}.{os.getpid()}.dead", path)
+        out.put((held, both))
+
+    if __name__ == "__main__":
+        wd, seconds, dead_pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+        ctx = mp.get_context("fork")
+        barrier, out = ctx.Barrier(3), ctx.Queue()
+        os.makedirs(wd)
+        with open(os.path.join(wd, workdir_lock.LOCK_FILE), "w") as f:
+            json.dump({"host": os.uname().nodename, "pid": dead_pid, "start_time": 0,
+                       "heartbeat": 0, "token": "dead"}, f)
+        until = time.time() + 2 + seconds
+        procs = [ctx.Process(target=contend, args=(wd, dead_pid, until, barrier, out))
+                 for i in range(3)]
+        for p in procs:
+            p.start()
+        res = [out.get(timeout=seconds + 120) for _ in range(3)]
+        for p in procs:
+            p.join(timeout=60)
+        print(json.dumps(res))
+""")
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert not workdir_lock._pid_alive(gone.pid)
+    return gone.pid
+
+
+def _race(wd, seconds):
+    """Runs RACE on ``wd``; (takeovers, takeovers that left two holders)."""
+    res = subprocess.run([sys.executable, "-c", RACE, str(wd), str(seconds),
+                          str(_dead_pid())], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert all(g[0] != "error" for g in got), got
+    return sum(g[0] for g in got), sum(g[1] for g in got)
+
+
+def test_stale_lock_three_processes_one_holder(tmp_path):
+    """Three processes take over a stale local lock again and again for a few seconds (a
+    holder "dies" as soon as it holds): never do two hold it at once. (Before the takeover
+    mutex, one contender could move aside the lock another had just taken: two holders in
+    most runs of this test.)"""
+    takeovers, doubles = _race(tmp_path / "wd", 4)
+    assert takeovers > 100 and doubles == 0, f"{doubles} of {takeovers} takeovers: two holders"
+
+
+def test_vanished_lock_file_is_taken_back(tmp_path, caplog):
+    """A holder whose lock file was deleted (by hand, a cleaned /tmp) creates it again at
+    its next heartbeat, with one warning line; a lock another run took meanwhile stays."""
+    wd = tmp_path / "wd"
+    path = wd / workdir_lock.LOCK_FILE
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(str(wd), heartbeat_s=0.05) as lock:
+            for _ in range(2):  # not only once
+                path.unlink()
+                t0 = time.time()
+                while not path.exists():
+                    assert time.time() - t0 < 10, "the lock file was not taken back"
+                    time.sleep(0.02)
+                time.sleep(0.1)
+                assert json.loads(path.read_text())["token"] == lock.token
+                with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
+                    workdir_lock.WorkdirLock(str(wd)).acquire()
+            # Another run's lock in its place: kept, and the heartbeat says so and stops.
+            path.unlink()
+            _write_lock(wd, age_s=0)
+            t0 = time.time()
+            while not any("taken by another run" in r.getMessage() for r in caplog.records):
+                assert time.time() - t0 < 10
+                time.sleep(0.02)
+        assert json.loads(path.read_text())["token"] == "x"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("had vanished; taken back" in m for m in msgs) == 2, msgs
+
+
+# A file system without hard links: exFAT (exfat-fuse, a FUSE driver) on a loop device.
+EXFAT_TOOLS = ("losetup", "mkfs.exfat", "mount.exfat-fuse", "fusermount")
+
+
+def _exfat_missing() -> str | None:
+    import shutil
+
+    if os.geteuid() != 0:
+        return "mounting a file system needs root"
+    missing = [t for t in EXFAT_TOOLS if shutil.which(t) is None]
+    if missing:
+        return (f"{', '.join(missing)} not installed (apt-get install exfat-fuse exfatprogs "
+                f"fuse)")
+    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        return "no /dev/fuse or no loop devices here"
+    return None
+
+
+@pytest.fixture(scope="module")
+def no_hard_links(tmp_path_factory):
+    """A mounted exFAT file system (no hard links), or a skip that says why."""
+    why = _exfat_missing()
+    if why:
+        pytest.skip(f"no file system without hard links to test on: {why}")
+    base = tmp_path_factory.mktemp("exfat")
+    image, mnt = base / "disk.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                         text=True)
+    if dev.returncode != 0:
+        pytest.skip(f"no loop device free: {dev.stderr.strip()}")
+    dev = dev.stdout.strip()
+    try:
+        got = subprocess.run(["mount.exfat-fuse", dev, str(mnt)], capture_output=True,
+                             text=True)
+        if got.returncode != 0:
+            pytest.skip(f"cannot mount exFAT: {got.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["fusermount", "-u", str(mnt)], capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+LOCK_AND_HOLD = textwrap.dedent("""
+    import sys, time
+    from ssm_jax.core.errors import WorkdirLocked
+    from ssm_jax.runs import lock as workdir_lock
+    try:
+        workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+    except WorkdirLocked as e:
+        print(e, flush=True)
+        sys.exit(2)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_lock_without_hard_links(no_hard_links, caplog):
+    """On exFAT (no hard links: os.link fails) the lock falls back to O_EXCL and keeps every
+    promise: a second run is refused, a dead holder's lock is taken over (by exactly one of
+    three racing processes), a vanished lock file is taken back."""
+    probe = no_hard_links / "probe"
+    probe.write_text("x")
+    with pytest.raises(PermissionError):
+        os.link(probe, no_hard_links / "probe2")
+    wd = no_hard_links / "wd"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_HOLD, str(wd), "600"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-3000:]
+        second = subprocess.run([sys.executable, "-c", LOCK_AND_HOLD, str(wd), "0"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"pid {holder.pid}" in second.stdout, second
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="ssm_jax"):
+        with workdir_lock.WorkdirLock(str(wd), heartbeat_s=0.05) as lock:
+            assert not lock._links
+            (wd / workdir_lock.LOCK_FILE).unlink()
+            t0 = time.time()
+            while not (wd / workdir_lock.LOCK_FILE).exists():
+                assert time.time() - t0 < 10
+                time.sleep(0.02)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(f"process {holder.pid} is gone" in m for m in msgs), msgs
+    assert any("had vanished; taken back" in m for m in msgs), msgs
+    assert not (wd / workdir_lock.LOCK_FILE).exists()
+    takeovers, doubles = _race(no_hard_links / "race", 2)
+    assert takeovers > 20 and doubles == 0, f"{doubles} of {takeovers} takeovers: two holders"
