@@ -152,7 +152,8 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
     before = calibration.current(workdir)
     det.calibrate(images, sizes, progress="scoring normals")
     source = normals if storage.is_remote(normals) else os.path.abspath(normals)
-    det.save_calibration(source=source, fpr=fpr)
+    with calibration.writing(workdir):  # evaluate beside it checks again under this lock
+        det.save_calibration(source=source, fpr=fpr)
     record = det.calibration_record or {}
     return {"threshold": det.threshold, "fpr": fpr, "num_images": n,
             "source": source, "created": record.get("created"),

@@ -86,7 +86,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         storage.makedirs(eval_dir)
         rundir.write_json(storage.join(eval_dir, rundir.METRICS_FILE), result)
         if output_dir is None and not calibration.is_site(site):
-            det.save_calibration()
+            with calibration.writing(workdir):  # a calibrate may have saved one meanwhile
+                if not calibration.is_site(calibration.current(workdir)):
+                    det.save_calibration()
         report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
         if check is not None:
             drift_report.add_to_report(eval_dir, check, out["score"][normal],

@@ -227,11 +227,14 @@ class GcsLockObject:
 
 
 class WorkdirLock:
-    """``with WorkdirLock(workdir):`` holds ``workdir/train.lock`` (see module docstring)."""
+    """``with WorkdirLock(workdir):`` holds ``workdir/train.lock`` (see module docstring);
+    ``name``/``holder``: another lock file of the workdir and what holds it (messages)."""
 
-    def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, workdir: str, heartbeat_s: float = HEARTBEAT_S, name: str = LOCK_FILE,
+                 holder: str = "training run") -> None:
         self.workdir = storage.resolve(workdir)
-        self.path = storage.join(self.workdir, LOCK_FILE)
+        self.path = storage.join(self.workdir, name)
+        self.holder = holder
         self.heartbeat_s = heartbeat_s
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -288,7 +291,7 @@ class WorkdirLock:
 
     def _in_use(self, info: dict) -> WorkdirLocked:
         return WorkdirLocked(
-            f"workdir {self.workdir} is in use by another training run "
+            f"workdir {self.workdir} is in use by another {self.holder} "
             f"({_describe(info)}; lock file {self.path}); wait for it to finish or "
             f"stop it (delete the lock file only if that run is really gone)")
 

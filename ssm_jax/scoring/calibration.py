@@ -17,21 +17,30 @@ previous one in force and no record in the history. A calibration on site (``ssm
 calibrate``: source is a folder) stays in force for every later evaluate, predict and
 export whatever ``eval.threshold_quantile`` says (its own rate is in the record); one on
 the run's held-out split (source ``VALIDATION``) is redone by evaluate as before.
+
+**Writers exclude each other.** Every write of a calibration (``calibrate``, and
+``evaluate``'s validation-split one) holds the run's ``calibration.lock``
+(:func:`writing`, a :class:`ssm_jax.runs.lock.WorkdirLock`); evaluate, which read the
+calibration in force minutes earlier, checks again under it and never writes over a site
+calibration that a ``calibrate`` beside it saved meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
 from ssm_jax.config import loader as config_utils
 from ssm_jax.core import storage
-from ssm_jax.core.errors import ConfigError
+from ssm_jax.core.errors import ConfigError, WorkdirLocked
 from ssm_jax.method import normalization, scoring
 from ssm_jax.runs import rundir
 from ssm_jax.scoring import batch as batch_scoring
@@ -42,6 +51,30 @@ THRESHOLD_FILE = rundir.THRESHOLD_FILE
 MAP_STATS_FILE = rundir.MAP_STATS_FILE
 HISTORY_DIR = "calibrations"  # calibrations/<id>/{threshold.json,map_stats.npz}, oldest first
 VALIDATION = "validation split"  # the source of a calibration on the run's held-out normals
+CALIBRATION_LOCK = "calibration.lock"
+LOCK_WAIT_S = 120.0  # a write takes well under a second; a holder is waited for this long
+
+
+@contextlib.contextmanager
+def writing(workdir: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Holds the run's calibration lock while a calibration is written (module docstring),
+    waiting up to ``wait_s`` for another writer; WorkdirLocked (one line) after that."""
+    from ssm_jax.runs.lock import WorkdirLock
+
+    lock = WorkdirLock(workdir, name=CALIBRATION_LOCK, holder="calibration write")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            break
+        except WorkdirLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def scoring_fingerprint(cfg: ml_collections.ConfigDict, step: int) -> str:

@@ -190,3 +190,53 @@ def test_unreachable_training_data_checks_channels_only(tmp_path, caplog):
         Image.fromarray(np.full((32, 96, 3), 100, np.uint8)).save(p)
     with pytest.raises(DataError, match="3 channel"):
         calibrate.check_normals(cfg, rgb, str(tmp_path), 0.2)
+
+
+def test_evaluate_beside_calibrate_keeps_the_site_calibration(run, tmp_path):
+    """Two real processes: an ``evaluate`` that read the calibration in force (the
+    validation split's) is paused while it scores; a ``calibrate`` of the same run saves a
+    site calibration meanwhile; the evaluate then ends, and the site calibration is still
+    in force (before, evaluate wrote its validation-split threshold over it)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from ssm_jax.scoring import calibration
+
+    src, normals, _ = run
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd, ignore=shutil.ignore_patterns("eval"))
+    for d in ("calibrations",):  # only the validation split's calibration in force
+        shutil.rmtree(wd / d, ignore_errors=True)
+    assert ssm("evaluate", "--workdir", wd).returncode == 0
+    assert not calibration.is_site(calibration.current(str(wd)))
+    shutil.rmtree(wd / "eval")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    ev = subprocess.Popen([sys.executable, "-m", "ssm_jax", "evaluate", "--workdir", str(wd)],
+                          cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        seen = b""
+        while b"scoring validation" not in seen:  # it has read the calibration in force
+            chunk = ev.stderr.read1(4096)
+            assert chunk, seen.decode()[-3000:]
+            seen += chunk
+        ev.send_signal(signal.SIGSTOP)
+        assert not (wd / "eval" / "metrics.json").exists()  # paused before its save
+        cal = subprocess.run([sys.executable, "-m", "ssm_jax", "calibrate", "--workdir",
+                              str(wd), "--normals", str(normals), "--fpr", "0.2"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert cal.returncode == 0, cal.stderr[-3000:]
+        site = calibration.current(str(wd))
+        assert calibration.is_site(site)
+    finally:
+        ev.send_signal(signal.SIGCONT)
+    rest = ev.stderr.read()
+    assert ev.wait(timeout=600) == 0, (seen + rest).decode()[-3000:]
+    assert (wd / "eval" / "metrics.json").exists()
+    now = calibration.current(str(wd))
+    assert now["id"] == site["id"] and now["source"] == site["source"], now
+    assert [r["id"] for r in calibration.history(str(wd))][-1] == site["id"]
+    assert not (wd / calibration.CALIBRATION_LOCK).exists()
