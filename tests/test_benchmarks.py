@@ -128,3 +128,27 @@ def test_ensemble_scores_the_mean_of_the_members_maps(tiny_run, capsys):
         assert result["ensembles"][0][k] == single[k], k
         assert result["summary"][k]["diff"]["mean"] == 0.0
     assert "ensemble 0 (2 runs)" in capsys.readouterr().out
+
+
+def test_large_eval_sets_and_commands(tmp_path):
+    """benchmarks/large_eval.py (minutes: its docstring): the generated set is in the MVTec
+    layout, each anomalous image with its bright square's mask, and the commands the script
+    times parse with today's CLI and config keys."""
+    from ssm_jax.commands import cli
+    from ssm_jax.config import defaults, loader
+    from ssm_jax.data import folder
+
+    le = _script("large_eval")
+    args = le.parse_args(["--data-root", str(tmp_path), "--image-size", "32"])
+    path = le.generate(args.data_root, 6, 32, 4)
+    assert len(folder.load_split(path, "train", 32, True)) == 4
+    test = folder.load_split(path, "test", 32, True)
+    assert len(test) == 6 and int(test.labels.sum()) == 3
+    for img, mask, label in zip(test.images, test.masks, test.labels):
+        assert (mask.sum() > 0) == bool(label)
+        if label:  # the square is the mask, and it is white
+            assert img[..., 0][mask > 0.5].min() == 1.0
+    for kind in ("evaluate", "predict"):
+        rest, overrides = cli.split_overrides(le.command_argv(args, kind, 6))
+        assert cli.parser().parse_args(rest).command == kind
+        loader.apply_overrides(defaults.base_config(), overrides)  # known keys and types

@@ -388,12 +388,54 @@ def vs_reference_section(rel: str) -> str:
                     rows) + "\n")
 
 
+def large_eval_section(rel: str) -> str:
+    """benchmarks/large_eval.py: evaluate and predict on a small and a 16x larger set."""
+    d = read_json(rel)
+    rows = []
+    for r in d["rows"]:
+        own = r.get("own_images_per_s")
+        rows.append([r["kind"], str(r["num_images"]), f"{r['peak_rss_mb']:.0f}",
+                     "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}",
+                     "-" if own is None else f"{own:.1f}", f"{r['wall_s']:.0f}"])
+    goals = []
+    for kind in ("evaluate", "predict"):
+        g = d["summary"].get(kind)
+        if not g:
+            continue
+        speed = ("not measurable at these sizes" if g["speed_goal_met"] is None else
+                 f"x{g['speed_large_over_small']:.2f} of the small set's and "
+                 f"x{g['speed_large_over_scorer']:.2f} of the scorer's "
+                 f"({'met' if g['speed_goal_met'] else 'not met'})")
+        goals.append(f"- `{kind}`: peak RSS {g['rss_small_mb']:.0f} -> {g['rss_large_mb']:.0f} "
+                     f"MB, limit {g['rss_limit_mb']:.0f} "
+                     f"({'met' if g['rss_goal_met'] else 'not met'}); images/s {speed}.\n")
+    sizes = " and ".join(f"{n:,}" for n in d["sizes"])
+    return (f"## Scoring large sets ({os.path.basename(rel)})\n\n"
+            f"`{private_paths(d['command'])}` on {d['device']}, load average "
+            f"{d['load_average_before'][0]:.1f} before and {d['load_average_after'][0]:.1f} "
+            f"after: generated {d['image_size']} px grey test sets of {sizes} images (half "
+            f"with a bright square), one tiny run, every command scoring with "
+            f"`{' '.join(d['scoring'])}`, each in its own process (peak RSS: its "
+            f"`ru_maxrss`). images/s: the command's marginal rate over a run on "
+            f"{d['base_size']} images (start-up and compilation left out); evaluate's own: "
+            "its metrics.json `images_per_second`. The scorer alone, on "
+            f"{d['rows'][0]['num_images']} images already in memory: "
+            f"{d['summary']['scorer_images_per_s']:.1f} images/s. Goals: at the large size "
+            "peak RSS <= 1.15 x the small size's + 100 MB, images/s >= 0.9 x the small "
+            "size's and >= 0.85 x the scorer's.\n\n"
+            + table(["command", "test images", "peak RSS MB", "images/s",
+                     "evaluate's own images/s", "wall s"], rows) + "\n" + "".join(goals)
+            + "\n")
+
+
 def speed_page() -> str:
     out = [HEADER, "# Speed\n\n",
            "Measured on a 2-core CPU (no accelerator). How each figure is taken: "
            "benchmarks/NOTES.md.\n\n"]
     for rel in sorted(glob.glob(os.path.join(ROOT, RESULTS, "vs_reference*.json"))):
         out.append(vs_reference_section(os.path.relpath(rel, ROOT)))
+    for rel in sorted(glob.glob(os.path.join(ROOT, RESULTS, "large_eval*.json"))):
+        out.append(large_eval_section(os.path.relpath(rel, ROOT)))
     out.append(other_files("speed"))
     return "".join(out)
 
@@ -479,7 +521,7 @@ def other_files(page: str) -> str:
     files = sorted(os.path.relpath(p, ROOT) for p in
                    glob.glob(os.path.join(ROOT, RESULTS, "*.json")))
     files = [f for f in files if os.path.basename(f) not in KNOWN
-             and not os.path.basename(f).startswith("vs_reference")
+             and not os.path.basename(f).startswith(("vs_reference", "large_eval"))
              and page_of(os.path.basename(f)) == page]
     if not files:
         return ""
