@@ -19,8 +19,10 @@ image from :func:`~ssm_jax.scoring.metrics.label_regions`, AUPRO to FPR 0.3 divi
 pixels outside each image's valid ``sizes`` counted nowhere, None where undefined).
 
 **The thresholds** (:meth:`PixelMetrics.from_normal_maps`, :class:`ThresholdSample`) come
-from maps of normal images only (the calibration normals), never from the set being scored:
-half are quantiles of their pixels (fine where normal pixels are dense: the FPR axis of
+from normal pixels, fixed before the set is scored: the calibration normals' maps (or,
+where none are at hand, the normal pixels of the first batch, ``ThresholdSample.add(...,
+masks=)``); they only place the bins, so any normal maps of the same scoring will do. Of
+them, half are quantiles of their pixels (fine where normal pixels are dense: the FPR axis of
 AUROC and AUPRO), a quarter evenly spaced between their lowest and highest value, and the
 rest beyond both extremes (evenly spaced for one more range above the maximum, then
 geometrically growing to 2^16 ranges above and 2^8 below), so anomalous pixels far above
@@ -31,9 +33,11 @@ its resolution. With :data:`DEFAULT_THRESHOLDS` (8192) the three metrics agree w
 
 **Which path is the default.** Exact (``compute_all`` on the kept maps) while the set has
 at most :data:`EXACT_MAX_PIXELS` valid pixels (``exact_is_cheap``): 2^22, e.g. 256 images
-at 128 px, 64 at 256 px, every test split of this project's results at 32-64 px. There the
-maps and the sort take at most about 300 MB and a few seconds, and the figures stay those of
-every earlier run digit for digit. Beyond it this accumulator: its memory does not grow with
+at 128 px, 64 at 256 px, the quickstart's and the real sets' test splits at 64 px. There
+the maps and the sort take at most about 300 MB and a few seconds, and the figures stay
+those of earlier runs digit for digit. Larger splits (the real sets at native resolution,
+about 4.6M pixels for kolektor's) move to the accumulator, which differs by about 1e-5,
+below the 3 decimals the results print. Beyond it this accumulator: its memory does not grow with
 the set (a 1,000-image set at 128 px would need about 1 GB for the exact sort, 16,000 about
 16 GB), and its per-batch histogram runs on the device right after scoring (a
 ``searchsorted`` and two ``segment_sum`` calls in one compiled program; only the ``3 (T + 1)``
@@ -103,13 +107,17 @@ class ThresholdSample:
         self._count = 0
         self.lo, self.hi = np.inf, -np.inf
 
-    def add(self, maps, sizes=None) -> None:
+    def add(self, maps, sizes=None, masks=None) -> None:
         """Adds the valid pixels of normal maps [B, H, W] (``sizes`` [B, 2]: valid h, w);
-        non-finite values are left out."""
+        non-finite values are left out, and with ``masks`` [B, H, W] the defect pixels
+        (``> 0.5``): e.g. a first test batch where no calibration maps are at hand."""
         m = np.asarray(maps, np.float32)
         if m.ndim == 2:
             m = m[None]
-        v = m[_valid(m.shape, sizes)] if sizes is not None else m.reshape(-1)
+        keep = _valid(m.shape, sizes)
+        if masks is not None:
+            keep &= ~(np.asarray(masks).reshape(m.shape) > 0.5)
+        v = m[keep]
         v = v[np.isfinite(v)]
         if not v.size:
             return

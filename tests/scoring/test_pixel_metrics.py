@@ -137,6 +137,46 @@ def test_merge_and_summed_states_equal_one_pass():
         PixelMetrics([0.0, 1.0], state=one.state)
 
 
+# Each of 2 processes bins its half of one set (on its device), then all_processes().
+_SET = """
+rng = np.random.default_rng(7)
+maps = rng.normal(size=(12, 16, 16)).astype(np.float32)
+masks = np.zeros(maps.shape, np.uint8)
+masks[::2, 3:8, 5:9] = 1
+maps[masks > 0] += 1.5
+"""
+_TWO_PROCESSES = """
+import sys, jax, numpy as np
+from ssm_jax.runtime import distributed
+from ssm_jax.scoring.pixel_metrics import PixelMetrics
+distributed.maybe_initialize()
+""" + _SET + """
+i = jax.process_index()
+pm = PixelMetrics(np.linspace(-2, 4, 50))
+big = {k: np.zeros_like(v) for k, v in pm.state.items()}
+big["normal"][0] = 3 * 2**31 + i  # beyond int32: the words must come through whole
+pm.merge(PixelMetrics(pm.thresholds, state=big))
+pm.update(jax.numpy.asarray(maps[i * 6:(i + 1) * 6]), masks[i * 6:(i + 1) * 6])
+np.savez(f"{sys.argv[1]}{i}.npz", **pm.all_processes().state)
+"""
+
+
+def test_all_processes_sums_every_process_exactly(tmp_path):
+    from conftest import launch
+
+    launch(2, 1, ["python", "-c", _TWO_PROCESSES, str(tmp_path / "state")], tmp_path / "proc")
+    scope = {"np": np}
+    exec(_SET, scope)
+    one = _accumulate(PixelMetrics(np.linspace(-2, 4, 50)), scope["maps"], scope["masks"])
+    want = one.state
+    want["normal"][0] += 6 * 2**31 + 1
+    for i in range(2):
+        got = np.load(tmp_path / f"state{i}.npz")
+        for k in ("normal", "defect", "regions", "nan"):
+            np.testing.assert_array_equal(got[k], want[k])
+        np.testing.assert_allclose(got["overlap"], want["overlap"], atol=1e-5)
+
+
 def test_far_anomalies_keep_their_order():
     """Defects far above every calibration normal still give F1-max and AUPRO: the
     thresholds' upper tail orders them."""
@@ -183,6 +223,10 @@ def test_threshold_sample_is_bounded_and_keeps_the_extremes():
     assert sample.lo in thr and sample.hi in thr
     assert thr[0] < sample.lo and thr[-1] > sample.hi * 1000  # open tails beyond both ends
     assert 200 <= thr.size <= 256
+    # With masks, the defect pixels are left out: here all but the normal -1s.
+    masked = ThresholdSample()
+    masked.add(np.array([[[-1.0, 5.0], [9.0, -1.0]]]), masks=np.array([[[0, 1], [1, 0]]]))
+    assert masked.lo == masked.hi == -1.0
 
 
 def test_default_path_by_size():
