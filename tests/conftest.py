@@ -58,6 +58,31 @@ def device_flags(n: int) -> str:
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE is not None:  # only the process that made it (xdist workers inherit it)
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    if not hasattr(session.config, "workerinput"):  # once, after every xdist worker
+        _fail_on_test_copies(session)
+
+
+def _fail_on_test_copies(session) -> None:
+    """Fails the session when a folder in the MVTec layout that the tests wrote (anywhere
+    under the session's temporary folder, every xdist worker's included) holds a test
+    image byte-identical to a training image: figures measured on it would be too good."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or factory._basetemp is None:
+        return  # no test made a temporary folder
+    from ssm_jax.data import duplicates
+
+    found = []
+    for top, dirs, _ in os.walk(factory.getbasetemp()):
+        if "train" in dirs and "test" in dirs and os.path.isdir(os.path.join(top, "train",
+                                                                             "good")):
+            try:
+                found += duplicates.test_copies_of_training(top, "mvtec")
+            except Exception:  # noqa: BLE001 - not a readable data folder
+                pass
+    if found:
+        for test, train in found:
+            print(f"\nconftest: test image {test} is byte-identical to training image {train}")
+        session.exitstatus = 1
 
 
 # With `pytest -n N` (pytest-xdist, README) each test file is one unit of work, so that its

@@ -48,7 +48,12 @@ README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep
                  "sweep_native_magnetic_tile", "sweep_steps_kolektor",
                  "sweep_steps_magnetic_tile")
 # Files printed by a known section; every other JSON file goes to "Other result files".
-KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json"}
+KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json",
+         "kolektor_duplicates.json"}
+# The kolektor results scored before its test split lost its 8 duplicated images
+# (benchmarks/kolektor_duplicates.py): their rows carry this mark.
+DUPLICATES = f"{RESULTS}/kolektor_duplicates.json"
+WITH_DUPLICATES = " (with duplicates)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,6 +105,38 @@ def exists(rel: str) -> bool:
 
 def data_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
+
+
+def with_duplicates() -> set[str]:
+    """The results (file or folder names) scored on kolektor's test split with duplicates."""
+    return set(read_json(DUPLICATES)["scored_with_duplicates"]) if exists(DUPLICATES) else set()
+
+
+def marked(ds: str, result: str) -> str:
+    """The data set's name, marked when ``result`` scored kolektor with duplicates."""
+    return ds + WITH_DUPLICATES if ds == "kolektor" and result in with_duplicates() else ds
+
+
+def duplicates_section() -> str:
+    """Which kolektor rows were scored on the test split with duplicates, and why."""
+    if not exists(DUPLICATES):
+        return ""
+    d = read_json(DUPLICATES)
+    gone = [r for r in d["results"] if r["with_duplicates"]]
+    named = sum(r["workdirs_named"] for r in gone)
+    left = sum(r["workdirs_existing"] for r in gone)
+    before, after = d["test_split_before"], d["test_split_after"]
+    return (f"## kolektor rows marked \"with duplicates\"\n\n"
+            f"Until {d['deduplicated']} kolektor's test split held 8 byte-identical images "
+            f"({d['removed']}): 4 test normals were training images, so the results scored "
+            f"then include images the model trained on. It now has {after['good']} good and "
+            f"{after['crack']} crack images (then {before['good']} and {before['crack']}); "
+            "the training split is unchanged. Every kolektor result below was scored "
+            f"before that, and its runs no longer exist ({left} of the {named} run "
+            "directories the results name), so none was scored again; their rows and "
+            "headings are marked `(with duplicates)`: "
+            + ", ".join(f"`{r['result']}`" for r in gone)
+            + f". Recorded by `{d['command'].strip()}`.\n\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,7 +263,7 @@ def sweep_section(dirname: str) -> tuple[str, str]:
     n = max(int(r["n"]) for r in summary)
     steps = base_steps(d)
     then = as_run(d) if "base_config" in d else []
-    text = (f"### {ds}, `{d['config']}`, {steps} steps ({dirname})\n\n"
+    text = (f"### {marked(ds, dirname)}, `{d['config']}`, {steps} steps ({dirname})\n\n"
             f"Mean +- sd over {n} seeds; diff = the cell minus `{d['cells'][0][0]}`, paired "
             "by seed, with its 95% t interval (an interval containing 0 is no difference)."
             + (" Run before a default changed; its base config is today's with `"
@@ -247,7 +284,7 @@ def seeds_rows(rows: list[dict]) -> list[list[str]]:
                           []).append(r)
     out = []
     for (ds, setting, train, variant, ov), g in sorted(groups.items()):
-        out.append([ds, setting + (f" (`{train}`)" if train else ""),
+        out.append([marked(ds, "accuracy_seeds.csv"), setting + (f" (`{train}`)" if train else ""),
                     variant + (f" (`{ov}`)" if ov else ""),
                     ",".join(sorted({r["seed"] for r in g})),
                     *[mean_sd(r[k] for r in g if r[k]) for k, _ in METRICS],
@@ -258,7 +295,7 @@ def seeds_rows(rows: list[dict]) -> list[list[str]]:
 def first_round_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in sorted(rows, key=lambda r: (r["dataset"], r["steps"], r["train_seconds"])):
-        out.append([r["dataset"], r["steps"], r["train_seconds"] or "-",
+        out.append([marked(r["dataset"], "accuracy.csv"), r["steps"], r["train_seconds"] or "-",
                     r["variant"] + (f" (`{r['overrides']}`)" if r["overrides"] else ""),
                     *[f3(r[k]) for k, _ in METRICS], f3(r["f1_max"]), r["refine_passes"],
                     r["eval_seconds"], f"{f3(r['test_fpr'])} / {f3(r['test_recall'])}"])
@@ -286,6 +323,7 @@ def results_page() -> str:
            "width 64, on a GPU). Real data sets, in the MVTec AD folder layout, greyscale:\n\n"]
     out += [f"* `{k}`: {v}\n" for k, v in DATA_SETS.items()]
     out.append("\n`$DATA` below is the folder holding them.\n\n")
+    out.append(duplicates_section())
     out.append(quickstart_section())
     sweeps = sorted(os.path.basename(os.path.dirname(p)) for p in
                     glob.glob(os.path.join(ROOT, RESULTS, "*", "sweep.json")))
@@ -343,7 +381,7 @@ def readme_table() -> str:
         best = max(cells, key=lambda c: float(by[(c, "pixel_auroc")]["mean"]))
         for cell in dict.fromkeys([base, best]):
             steps, words = beyond_today(d, cells[cell])
-            rows.append([data_name(ov["data.path"]), f"`{d['config']}`, {steps}",
+            rows.append([marked(data_name(ov["data.path"]), name), f"`{d['config']}`, {steps}",
                          f"`{' '.join(words)}`" if words else "-",
                          by[(cell, "image_auroc")]["n"],
                          *[f"{f3(by[(cell, k)]['mean'])} +- {f3(by[(cell, k)]['sd'])}"

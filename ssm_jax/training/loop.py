@@ -33,7 +33,7 @@ import numpy as np
 
 from ssm_jax.config import loader as config_utils
 from ssm_jax.core import parallel, storage
-from ssm_jax.core.errors import ConfigError, TrainingDiverged
+from ssm_jax.core.errors import ConfigError, DataError, TrainingDiverged
 from ssm_jax.core.progress import TrainProgress
 from ssm_jax.runs import checkpoints, rundir
 from ssm_jax.runtime.compile_ahead import beside, named
@@ -169,9 +169,14 @@ def load_training_data(cfg: ml_collections.ConfigDict):
     validation set's center crops when training on crops; in memory, or sources that decode
     on demand when ``data.stream`` streams them (``ssm_jax.data.load_training_sets``). An
     empty train split (everything held out) is a ConfigError."""
-    from ssm_jax.data import load_training_sets
+    from ssm_jax.data import duplicates, load_training_sets
 
     train_set, val_set, val_images = load_training_sets(cfg)
+    if cfg.data.path and jax.process_index() == 0:
+        try:  # a user's folder can leak test images into training: one warning line
+            duplicates.warn_if_test_copies_training(cfg.data.path, cfg.data.layout)
+        except DataError:
+            pass  # no test split: nothing to compare
     if len(train_set) < 1:
         raise ConfigError("no training images left after holding out the validation split")
     return train_set, val_set, val_images
