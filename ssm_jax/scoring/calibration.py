@@ -280,7 +280,6 @@ def calibrate_with_scores(cfg: ml_collections.ConfigDict, sc: scoring.ScoringCon
                           val_sizes: np.ndarray | None = None):
     """:func:`calibrate`, also returning the normals' image scores behind the threshold
     (None without images): the reference of the drift check."""
-    from ssm_jax.scoring import metrics as metrics_lib
 
     normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
     if cfg.eval.image_score_fusion != "none" and 0 < len(val_images) < 3:
