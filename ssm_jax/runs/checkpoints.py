@@ -22,12 +22,15 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ssm_jax.core import storage
@@ -38,46 +41,127 @@ log = logging.getLogger("ssm_jax")
 _BARRIERS = 0  # barrier names must be unique per process lifetime
 
 
+# The state fields inference reads: what ``best/`` holds (no optimizer state or PRNG key).
+INFERENCE_FIELDS = ("step", "params", "batch_stats")
+
+
 def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+    """An orbax manager of ``workdir/name`` keeping ``keep`` steps. Its saves run in a
+    thread of their own (:func:`save`), where each waits until it is written."""
+    _filter_disk_full_echoes()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=False,
         cleanup_tmp_directories=True)
     return ocp.CheckpointManager(storage.as_path(storage.join(workdir, name)), options=options)
 
 
+def inference_part(state: Any) -> dict:
+    """The fields of a train state that inference reads (``INFERENCE_FIELDS``): what
+    ``best/`` stores."""
+    return {k: getattr(state, k) for k in INFERENCE_FIELDS}
+
+
+class _Saving(threading.Thread):
+    """One save written in the background; its exception is kept for :func:`wait`."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict):
+        super().__init__(name=f"ssm_jax checkpoint {step}", daemon=True)
+        self.mngr, self.step, self.state, self.extra = mngr, step, state, extra
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self.step in self.mngr.all_steps():  # orbax's cached list: no listing
+                self.mngr.delete(self.step)
+            self.mngr.save(self.step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.state),
+                extra=ocp.args.JsonSave(self.extra)), force=True)
+            self.mngr.wait_until_finished()
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self.error = e
+        finally:
+            self.state = None
+
+
+_SAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# One program that copies a whole state on its devices (jitted: one dispatch, new buffers).
+_device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
-    """Saves state (+ JSON metadata) at ``step``.
+    """Saves state (+ JSON metadata) at ``step`` in the background: the state is copied on
+    its devices (so the next step may donate it) and a thread of ``mngr``'s own copies it
+    to the host and writes it while training goes on. :func:`wait` waits for it (the next
+    save and :func:`close` wait first), so saves of one manager never overlap and every
+    process saves in the same order.
 
     A step that already exists (written just before a crash that lost the step's other
     checkpoint) is replaced: the resumed run recomputes it bit for bit.
 
-    A full disk (ENOSPC, a quota) raises DiskFull, one line naming the folder and the
-    previous step: orbax writes into a temporary folder and deletes older steps only after
-    the new one is complete, so the previous checkpoint is intact; the failed step's
-    temporary folder is removed (it holds the space the resumed run needs).
+    A full disk (ENOSPC, a quota) raises DiskFull at the wait, one line naming the folder
+    and the previous step: orbax writes into a temporary folder and deletes older steps
+    only after the new one is complete, so the previous checkpoint is intact; the failed
+    step's temporary folder is removed (it holds the space the resumed run needs).
     """
-    if step in mngr.all_steps():
-        mngr.delete(step)
-    echoes = _DiskFullEchoes()
-    logging.getLogger("absl").addFilter(echoes)
+    wait(mngr)
+    on_devices = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    if on_devices:
+        state = _device_copy(state)
+    job = _Saving(mngr, step, state, dict(extra or {}))
+    _SAVING[mngr] = job
+    job.start()
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Waits until ``mngr``'s save in progress is written; its failure raises here (a full
+    disk as DiskFull, see :func:`save`)."""
+    job = _SAVING.pop(mngr, None)
+    if job is None:
+        return
+    job.join()
+    if job.error is not None:
+        with _disk_full_is_one_line(mngr, job.step):
+            raise job.error
+
+
+def saving(mngr: ocp.CheckpointManager) -> bool:
+    """Whether a save of ``mngr`` is still being written."""
+    job = _SAVING.get(mngr)
+    return job is not None and job.is_alive()
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the save in progress (DiskFull if it failed for a full disk), then
+    closes ``mngr``."""
     try:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                extra=ocp.args.JsonSave(extra or {})),
-                  force=True)
-        mngr.wait_until_finished()
+        wait(mngr)
+    finally:
+        mngr.close()
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    try:
+        yield
     except Exception as e:
         reason = disk_full_reason(e)
         if reason is None:
             raise
         _remove_unfinished(mngr.directory, step)
-        before = [s for s in mngr.all_steps() if s != step]
+        # Listed, not orbax's list: that already dropped the steps the failed save was
+        # to replace, which are still on disk.
+        try:
+            before = [int(p) for p in storage.listdir(str(mngr.directory))
+                      if p.isdigit() and int(p) != step]
+        except OSError:
+            before = []
+        with contextlib.suppress(Exception):
+            mngr.reload()
         kept = (f"the previous checkpoint, step {max(before)}, is intact" if before else
                 "no earlier checkpoint in it")
         raise DiskFull(f"the disk holding {mngr.directory} is full ({reason}): checkpoint "
                        f"step {step} was not saved; {kept}. Free space and run the same "
                        "command again to resume") from e
-    finally:
-        logging.getLogger("absl").removeFilter(echoes)
 
 
 @contextlib.contextmanager
@@ -106,10 +190,24 @@ def full_disk_stops(workdir: str) -> Iterator[None]:
 
 class _DiskFullEchoes(logging.Filter):
     """Drops orbax's log records of a write that failed for a full disk (each of its
-    writer threads logs the error with a traceback): :func:`save` reports it in one line."""
+    writer threads logs the error with a traceback): :func:`wait` reports it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return disk_full_reason(Exception(record.getMessage())) is None
+        if disk_full_reason(Exception(record.getMessage())) is not None:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or disk_full_reason(exc) is None
+
+
+_ECHOES = _DiskFullEchoes()
+
+
+def _filter_disk_full_echoes() -> None:
+    """Installs the filter on absl's logger (once): asynchronous saves fail in orbax's
+    threads, whenever they do."""
+    logger = logging.getLogger("absl")
+    if _ECHOES not in logger.filters:
+        logger.addFilter(_ECHOES)
 
 
 def _remove_unfinished(directory: Any, step: int) -> None:
@@ -125,8 +223,8 @@ def _remove_unfinished(directory: Any, step: int) -> None:
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.sharding.Sharding,
             step: int | None = None) -> tuple[Any, dict]:
     """Restores a step (default latest) into the structure of ``abstract_state``; a dict
-    of some of the state's fields (``{"step", "params", "batch_stats"}``) restores only
-    those (then the returned extra is empty).
+    of some of the state's fields (``{"step", "params", "batch_stats"}``: what ``best/``
+    holds, see ``INFERENCE_FIELDS``) restores only those.
 
     Arrays are placed with ``sharding`` (replicated over the current mesh), so a checkpoint
     written by N processes restores in one process and vice versa.
@@ -138,7 +236,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, sharding: jax.shar
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
     try:
         if isinstance(abstract_state, dict):  # a subset of the state's fields
-            return _restore_fields(mngr, step, abstract), {}
+            extra = mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+            return _restore_fields(mngr, step, abstract), dict(extra.extra or {})
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
@@ -386,8 +485,9 @@ def load_state_if_possible(latest: ocp.CheckpointManager, best: ocp.CheckpointMa
     if not best.all_steps():  # none (or set aside earlier): the next one is best
         extra["best_val"] = math.inf
         return state, extra
-    try:
-        restore_newest_good(best, abstract_state, sharding, workdir, BEST_DIR)
+    try:  # best/ holds the inference fields (older runs: the whole state)
+        restore_newest_good(best, inference_part(abstract_state), sharding, workdir,
+                            BEST_DIR)
     except NoGoodCheckpoint as e:
         set_aside_failed(best, workdir, BEST_DIR, e.failed, "a new best at the next validation")
         extra["best_val"] = math.inf

@@ -315,9 +315,9 @@ def _open_runs(cfgs, workdirs, stack) -> list[_Run]:
     runs = []
     for i, (c, wd) in enumerate(zip(cfgs, workdirs)):
         latest = checkpoints.manager(wd, rundir.CHECKPOINTS_DIR, c.train.keep_checkpoints)
-        stack.callback(latest.close)
+        stack.callback(checkpoints.close, latest)
         best = checkpoints.manager(wd, rundir.BEST_DIR, 1)
-        stack.callback(best.close)
+        stack.callback(checkpoints.close, best)
         writer = tb_writer.create_writer(wd, just_logging=jax.process_index() > 0)
         stack.callback(writer.close)
         runs.append(_Run(c, wd, latest, best, writer,
@@ -396,8 +396,12 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
     def check(metrics, step: int) -> None:
         host = program.fetch(metrics)
         for i, r in enumerate(runs):
-            check_finite(program.metrics(host, i), step, r.latest.latest_step(), r.workdir,
-                         r.label)
+            try:
+                check_finite(program.metrics(host, i), step, None, r.workdir, r.label)
+            except TrainingDiverged:
+                checkpoints.wait(r.latest)  # the checkpoint it names is written
+                check_finite(program.metrics(host, i), step, r.latest.latest_step(),
+                             r.workdir, r.label)
 
     def save_all(step: int, st, metrics) -> None:
         check(metrics, step)
@@ -446,7 +450,8 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
                 if vals[i] < r.best_val:
                     r.best_val = float(vals[i])
                     split = program.split(state) if split is None else split
-                    checkpoints.save(r.best, step, split[i], {"val_loss": float(vals[i])})
+                    checkpoints.save(r.best, step, checkpoints.inference_part(split[i]),
+                                     {"val_loss": float(vals[i])})
             if m > 1:
                 log.info("step %d validation loss %s", step,
                          " ".join(f"{v:.4f}" for v in vals))
@@ -462,8 +467,11 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
         for i, r in enumerate(runs):
             if r.best.latest_step() is None:
                 split = program.split(state) if split is None else split
-                checkpoints.save(r.best, step, split[i], {"val_loss": None})
-    for r in runs:
+                checkpoints.save(r.best, step, checkpoints.inference_part(split[i]),
+                                 {"val_loss": None})
+    for r in runs:  # the saves still being written (after SIGTERM too): a full disk here
+        checkpoints.wait(r.latest)
+        checkpoints.wait(r.best)
         r.writer.flush()
     seconds = time.time() - t0
     host = program.fetch(metrics) if metrics is not None else None

@@ -253,9 +253,43 @@ def test_loading_for_inference_builds_no_optimizer(workdir, monkeypatch):
     mngr = checkpoints.manager(workdir, "best", 1, create=False)
     try:
         monkeypatch.undo()
-        state, _ = checkpoints.restore(mngr, full, parallel.replicated(det.mesh))
+        state, _ = checkpoints.restore(mngr, checkpoints.inference_part(full),
+                                       parallel.replicated(det.mesh))
     finally:
         mngr.close()
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(det.variables["params"])):
+    for a, b in zip(jax.tree.leaves(state["params"]),
+                    jax.tree.leaves(det.variables["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert det.step == int(np.asarray(state.step))
+    assert det.step == int(np.asarray(state["step"]))
+
+
+def test_best_holds_no_optimizer_state_and_an_older_full_best_loads(workdir, tmp_path):
+    """best/ stores the model's variables only (restoring the whole train state from it
+    fails); a run written before that, whose best/ holds the whole state, still loads."""
+    import shutil
+
+    import jax
+
+    from ssm_jax.core import parallel
+    from ssm_jax.core.errors import CheckpointError
+    from ssm_jax.runs import checkpoints
+    from ssm_jax.training import step as train_step
+
+    wd = str(tmp_path / "wd")
+    shutil.copytree(workdir, wd)
+    cfg = Detector.load(wd).cfg
+    sharding = parallel.replicated(parallel.data_mesh())
+    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
+    best = checkpoints.manager(wd, "best", 1, create=False)
+    with pytest.raises(CheckpointError):
+        checkpoints.restore(best, abstract, sharding)
+    latest = checkpoints.manager(wd, "checkpoints", 1, create=False)
+    full, _ = checkpoints.restore(latest, abstract, sharding)
+    latest.close()
+    step = best.latest_step()
+    checkpoints.save(best, step, full.replace(step=full.step * 0 + step), {"val_loss": 0.1})
+    checkpoints.close(best)
+    det = Detector.load(wd)
+    assert det.step == step
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(det.variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

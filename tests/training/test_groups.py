@@ -213,7 +213,8 @@ def test_group_writes_tensorboard_and_progress(group_run):
 def test_group_keeps_each_runs_best(group_run):
     from ssm_jax.runs import checkpoints
     cfg = _group_cfgs()[0]
-    abstract = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0)))
+    abstract = checkpoints.inference_part(
+        jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0))))
     for wd in group_run[0]:
         vals = _scalars(wd)["val_loss"]
         best_step = min(vals, key=vals.get)

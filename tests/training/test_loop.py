@@ -136,8 +136,9 @@ def test_best_checkpoint_rotation_and_lr_steps(tmp_path, monkeypatch):
     mngr = checkpoints.manager(wd, "best", 1, create=False)
     assert mngr.all_steps() == [5]
     mesh = parallel.data_mesh()
-    _, extra = checkpoints.restore(mngr, train_step.init_state(cfg, jax.random.PRNGKey(0)),
-                                   parallel.replicated(mesh))
+    _, extra = checkpoints.restore(
+        mngr, checkpoints.inference_part(train_step.init_state(cfg, jax.random.PRNGKey(0))),
+        parallel.replicated(mesh))
     mngr.close()
     assert extra["val_loss"] == pytest.approx(1.5)
     # Rotation.
