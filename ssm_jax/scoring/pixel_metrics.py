@@ -270,21 +270,22 @@ class PixelMetrics:
         shape = tuple(maps.shape) if maps.ndim == 3 else (1, *maps.shape)
         if m.shape != shape:
             raise ValueError(f"masks {m.shape} and maps {shape} differ in shape")
+        if isinstance(maps, jax.Array) and not maps.is_fully_addressable:
+            raise ValueError("pass this process's own rows of the maps (and their masks); "
+                             "processes sum their states (all_processes)")
         weights, n = _region_weights(m, _valid(m.shape, sizes))
-        self._fetch()
-        self._state["regions"] += n
         if isinstance(maps, jax.Array):
-            if not maps.is_fully_addressable:
-                raise ValueError("pass this process's own rows of the maps (and their masks)"
-                                 "; processes sum their states")
             if self._device_thresholds is None:
                 self._device_thresholds = jnp.asarray(self.thresholds)
-            # Dispatched now, fetched at the next update or read: no wait on the device here.
-            self._pending = _device_histogram(self._device_thresholds,
-                                              maps.reshape(shape), weights)
+            # Dispatched now, fetched at the next update or read: the host never waits on
+            # the device here (the previous batch's totals are done by now).
+            pending = _device_histogram(self._device_thresholds, maps.reshape(shape), weights)
+            self._fetch()
+            self._pending = pending
         else:
             self._accumulate(*_host_histogram(self.thresholds,
                                               np.asarray(maps).reshape(shape), weights))
+        self._state["regions"] += n
 
     def _fetch(self) -> None:
         if self._pending is not None:
