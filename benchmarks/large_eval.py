@@ -21,7 +21,11 @@ child's ``ru_maxrss`` (``os.wait4``):
   the set's held-out normals, the N test images scored, metrics, report);
 * ``predict``: ``ssm-jax predict --workdir RUN --input SET/test --output OUT``;
 * ``scorer``: the same run's scorer alone (``Detector.raw_scores``) on ``--scorer-images``
-  test images already decoded in memory, timed on its second pass (the first compiles).
+  test images already decoded in memory, the best of ``--scorer-passes`` timed passes after
+  the first (which compiles).
+
+With ``--repeats R`` every command and size runs R times in rounds; the fastest run is kept
+and its peak RSS is the largest of the R.
 
 images/s of a command is its marginal rate: (N - N0) / (wall(N) - wall(N0)), with N0 =
 ``--base-size`` images scored by the same command in another process, so start-up,
@@ -132,10 +136,13 @@ def child_scorer(args) -> dict:
     det = Detector.load(args.run, args.scoring.split())
     images, sizes = folder.load_images(paths, args.image_size, True)
     det.raw_scores(images, sizes)  # compiles
-    t0 = time.perf_counter()
-    det.raw_scores(images, sizes)
-    sec = time.perf_counter() - t0
-    return {"images_per_s": len(images) / sec, "num_images": len(images)}
+    secs = []
+    for _ in range(args.scorer_passes):
+        t0 = time.perf_counter()
+        det.raw_scores(images, sizes)
+        secs.append(time.perf_counter() - t0)
+    return {"images_per_s": len(images) / min(secs), "num_images": len(images),
+            "passes_s": [round(t, 2) for t in secs]}
 
 
 def _child(cmd: list[str], log: str) -> tuple[dict, float]:
@@ -182,7 +189,7 @@ def run_scorer(args, n: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "scorer", "--child-n", str(n),
            "--data-root", args.data_root, "--run", args.run, "--image-size",
            str(args.image_size), "--scorer-images", str(args.scorer_images),
-           "--scoring", args.scoring]
+           "--scorer-passes", str(args.scorer_passes), "--scoring", args.scoring]
     log = os.path.join(args.data_root, "scorer.log")
     usage, wall = _child(cmd, log)
     with open(log) as f:
@@ -252,6 +259,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--scorer-images", type=int, default=256)
+    p.add_argument("--scorer-passes", type=int, default=2,
+                   help="timed passes of the scorer alone (the best is kept)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds over every command and size; the fastest run of each is "
+                        "kept (its peak RSS: the largest of the rounds)")
     p.add_argument("--scoring", default=" ".join(DEFAULT_SCORING),
                    help="config overrides every command scores with (KEY=VALUE ...)")
     p.add_argument("--commands", default="evaluate,predict")
@@ -288,13 +300,21 @@ def main(argv=None) -> dict:
     print(f"run ready ({time.time() - t0:.0f} s): {args.run}", flush=True)
     rows = [run_scorer(args, sizes[0])]
     print(json.dumps(rows[-1]), flush=True)
-    for kind in args.commands.split(","):
-        for n in [args.base_size, *sizes]:
-            rows.append(run_command(args, kind, n))
-            print(json.dumps(rows[-1]), flush=True)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.repeats):  # rounds, so that a change in load hits every size alike
+        for kind in args.commands.split(","):
+            for n in [args.base_size, *sizes]:
+                runs.setdefault((kind, n), []).append(run_command(args, kind, n))
+                print(json.dumps(runs[kind, n][-1]), flush=True)
+    for got in runs.values():
+        best = dict(min(got, key=lambda r: r["wall_s"]))
+        best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in got)
+        best["walls_s"] = [r["wall_s"] for r in got]
+        rows.append(best)
     summary = summarize(rows, sizes, args.base_size)
     result = {"image_size": args.image_size, "sizes": sizes, "base_size": args.base_size,
               "scoring": args.scoring.split(), "train_steps": args.train_steps,
+              "repeats": args.repeats,
               "rows": rows, "summary": summary,
               "device": next((r["device"] for r in rows if "device" in r), "unknown"),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
