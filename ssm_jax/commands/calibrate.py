@@ -143,14 +143,16 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
     if not paths:
         raise DataError(f"no images in {normals}")
     check_normals(cfg, paths, normals, fpr)
-    images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,
-                                       cfg.data.keep_aspect)
+    from ssm_jax.data import stream
+
+    images = stream.files_for(paths, cfg.data.image_size, cfg.data.grayscale,
+                              cfg.data.keep_aspect)  # decoded as they are scored
     n = len(images)
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.eval.threshold_quantile = min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)
     det = Detector.from_config(cfg, workdir, read_calibration=False)
     before = calibration.current(workdir)
-    det.calibrate(images, sizes, progress="scoring normals")
+    det.calibrate(images, progress="scoring normals")
     source = normals if storage.is_remote(normals) else os.path.abspath(normals)
     with calibration.writing(workdir):  # evaluate beside it checks again under this lock
         det.save_calibration(source=source, fpr=fpr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,6 +24,30 @@ from ssm_jax.serving.detector import Detector
 log = logging.getLogger("ssm_jax")
 
 
+def _report_sample(n: int, k: int, seed: int) -> np.ndarray:
+    """The fixed random sample of the report: every image when ``n <= k``, else ``k`` of
+    them, chosen before scoring (sorted indices)."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 43]).choice(n, k, replace=False))
+
+
+def _pixel_accumulator(det: Detector, masks) -> Any:
+    """The pixel metrics' accumulator (``ssm_jax.scoring.pixel_metrics``), thresholds from
+    the calibration normals' maps; None without masks, or where that module is missing
+    (then maps are kept and the exact computation runs)."""
+    if masks is None:
+        return None
+    try:
+        from ssm_jax.scoring import pixel_metrics
+    except ImportError:
+        return None
+    if det.calibration_maps is None or not len(det.calibration_maps):
+        return None
+    return pixel_metrics.PixelMetrics.from_normal_maps(det.calibration_maps,
+                                                       det.calibration_sizes)
+
+
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
              output_dir: str | None = None) -> dict:
     """Scores val (threshold) and test sets; writes ``workdir/eval/metrics.json`` + images,
@@ -31,40 +56,77 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     With ``output_dir``, metrics and report go there instead and the run directory is
     left as it is (no calibration files saved): a scoring variant of the run.
     """
-    from ssm_jax.data import load_dataset_for
+    from ssm_jax.data import load_eval_sets
     from ssm_jax.report import drift as drift_report
     from ssm_jax.report import page as report
-    from ssm_jax.scoring import calibration, drift
+    from ssm_jax.scoring import calibration, drift, streamed
     from ssm_jax.scoring import metrics as metrics_lib
 
     det = Detector.from_config(cfg, workdir, read_calibration=False)
-    data = load_dataset_for(cfg)
+    val, test = load_eval_sets(cfg)  # sources: nothing decoded yet
     t0 = time.time()
-    val, test = data["val"], data["test"]
     site, _ = calibration.load_record(workdir, cfg, det.step)
     if calibration.is_site(site):  # re-fitted on site (ssm-jax calibrate): in force
         det.threshold, det.stats = det.saved_calibration()
         log.info("threshold %.6g from the calibration of %s on %s (%s images)",
                  det.threshold, site["created"], site["source"], site.get("num_val_images"))
+        if len(val) and test.masks is not None:  # the pixel thresholds' range only
+            det.calibration_maps = det.score(val.images, val.sizes)["maps"]
     elif len(val):
-        det.calibrate(val.images, val.sizes, "scoring validation")
+        det.calibrate(val.images, val.sizes, "scoring validation", keep_maps=True)
     else:  # no threshold; settings that need validation images are refused here
         normalization.check_normalization(cfg.eval.map_normalization, 0)
+    det.calibration_sizes = val.sizes
     threshold = det.threshold
     t1 = time.time()
-    scored = det.score(test.images, test.sizes, progress="scoring test")
-    out = {"score": scored["scores"], "map": scored["maps"], "mse": scored["mse"],
-           "restored": scored["restored"]}
+    n = len(test)
+    labels = np.asarray(test.labels)
+    sample = _report_sample(n, int(cfg.eval.get("report_images", 200)), cfg.eval.seed)
+    in_sample = np.zeros(n, bool)
+    in_sample[sample] = True
+    keep_all = jax.process_count() == 1  # else the report's images are scored again
+    acc = _pixel_accumulator(det, test.masks)
+    exact = test.masks is not None and acc is None  # fallback: every map kept
+    panels: dict[int, dict] = {}
+    index, scores, all_maps, all_masks = [], [], [], []
+    for b in det.score_batches(test.images, test.sizes, masks=test.masks,
+                               restored=(lambda idx: in_sample[idx]) if keep_all else False,
+                               progress="scoring test"):
+        index.append(b.index)
+        scores.append(b.score)
+        if acc is not None:
+            acc.update(b.map, b.mask, b.sizes)
+        elif exact:
+            all_maps.append(b.map)
+            all_masks.append(b.mask)
+        if keep_all:
+            for r, i in enumerate(b.index):
+                if in_sample[i]:
+                    panels[int(i)] = {"image": b.image[r], "map": b.map[r],
+                                      "restored": None if b.restored is None else b.restored[r]}
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    score = streamed.gather_rows(np.concatenate(scores) if scores else np.zeros(0), index, n)
     test_seconds = time.time() - t1
-    result = metrics_lib.compute_all(test.labels, out["score"], test.masks, out["map"],
-                                     sizes=test.sizes)
+    result = metrics_lib.compute_all(labels, score, None, None)
+    pixel_curves = None
+    if acc is not None:
+        acc = _merge_hosts(acc)
+        result.update(acc.result())
+        if hasattr(acc, "curves"):
+            pixel_curves = acc.curves()
+    elif exact:
+        maps = streamed.gather_rows(np.concatenate(all_maps), index, n).astype(np.float32)
+        masks = streamed.gather_rows(np.concatenate(all_masks), index, n).astype(np.float32)
+        result = metrics_lib.compute_all(labels, score, masks, maps, sizes=test.sizes)
+        del maps, masks
     result.update({
-        "num_images": len(test), "seconds": test_seconds, "total_seconds": time.time() - t0,
-        "images_per_second": len(test) / max(test_seconds, 1e-9),
+        "num_images": n, "seconds": test_seconds, "total_seconds": time.time() - t0,
+        "images_per_second": n / max(test_seconds, 1e-9),
         "checkpoint_step": det.step, "refine_passes": det.sc.refine_passes,
         "threshold": threshold, "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     check = None
+    normal = labels != 1
     if threshold is not None:
         n_cal = det.num_calibration_images or 0
         quantile = float((det.calibration_record or {}).get("quantile",
@@ -73,14 +135,26 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         result["calibration_source"] = (det.calibration_record or {}).get(
             "source", calibration.VALIDATION)
         # The test normals against the calibration normals (anomalies are known here).
-        normal = np.asarray(test.labels) != 1
-        check = drift.check(out["score"][normal], threshold, det.expected_rate,
+        check = drift.check(score[normal], threshold, det.expected_rate,
                             det.calibration_scores)
         result["drift"] = {k: v for k, v in check.items() if k != "threshold"}
         if check["warning"]:
             log.warning("drift: %s", check["warning"])
         result.update({f"test_{k}": v for k, v in
-                       metrics_lib.detection_rates(test.labels, out["score"], threshold).items()})
+                       metrics_lib.detection_rates(labels, score, threshold).items()})
+    # The report's images: the sample's panels kept while scoring, the hardest cases (known
+    # only now) scored again (a few images; every process takes part).
+    from ssm_jax.report import grid
+
+    hardest = grid.hardest(labels, score, cfg.eval.num_overlays)
+    shown = np.union1d(sample, hardest).astype(np.int64)
+    missing = np.array([i for i in shown if int(i) not in panels], np.int64)
+    if len(missing):
+        sub = streamed.as_float(test.images[missing])
+        again = det.score(sub, None if test.sizes is None else test.sizes[missing])
+        for r, i in enumerate(missing):
+            panels[int(i)] = {"image": sub[r], "map": again["maps"][r],
+                              "restored": again["restored"][r]}
     if jax.process_index() == 0:
         eval_dir = output_dir or storage.join(workdir, rundir.EVAL_DIR)
         storage.makedirs(eval_dir)
@@ -89,8 +163,60 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             with calibration.writing(workdir):  # a calibrate may have saved one meanwhile
                 if not calibration.is_site(calibration.current(workdir)):
                     det.save_calibration()
-        report.write_report(eval_dir, test, out, result, threshold, cfg.eval.num_overlays)
+        view = _ReportSet(test, shown, panels)
+        report.write_report(eval_dir, view, {"score": score, "map": view.maps,
+                                             "restored": view.restored},
+                            result, threshold, cfg.eval.num_overlays,
+                            shown=None if len(shown) == n else shown,
+                            pixel_curves=pixel_curves)
         if check is not None:
-            drift_report.add_to_report(eval_dir, check, out["score"][normal],
+            drift_report.add_to_report(eval_dir, check, score[normal],
                                        det.calibration_scores, threshold)
     return result
+
+
+def _merge_hosts(acc):
+    """The accumulator summed over every process (its state is fixed-size arrays)."""
+    if jax.process_count() == 1:
+        return acc
+    from jax.experimental import multihost_utils
+
+    from ssm_jax.scoring import pixel_metrics
+
+    states = multihost_utils.process_allgather(acc.state, tiled=False)
+    total = None
+    for p in range(jax.process_count()):
+        one = pixel_metrics.PixelMetrics.from_state(
+            {k: np.asarray(v)[p] for k, v in states.items()})
+        total = one if total is None else total.merge(one)
+    return total
+
+
+class _ReportSet:
+    """The test set as the report reads it: every image's labels, paths, types and sizes;
+    images, masks, maps and restorations of the ``shown`` ones only (in that order)."""
+
+    def __init__(self, test, shown: np.ndarray, panels: dict[int, dict]) -> None:
+        self.labels, self.paths = test.labels, test.paths
+        self.defect_types, self.sizes = test.defect_types, test.sizes
+        rows = [panels[int(i)] for i in shown]
+        full = None if not rows else rows[0]["map"].shape
+
+        def stack(name: str, pad: bool) -> np.ndarray | None:
+            if not rows or any(r[name] is None for r in rows):
+                return None
+            out = []
+            for r in rows:
+                a = r[name]
+                if pad and a.shape[:2] != full:  # scored in a smaller shape bucket
+                    a = np.pad(a, ((0, full[0] - a.shape[0]), (0, full[1] - a.shape[1]),
+                                   (0, 0)), mode="edge")
+                out.append(a)
+            return np.stack(out)
+
+        self.images = stack("image", True)
+        self.maps = stack("map", False)
+        self.restored = stack("restored", True)
+        self.masks = None
+        if test.masks is not None and rows:
+            self.masks = np.stack([np.asarray(test.masks[int(i)], np.float32) for i in shown])

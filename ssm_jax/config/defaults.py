@@ -88,5 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.map_normalization = "none"  # none | val_zscore (per-pixel, by val normals)
     c.eval.threshold_quantile = 0.99
     c.eval.num_overlays = 8
+    # Images of a test set that get overlay and thumbnail files in evaluate's report (a
+    # fixed random sample plus the hardest cases); every image keeps its per_image.csv row.
+    c.eval.report_images = 200
     c.eval.seed = 1234
     return c

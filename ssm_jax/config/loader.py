@@ -55,7 +55,7 @@ GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.")
 # Keys a saved threshold / map statistics depend on (besides the checkpoint step).
 SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.layout", "data.keep_aspect",
                 "data.val_fraction", "seed")
-SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays")
+SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays", "eval.report_images")
 
 
 def matches(key: str, group: Sequence[str]) -> bool:
@@ -294,6 +294,8 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
                           f"{e.threshold_quantile}")
     if e.num_overlays < 0:
         raise ConfigError(f"eval.num_overlays must be >= 0, got {e.num_overlays}")
+    if e.get("report_images", 0) < 0:
+        raise ConfigError(f"eval.report_images must be >= 0, got {e.report_images}")
     if e.sigma_at_128 < 0:
         raise ConfigError(f"eval.sigma_at_128 must be >= 0, got {e.sigma_at_128}")
     scoring_config(cfg)  # refinement, image score, k weighting, border, mask draws

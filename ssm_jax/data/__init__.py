@@ -80,5 +80,19 @@ def load_training_sets(cfg) -> tuple[ImageSet, ImageSet, object]:
     return train, val, (val.images if not crop else center_crops(val.images, val.sizes, crop))
 
 
-__all__ = ["ImageSet", "load_dataset", "load_dataset_for", "load_split", "load_training_sets",
-           "split_validation"]
+def load_eval_sets(cfg) -> tuple[ImageSet, ImageSet]:
+    """(validation, test) for scoring: of a folder (``data.path``) as sources that decode
+    on demand (``stream.streamed_eval_split``: only the validation files of the training
+    split are ever read), of the embedded synthetic set in memory."""
+    d = cfg.data
+    if d.path:
+        from ssm_jax.data import stream
+
+        return stream.streamed_eval_split(d.path, d.image_size, d.grayscale, d.val_fraction,
+                                          cfg.seed, d.keep_aspect)
+    data = load_dataset_for(cfg)
+    return data["val"], data["test"]
+
+
+__all__ = ["ImageSet", "load_dataset", "load_dataset_for", "load_eval_sets", "load_split",
+           "load_training_sets", "split_validation"]

@@ -123,6 +123,76 @@ class ImageFiles:
             return np.stack(list(ex.map(self._one, idx.tolist())))
 
 
+class MaskFiles:
+    """Random-access source of test masks: element ``i`` is [H, W] float32 in {0, 1}
+    (``shape``), read from ``mask_paths[i]`` exactly as :func:`folder.load_split` reads it
+    (its image's header gives the size it must have), zeros where the path is None, zero
+    padded bottom/right to ``shape``."""
+
+    def __init__(self, mask_paths: Sequence[str | None], image_paths: Sequence[str],
+                 image_size: int, keep_aspect: bool, shape: tuple[int, int]) -> None:
+        self.mask_paths, self.image_paths = list(mask_paths), list(image_paths)
+        self.image_size, self.keep_aspect, self.shape = image_size, keep_aspect, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.mask_paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        mp, ip = self.mask_paths[int(i)], self.image_paths[int(i)]
+        if mp is not None:
+            m = folder.load_mask(mp, ip, folder.image_wh(ip), self.image_size,
+                                 self.keep_aspect)
+        else:
+            tw, th = (folder.target_size(folder.image_wh(ip), self.image_size, True)
+                      if self.keep_aspect else (self.image_size, self.image_size))
+            m = np.zeros((th, tw), np.float32)
+        h, w = self.shape
+        return np.pad(m, ((0, h - m.shape[0]), (0, w - m.shape[1])))
+
+
+def streamed_eval_split(path: str, image_size: int, grayscale: bool, val_fraction: float,
+                        seed: int, keep_aspect: bool = False
+                        ) -> tuple[folder.ImageSet, folder.ImageSet]:
+    """(validation, test) of an MVTec-layout folder as ``ImageSet`` s whose ``images`` (and
+    the test ``masks``) are sources that decode on demand: the validation files are the
+    held-out rows of :func:`folder.validation_indices` (the same images
+    ``load_dataset`` + ``split_validation`` give), and nothing else of the training split
+    is read (with ``keep_aspect``, its headers give the common padded shape)."""
+    paths = folder.train_paths(path)
+    entries, has_gt = folder.mvtec_test_entries(path)
+    test_paths = [p for p, _, _ in entries]
+    shape, sizes, test_sizes = None, None, None
+    if keep_aspect:
+        sizes = image_sizes(paths, image_size, keep_aspect)
+        test_sizes = image_sizes(test_paths, image_size, keep_aspect)
+        shape = folder.padded_shape([folder.padded_shape(sizes), folder.padded_shape(test_sizes)])
+    _, val_idx = folder.validation_indices(len(paths), val_fraction, seed)
+    val_sizes = None if sizes is None else sizes[val_idx]
+    val_files = ImageFiles([paths[i] for i in val_idx], image_size, grayscale, keep_aspect,
+                           shape, val_sizes)
+    test_files = ImageFiles(test_paths, image_size, grayscale, keep_aspect, shape, test_sizes)
+    kinds = [k for _, k, _ in entries]
+    masks = (MaskFiles([m for _, _, m in entries], test_paths, image_size, keep_aspect,
+                       test_files.shape) if has_gt else None)
+    k = len(val_files)
+    val = folder.ImageSet(val_files, np.zeros(k, np.int32), None, val_files.paths,
+                          ["good"] * k, val_sizes)
+    labels = np.array([0 if t == "good" else 1 for t in kinds], np.int32)
+    test = folder.ImageSet(test_files, labels, masks, test_paths, kinds, test_sizes)
+    return val, test
+
+
+def files_for(paths: Sequence[str], image_size: int, grayscale: bool,
+              keep_aspect: bool = False) -> ImageFiles:
+    """A source over ``paths`` decoded as :func:`folder.load_images` decodes them (with
+    ``keep_aspect``: padded to the common shape their headers give, valid sizes kept)."""
+    shape, sizes = None, None
+    if keep_aspect:
+        sizes = image_sizes(paths, image_size, keep_aspect)
+        shape = folder.padded_shape(sizes)
+    return ImageFiles(paths, image_size, grayscale, keep_aspect, shape, sizes)
+
+
 def image_sizes(paths: Sequence[str], image_size: int, keep_aspect: bool) -> np.ndarray:
     """[N, 2] (h, w) each image has after resizing, read from the file headers only."""
     def one(p: str) -> tuple[int, int]:

@@ -67,42 +67,55 @@ def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str
 
 
 def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
-                 threshold: float | None, num_overlays: int) -> str:
+                 threshold: float | None, num_overlays: int, shown: np.ndarray | None = None,
+                 pixel_curves: tuple | None = None) -> str:
     """Writes overlays, ``grid.png``, ``hardest.png`` (misses and false alarms; both
-    classes needed), ``roc.png``, ``pro.png``, ``scores_hist.png``, every
-    image's overlay and thumbnail (``images/``), ``per_image.csv`` and
+    classes needed), ``roc.png``, ``pro.png``, ``scores_hist.png``, each shown image's
+    overlay and thumbnail (``images/``), ``per_image.csv`` (every image) and
     ``index.md``/``index.html`` into ``eval_dir`` (see :mod:`ssm_jax.report.grid` for the
     sample and :mod:`ssm_jax.report.tables` for the row order). Plots that cannot be drawn
-    are skipped with a note. Returns the index.html path."""
+    are skipped with a note. Returns the index.html path.
+
+    ``test_set`` has ``labels``, ``paths``, ``defect_types``, ``sizes`` of every image and
+    ``out`` its ``score``. Without ``shown`` every image is shown: ``test_set.images``,
+    ``.masks`` and ``out["map"]``, ``out["restored"]`` hold every image. With ``shown`` (a
+    bounded set of a large test set: sorted indices), they hold the shown images only, in
+    that order; the sample grid is drawn from them, the hardest cases must be among them,
+    and the pixel curves come from ``pixel_curves`` ((roc, pro) as
+    :func:`curves.pixel_points` gives them) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     storage.makedirs(eval_dir)
-    images = np.asarray(test_set.images)
-    raw_maps = np.asarray(out["map"], np.float32)
     scores = np.asarray(out["score"], np.float64).reshape(-1)
     labels = np.asarray(test_set.labels).reshape(-1)
-    masks = None if test_set.masks is None else np.asarray(test_set.masks)
+    n = len(labels)
+    whole = shown is None
+    shown = np.arange(n) if whole else np.asarray(shown, np.int64)
+    pos = {int(i): k for k, i in enumerate(shown)}
+    images = np.asarray(test_set.images) if len(shown) else None
+    raw_maps = np.asarray(out["map"], np.float32) if len(shown) else np.zeros((0, 1, 1))
+    masks = None if test_set.masks is None else test_set.masks
     restored = out.get("restored")
-    sizes = getattr(test_set, "sizes", None)
+    all_sizes = getattr(test_set, "sizes", None)
+    sizes = None if all_sizes is None else np.asarray(all_sizes)[shown]
     maps = raw_maps
-    if sizes is not None:  # padded images: draw and count only each image's valid region
+    if sizes is not None and len(shown):  # padded images: draw only each valid region
         from ssm_jax.data.folder import valid_masks
 
         maps = np.where(valid_masks(maps.shape, sizes), maps, np.nan)
     arrays = {"image": images, "map": maps, "mask": masks, "restored": restored}
 
     def valid(name: str, i: int) -> np.ndarray | None:
-        a = arrays[name]
+        a, k = arrays[name], pos[int(i)]
         if a is None or sizes is None:
-            return None if a is None else a[i]
-        return a[i][:sizes[i][0], :sizes[i][1]]
+            return None if a is None else a[k]
+        return a[k][:sizes[k][0], :sizes[k][1]]
 
-    n = len(labels)
     has_bad, has_good = bool((labels == 1).any()), bool((labels != 1).any())
-    pix_thr = grid.pixel_threshold(maps, labels, threshold)
+    pix_thr = grid.pixel_threshold(maps, labels[shown], threshold)
     thr_label = "threshold" if threshold is not None else "normal 99% quantile"
     vmin, vmax = overlays.heat_scale(pix_thr, maps[np.isfinite(maps)])
     scale_note = overlays.scale_note(vmin, vmax, "the pixel threshold")
@@ -120,21 +133,30 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     def caption(i: int) -> str:
         return f"{test_set.defect_types[i]} ({'anomalous' if labels[i] == 1 else 'normal'})"
 
-    # 1. Overlays of the sample, then every image's overlay + thumbnail and its row.
-    idx = grid.sample(labels, scores, num_overlays) if n else np.zeros(0, int)
+    # 1. Overlays of the sample, then each shown image's overlay + thumbnail; every row.
+    idx = (shown[grid.sample(labels[shown], scores[shown], num_overlays)] if len(shown)
+           else np.zeros(0, int))
     names = [f"{os.path.splitext(os.path.basename(str(test_set.paths[i])))[0]}_"
              f"{test_set.defect_types[i]}" for i in idx]
     sample_files = overlays.save_overlays(eval_dir, [valid("image", i) for i in idx],
                                           [valid("map", i) for i in idx], names, vmin, vmax)
     all_names = [f"{os.path.splitext(os.path.basename(str(p)))[0]}_{d}"
                  for p, d in zip(test_set.paths, test_set.defect_types)]
-    files_rel = overlays.write_image_files(
-        eval_dir, [valid("image", i) for i in range(n)], [valid("map", i) for i in range(n)],
-        overlays.unique_stems(all_names), vmin, vmax)
+    stems = overlays.unique_stems(all_names)
+    shown_rel = overlays.write_image_files(
+        eval_dir, [valid("image", i) for i in shown], [valid("map", i) for i in shown],
+        [stems[i] for i in shown], vmin, vmax)
+    files_rel = [("", "")] * n
+    for i, rel in zip(shown, shown_rel):
+        files_rel[int(i)] = rel
     files = ["/".join(str(p).replace(os.sep, "/").split("/")[-2:]) for p in test_set.paths]
     rows = tables.per_image_rows(files, test_set.paths, scores, threshold, files_rel, labels,
                                  test_set.defect_types)
     tables.write_rows_csv(os.path.join(eval_dir, tables.PER_IMAGE_CSV), rows)
+    if not whole:
+        notes.append(f"Overlays and thumbnails of {len(shown)} of the {n} images (a fixed "
+                     f"random sample and the hardest cases: eval.report_images); every image "
+                     f"has its row in {tables.PER_IMAGE_CSV}.")
 
     # 2. The sample grid.
     if len(idx):
@@ -157,8 +179,12 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
              "highest-scoring normal ones")
 
     # 3. ROC (image, and pixel when masks have both classes) and PRO, from metrics' curves.
-    pixel_roc, pro = (curves.pixel_points(masks, raw_maps, sizes)  # one sort of every pixel
-                      if masks is not None and has_bad else (None, None))
+    if pixel_curves is not None:
+        pixel_roc, pro = pixel_curves
+    elif whole and masks is not None and has_bad:  # one sort of every pixel
+        pixel_roc, pro = curves.pixel_points(np.asarray(masks), raw_maps, sizes)
+    else:
+        pixel_roc, pro = None, None
     if has_bad and has_good:
         save(curves.roc_figure(curves.roc_points(labels == 1, scores),
                                tables.fmt(result.get("image_auroc")), pixel_roc,
@@ -171,7 +197,8 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
              f"PRO (FPR <= {curves.PRO_FPR_LIMIT})")
     else:
         notes.append("PRO skipped: " + ("no ground-truth masks." if masks is None else
-                                         "no anomalous regions in the masks."))
+                                         "no anomalous regions in the masks." if whole else
+                                         "no curve kept for this test set."))
 
     # 4. Score histogram.
     save(curves.histogram_figure(scores, labels, threshold), "scores_hist.png", "Image scores")

@@ -132,11 +132,14 @@ def rows_table_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
         ovl, thumb, file = esc(r["overlay"]), esc(r["thumbnail"]), esc(r["file"])
         wrong = r.get("correct") == "no"
         cls = ("wrong" if wrong else "flagged" if r["decision"] == "anomalous" else "ok")
-        cells = [str(r["rank"]),
-                 f"<a href='{ovl}'><img src='{thumb}' alt='{file}' loading='lazy'></a>",
-                 f"<a href='{ovl}'><img src='{ovl}' alt='overlay of {file}' "
-                 f"loading='lazy'></a>",
-                 f"<a href='{ovl}'>{file}</a>"]
+        if ovl:
+            cells = [str(r["rank"]),
+                     f"<a href='{ovl}'><img src='{thumb}' alt='{file}' loading='lazy'></a>",
+                     f"<a href='{ovl}'><img src='{ovl}' alt='overlay of {file}' "
+                     f"loading='lazy'></a>",
+                     f"<a href='{ovl}'>{file}</a>"]
+        else:  # not among the images the report draws (a large set)
+            cells = [str(r["rank"]), "", "", file]
         if has_truth:
             cells += [esc(str(r["defect_type"])), esc(r["truth"])]
         cells += [f"{r['score']:.4g}", "" if r["margin"] is None else f"{r['margin']:+.4g}",

@@ -17,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 
 from ssm_jax.core import parallel
 from ssm_jax.data.folder import content_ids as folder_content_ids
-from ssm_jax.data.folder import full_sizes
 from ssm_jax.method import scoring
 from ssm_jax.method.scoring import scoring_config  # noqa: F401  (re-exported)
 from ssm_jax.training import step as train_step
@@ -64,58 +63,34 @@ def shape_buckets(sizes: np.ndarray, full: tuple[int, int],
             for k in keys]
 
 
-def score_images(score_fn, variables, mesh, images: np.ndarray, batch_size: int, seed: int,
+def score_images(score_fn, variables, mesh, images, batch_size: int, seed: int,
                  progress: str | None = None, sizes: np.ndarray | None = None,
-                 bucket: int = 0, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Scores every image of [N, H, W, C]; returns numpy maps [N, H, W], scores [N],
-    restoration MSEs [N] and restored images.
+                 bucket: int = 0, restored: bool = True) -> dict[str, np.ndarray]:
+    """Scores every image of [N, H, W, C] (or of a source that decodes them on demand,
+    ``ssm_jax.data.stream.ImageFiles``); returns numpy maps [N, H, W], scores [N],
+    restoration MSEs [N] and, with ``restored``, restored images [N, H, W, C].
 
     ``sizes`` [N, 2]: valid (h, w) of padded images. With ``bucket`` > 0, images are scored
     in groups cropped to their valid size rounded up to ``bucket`` (see
-    :func:`shape_buckets`). Each image's masks depend only on its id: ``ids`` [N], by
-    default :func:`content_ids`, so an image scores the same alone, inside any folder or
-    set, at any batch size and position.
+    :func:`shape_buckets`). Each image's masks depend only on its pixels
+    (:func:`content_ids`), so an image scores the same alone, inside any folder or set, at
+    any batch size and position. Every host gets every output; sets too large to hold
+    whole go through :func:`ssm_jax.scoring.streamed.score_batches` instead.
     """
-    from tqdm import tqdm
+    from ssm_jax.scoring import streamed
 
-    from ssm_jax.data.pipeline import eval_batches
-
-    batch_size = device_batch_size(batch_size)
-    key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    n, full = len(images), images.shape[1:3]
+    n = len(images)
+    shape = np.asarray(images[0]).shape if n else np.shape(images)[1:]
+    full, channels = tuple(shape[:2]), shape[-1]
     if sizes is None:
-        sizes = full_sizes(images)
-    sizes = np.asarray(sizes, np.int32)
-    ids = content_ids(images, sizes) if ids is None else np.asarray(ids, np.int32)
-    groups = shape_buckets(sizes, full, bucket) if bucket else [(full, np.arange(n))]
-    outs = {"map": np.zeros((n, *full), np.float32), "score": np.zeros(n, np.float32),
-            "mse": np.zeros(n, np.float32), "restored": np.zeros_like(images, np.float32)}
-    total = sum(-(-len(idx) // batch_size) for _, idx in groups)
-    bar = tqdm(total=total, desc=progress, unit="batch") if (
-        progress and jax.process_index() == 0) else None
-    for g, ((gh, gw), members) in enumerate(groups):
-        compiled = None
-        for start, ((batch, real), (hw, _)) in enumerate(zip(
-                eval_batches(images[members, :gh, :gw], batch_size),
-                eval_batches(sizes[members], batch_size))):
-            rows = members[start * batch_size:start * batch_size + real]
-            idx = ids[np.concatenate([rows, np.repeat(rows[-1:], len(batch) - real)])]
-            images_g, idx_g, hw_g = _place_batch(mesh, batch, idx, hw)
-            if compiled is None:
-                compiled = score_fn.lower(variables, key, images_g, idx_g, hw_g).compile()
-                parallel.barrier(f"ssm_jax_score_compiled_{progress}_{g}")
-            out = parallel.to_host(compiled(variables, key, images_g, idx_g, hw_g))
-            pad = ((0, 0), (0, full[0] - gh), (0, full[1] - gw))
-            outs["map"][rows] = np.pad(np.asarray(out["map"])[:real], pad, mode="edge")
-            outs["restored"][rows] = np.pad(np.asarray(out["restored"])[:real],
-                                            pad + ((0, 0),), mode="edge")
-            outs["score"][rows] = np.asarray(out["score"])[:real]
-            outs["mse"][rows] = np.asarray(out["mse"])[:real]
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return outs
+        sizes = getattr(images, "sizes", None)
+    sizes = (np.tile(np.array(full, np.int32), (n, 1)) if sizes is None
+             else np.asarray(sizes, np.int32))
+    batches = streamed.score_batches(score_fn, variables, mesh, images,
+                                     device_batch_size(batch_size), seed, sizes, bucket,
+                                     restored=restored, gather=jax.process_count() > 1,
+                                     progress=progress)
+    return streamed.collect(batches, n, full, channels, restored)
 
 
 def device_batch_size(batch_size: int) -> int:
@@ -125,11 +100,14 @@ def device_batch_size(batch_size: int) -> int:
     return max(batch_size // n_dev, 1) * n_dev
 
 
-def _place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> tuple:
-    """A host batch, its mask ids and valid sizes as global arrays sharded over ``data``."""
-    return (parallel.global_batch(mesh, parallel.host_rows(batch)),
-            parallel.global_batch(mesh, parallel.host_rows(ids.astype(np.int32))),
-            parallel.global_batch(mesh, parallel.host_rows(np.asarray(sizes, np.int32))))
+def _place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray,
+                 local: bool = False) -> tuple:
+    """A batch, its mask ids and valid sizes as global arrays sharded over ``data``: each
+    host's rows of a global batch every host holds, or with ``local`` this host's rows."""
+    rows = (lambda a: a) if local else parallel.host_rows
+    return (parallel.global_batch(mesh, rows(batch)),
+            parallel.global_batch(mesh, rows(ids.astype(np.int32))),
+            parallel.global_batch(mesh, rows(np.asarray(sizes, np.int32))))
 
 
 def lower_scorer(score_fn, variables, mesh, batch_size: int, image_shape: tuple[int, ...],

@@ -277,9 +277,10 @@ def calibrate(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_f
 
 def calibrate_with_scores(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig, score_fn,
                           variables, mesh, val_images: np.ndarray, progress: str | None = None,
-                          val_sizes: np.ndarray | None = None):
+                          val_sizes: np.ndarray | None = None, keep: dict | None = None):
     """:func:`calibrate`, also returning the normals' image scores behind the threshold
-    (None without images): the reference of the drift check."""
+    (None without images): the reference of the drift check. ``val_images``: an array or
+    an ``ImageFiles`` source; ``keep``: a dict that receives the normals' raw outputs."""
 
     normalization.check_normalization(cfg.eval.map_normalization, len(val_images))
     if cfg.eval.image_score_fusion != "none" and 0 < len(val_images) < 3:
@@ -290,7 +291,9 @@ def calibrate_with_scores(cfg: ml_collections.ConfigDict, sc: scoring.ScoringCon
     val_out = batch_scoring.score_images(score_fn, variables, mesh, val_images,
                                          cfg.eval.batch_size, cfg.eval.seed,
                                          progress=progress, sizes=val_sizes,
-                                         bucket=batch_scoring.shape_bucket(cfg))
+                                         bucket=batch_scoring.shape_bucket(cfg), restored=False)
+    if keep is not None:
+        keep.update(val_out)
     return fit_scored(cfg, sc, val_out, val_sizes)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -27,11 +27,12 @@ from ssm_jax.config.loader import MODEL_SHAPE_KEYS  # noqa: F401
 from ssm_jax.core import parallel
 from ssm_jax.core.errors import CheckpointError, ConfigError, DataError
 from ssm_jax.data.folder import full_sizes
+from ssm_jax.data.stream import ImageFiles
 from ssm_jax.method import scoring
 from ssm_jax.runs import checkpoints, rundir
 from ssm_jax.runtime import compile_ahead
 from ssm_jax.scoring import batch as batch_scoring
-from ssm_jax.scoring import calibration
+from ssm_jax.scoring import calibration, streamed
 
 # Re-exported: these lived here before the batch engine and calibration had modules.
 from ssm_jax.scoring.batch import (  # noqa: F401
@@ -137,6 +138,9 @@ class Detector:
     # and the saved calibration record in force (source, date, quantile), when known.
     calibration_scores: np.ndarray | None = None
     calibration_record: dict | None = None
+    # The calibration normals' maps (as scored, statistics applied), when asked to keep them.
+    calibration_maps: np.ndarray | None = None
+    calibration_sizes: np.ndarray | None = None
 
     @classmethod
     def load(cls, workdir: str, overrides: Sequence[str] = (),
@@ -171,14 +175,28 @@ class Detector:
     def channels(self) -> int:
         return 1 if self.cfg.data.grayscale else 3
 
-    def check_images(self, images: Any, sizes: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def check_images(self, images: Any, sizes: Any = None) -> tuple[Any, np.ndarray]:
         """float32 [B, H, W, C] in [0, 1] (uint8 is scaled) and valid sizes [B, 2]; one
-        DataError naming what is wrong otherwise.
+        DataError naming what is wrong otherwise. A source of image files
+        (``ssm_jax.data.stream.ImageFiles``) is passed through: it decodes at this run's
+        settings.
 
         Without ``data.keep_aspect`` images must be image_size square. With it, any
         H, W >= 16 goes: images are edge-padded to a multiple of 16 and scored on their
         valid part.
         """
+        if isinstance(images, ImageFiles):
+            if images.channels != self.channels:
+                raise DataError(f"images are read with {images.channels} channel(s); this run "
+                                f"was trained on {self.channels}")
+            n = len(images)
+            if not n:
+                raise DataError("no images to score")
+            if sizes is None:
+                sizes = images.sizes
+            sizes = (np.tile(np.array(images.shape, np.int32), (n, 1)) if sizes is None
+                     else np.asarray(sizes, np.int32).reshape(n, 2))
+            return images, sizes
         x = np.asarray(images)
         if x.ndim == 3 and self.channels == 1:
             x = x[..., None]
@@ -212,12 +230,36 @@ class Detector:
         x, sizes = self.check_images(images, sizes)
         return self._raw_scores(x, sizes, progress)
 
-    def _raw_scores(self, x: np.ndarray, sizes: np.ndarray,
+    def _raw_scores(self, x: Any, sizes: np.ndarray,
                     progress: str | None) -> dict[str, np.ndarray]:
         return batch_scoring.score_images(self.score_fn, self.variables, self.mesh, x,
                                           self.cfg.eval.batch_size, self.cfg.eval.seed,
                                           progress=progress, sizes=sizes,
                                           bucket=batch_scoring.shape_bucket(self.cfg))
+
+    def score_batches(self, images: Any, sizes: Any = None, masks: Any = None,
+                      restored: Any = False, progress: str | None = None,
+                      skip: np.ndarray | None = None) -> Iterator[streamed.Scored]:
+        """Scores a set of any size batch by batch (``ssm_jax.scoring.streamed``): yields
+        this host's rows of each global batch, with the run's map statistics applied,
+        decoding ahead while the devices score. ``images``: an array or an ``ImageFiles``
+        source; ``masks``: an array or ``MaskFiles`` source of the same rows, or None;
+        ``restored``: fetch restorations (True, False, or a function of the rows' indices);
+        ``skip`` [N] bool: rows not to score."""
+        x, sizes = self.check_images(images, sizes)
+        if calibration.needs_stats(self.cfg):
+            self.require_calibration()
+        batches = streamed.score_batches(
+            self.score_fn, self.variables, self.mesh, x,
+            batch_scoring.device_batch_size(self.cfg.eval.batch_size), self.cfg.eval.seed,
+            sizes, batch_scoring.shape_bucket(self.cfg), masks=masks, restored=restored,
+            progress=progress, skip=skip)
+        for b in batches:
+            if calibration.needs_stats(self.cfg):
+                o = calibration.apply_map_stats({"map": b.map, "score": b.score, "mse": b.mse},
+                                                self.stats, self.sc, b.sizes)
+                b.map, b.score = o["map"], o["score"]
+            yield b
 
     def score(self, images: Any, sizes: Any = None,
               progress: str | None = None) -> dict[str, np.ndarray]:
@@ -241,22 +283,31 @@ class Detector:
         return out
 
     def calibrate(self, normal_images: Any, sizes: Any = None,
-                  progress: str | None = None) -> float | None:
-        """Threshold (and map statistics) from normal images only; returns the threshold."""
+                  progress: str | None = None, keep_maps: bool = False) -> float | None:
+        """Threshold (and map statistics) from normal images only (an array or an
+        ``ImageFiles`` source); returns the threshold. ``keep_maps``: keep the normals'
+        maps (statistics applied) as ``calibration_maps``."""
         x, sizes = self.check_images(normal_images, sizes)
+        kept: dict = {}
         self.threshold, self.stats, self.calibration_scores = calibration.calibrate_with_scores(
             self.cfg, self.sc, self.score_fn, self.variables, self.mesh, x, progress,
-            val_sizes=sizes)
+            val_sizes=sizes, keep=kept if keep_maps else None)
+        if keep_maps:
+            maps = kept["map"]
+            if self.stats is not None and "mean" in self.stats:
+                maps = calibration.apply_map_stats(kept, self.stats, self.sc, sizes)["map"]
+            self.calibration_maps, self.calibration_sizes = maps, sizes
         self.num_calibration_images = len(x)
         self.calibration_record = None  # not saved yet
         return self.threshold
 
     def calibrate_on_validation_split(self, progress: str | None = "calibrating threshold"
                                       ) -> float | None:
-        """:meth:`calibrate` on the run's held-out normals (``data.val_fraction``)."""
-        from ssm_jax.data import load_dataset_for
+        """:meth:`calibrate` on the run's held-out normals (``data.val_fraction``), read from
+        their files (nothing else of the training split)."""
+        from ssm_jax.data import load_eval_sets
 
-        val = load_dataset_for(self.cfg)["val"]
+        val, _ = load_eval_sets(self.cfg)
         if not len(val):
             raise CheckpointError(f"no {THRESHOLD_FILE} for these settings in the workdir and "
                                   "no validation images (data.val_fraction=0) to calibrate one")

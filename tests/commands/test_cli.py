@@ -101,34 +101,27 @@ def test_predict(trained, tmp_path, capsys, validations):
     assert not [p for p in os.listdir(out) if ".tmp." in p]  # written atomically, all renamed
 
 
-def test_evaluate_and_predict_agree(trained, tmp_path, monkeypatch, capsys):
-    """The same images, through `evaluate` (test split of a folder) and `predict` (that
-    folder's test/ directory): the same scores and the same threshold."""
+def test_evaluate_and_predict_agree(trained, tmp_path, capsys):
+    """The same images, through `evaluate` (test split of a folder, streamed from its files)
+    and `predict` (that folder's test/ directory): the same scores and the same threshold."""
+    import csv
+
     from ssm_jax.data.synthetic import write_synthetic_folder
-    from ssm_jax.scoring import batch as batch_scoring
 
     root = tmp_path / "data"
     write_synthetic_folder(root, image_size=32, grayscale=True, num_train=12, num_test_good=3,
                            num_test_anomalous=4, seed=7)
-    seen = []
-    original = batch_scoring.score_images
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out["score"])
-        return out
-
-    monkeypatch.setattr(batch_scoring, "score_images", recording)
     data = f"--config.data.path={root}"
     ssm("evaluate", "--workdir", trained, data)
-    assert len(seen) == 2  # validation (threshold), then test
-    test_scores = seen[1]
     m = json.loads((trained / "eval" / "metrics.json").read_text())
+    with open(trained / "eval" / "per_image.csv") as f:
+        evaluated = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
     ssm("predict", "--workdir", trained, "--input", root / "test", "--output", tmp_path / "p",
         data)
     rows = json.loads((tmp_path / "p" / "scores.json").read_text())
-    assert len(rows) == len(test_scores) == 7
-    np.testing.assert_allclose([r["score"] for r in rows], test_scores, rtol=1e-6)
+    assert len(rows) == len(evaluated) == 7
+    np.testing.assert_allclose([r["score"] for r in rows],
+                               [evaluated[r["path"]] for r in rows], rtol=1e-6)
     assert rows[0]["threshold"] == pytest.approx(m["threshold"])
     capsys.readouterr()
 
