@@ -114,3 +114,53 @@ def test_full_disk_outside_training_is_one_line(tiny_run, small_disk, tmp_path):
     assert not [p for p in os.listdir(out) if not p.startswith(".")] or all(
         os.path.getsize(out / p) > 0 for p in os.listdir(out)), os.listdir(out)
     assert not [p for p in os.listdir(out) if ".tmp" in p], os.listdir(out)
+
+
+def test_predict_on_a_filling_disk_keeps_whole_rows_and_resumes(tiny_run, small_disk,
+                                                                tmp_path):
+    """``predict`` whose disk fills up after some batches: one line, the rows of the
+    finished batches whole in partial/; with space freed, the same command scores the rest
+    and ends with the uninterrupted run's scores."""
+    import csv
+    import json
+
+    from ssm_jax.data.synthetic import write_synthetic_folder
+
+    disk, _ = small_disk
+    write_synthetic_folder(tmp_path / "data", 32, True, num_train=1, num_test_good=12,
+                           num_test_anomalous=12, seed=2)
+    images = tmp_path / "data" / "test"
+    args = ["--workdir", tiny_run[0], "--input", images, "--overlays", "all",
+            "--config.eval.batch_size=2"]
+    whole = cli_runs.ssm("predict", *args, "--output", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    filler = disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk up, then free 48 KB: a few batches' worth
+        try:
+            while True:
+                f.write(b"\0" * (1 << 12))
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(os.path.getsize(filler) - (48 << 10), 0))
+    out = disk / "p"
+    full = cli_runs.ssm("predict", *args, "--output", out)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("ssm-jax: error: the disk is full (No space left on device)"), last
+    assert "Traceback" not in full.stderr
+    kept = [p for p in os.listdir(out / "partial") if p.endswith(".csv")]
+    assert kept, os.listdir(out / "partial")
+    done = 0
+    for name in kept:
+        with open(out / "partial" / name) as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(r["path"].endswith(".png") and float(r["score"]) for r in rows)
+        done += len(rows)
+    assert 0 < done < 24
+    os.truncate(filler, 0)  # space freed
+    again = cli_runs.ssm("predict", *args, "--output", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{done} of 24 image(s) already scored" in again.stderr
+    assert (json.loads((out / "scores.json").read_text())
+            == json.loads((tmp_path / "whole" / "scores.json").read_text()))

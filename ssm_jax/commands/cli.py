@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USER_ERROR = 2
+DEFAULT_OVERLAYS = 100  # predict --overlays (here: --help needs no jax import)
 
 # TensorFlow is only the tfds builders' back end (the tfds extra): keep its chatter quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -148,8 +149,10 @@ def parser() -> argparse.ArgumentParser:
     r = command(
         "predict", "score new images: scores, decisions and heat-map overlays",
         "Writes OUTPUT/scores.csv and scores.json (score, threshold, anomalous per image), "
-        "one\n<name>_overlay.png per image, per_image.csv and index.html. The threshold is the "
-        "one evaluate\nsaved, else it is calibrated on the run's held-out normal images first.",
+        "per_image.csv,\nindex.html and <name>_overlay.png files (--overlays). The threshold "
+        "is the one evaluate\nsaved, else it is calibrated on the run's held-out normal images "
+        "first. Images are read as\nthey are scored; finished rows are kept in OUTPUT/partial/, "
+        "so a killed run resumes when\nthe same command runs again.",
         epilog(SCORING_OVERRIDES,
                "ssm-jax predict --workdir runs/quickstart --input photo.png --output runs/pred",
                "ssm-jax predict --workdir runs/quickstart --input photos/ --output runs/pred"),
@@ -157,7 +160,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, metavar="PATH",
                    help="an image file, or a folder searched recursively for images")
     r.add_argument("--output", required=True, metavar="DIR",
-                   help="folder for the scores, overlays and page (created if missing)")
+                   help="folder for the scores, overlays and page (created if missing; the "
+                   "same folder resumes a killed run)")
+    r.add_argument("--overlays", default=str(DEFAULT_OVERLAYS), metavar="N|all",
+                   help="heat-map overlays of the N highest-scoring images, or of all "
+                   f"(default: {DEFAULT_OVERLAYS})")
 
     x = command(
         "export", "write the trained detector as one file for serving",
@@ -276,7 +283,8 @@ def run(argv: Sequence[str]) -> int:
             if args.command == "evaluate":
                 print(json.dumps(evaluate.evaluate(cfg, args.workdir), indent=2))
             else:
-                rows = predict.predict(cfg, args.workdir, args.input, args.output)
+                rows = predict.predict(cfg, args.workdir, args.input, args.output,
+                                       predict.parse_overlays(args.overlays))
                 n_bad = sum(r["anomalous"] for r in rows)
                 print(f"{len(rows)} image(s) scored, {n_bad} anomalous; wrote {args.output}")
         elif args.command == "export":

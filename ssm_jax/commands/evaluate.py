@@ -2,8 +2,25 @@
 re-fitted on site by ``ssm-jax calibrate``, which stays in force), the test split scored,
 metrics, the drift check of the test normals against the calibration normals,
 ``eval/metrics.json`` and the report. Scoring itself lives in
-:mod:`ssm_jax.serving.detector` (which composes :mod:`ssm_jax.scoring.batch` and
-:mod:`ssm_jax.scoring.calibration`).
+:mod:`ssm_jax.serving.detector` (which composes :mod:`ssm_jax.scoring.streamed`,
+:mod:`ssm_jax.scoring.batch` and :mod:`ssm_jax.scoring.calibration`).
+
+Sets of any size: of a folder, only the validation files of the training split are read
+(``data.folder.validation_indices``), and the test split is read as it is scored, each host its
+rows of every batch (:mod:`ssm_jax.scoring.streamed`). What is kept: the image scores
+(N floats, gathered from every host), the pixel metrics' fixed-size accumulator
+(``ssm_jax.scoring.pixel_metrics``, summed over hosts; where that module is missing, every
+map, and the exact computation), the validation maps (for the threshold, the statistics
+and the pixel thresholds' range) and the report's images: a fixed random sample of
+``eval.report_images`` (kept while scoring on one host) and the hardest cases, known only
+at the end and scored again then (a few images; with several hosts the whole report set
+is, so that no maps cross hosts). ``per_image.csv`` has every image.
+
+A killed ``evaluate`` does not resume: rerunning it costs what the killed run cost, its
+result (metrics.json, the report) is written only at the end and atomically, so the
+previous evaluation stays whole, and resuming would need the accumulator, the scores and
+the report sample saved per batch for one command that is rarely interrupted (``predict``,
+which scores sets without end, resumes).
 """
 
 from __future__ import annotations
@@ -32,20 +49,40 @@ def _report_sample(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 43]).choice(n, k, replace=False))
 
 
-def _pixel_accumulator(det: Detector, masks) -> Any:
-    """The pixel metrics' accumulator (``ssm_jax.scoring.pixel_metrics``), thresholds from
-    the calibration normals' maps; None without masks, or where that module is missing
-    (then maps are kept and the exact computation runs)."""
-    if masks is None:
+def _pixel_accumulator(det: Detector, test) -> Any:
+    """The pixel metrics' fixed-size accumulator (``ssm_jax.scoring.pixel_metrics``),
+    thresholds from the calibration normals' maps; None where the exact computation on
+    kept maps is the default (a set of few pixels: ``pixel_metrics.exact_is_cheap``), or
+    without masks, calibration maps or that module."""
+    if test.masks is None or det.calibration_maps is None or not len(det.calibration_maps):
         return None
     try:
         from ssm_jax.scoring import pixel_metrics
     except ImportError:
         return None
-    if det.calibration_maps is None or not len(det.calibration_maps):
+    shape = tuple(test.images.shape)  # (H, W) of a file source, [N, H, W, C] of an array
+    hw = shape if len(shape) == 2 else shape[1:3]
+    sizes = np.tile(np.asarray(hw, np.int64), (len(test), 1)) if test.sizes is None \
+        else np.asarray(test.sizes, np.int64)
+    pixels = int(np.prod(sizes, axis=1).sum())
+    if pixel_metrics.exact_is_cheap(pixels):
         return None
     return pixel_metrics.PixelMetrics.from_normal_maps(det.calibration_maps,
                                                        det.calibration_sizes)
+
+
+def _curves_of(acc) -> tuple:
+    """(pixel ROC, PRO) for the report's plots from the accumulator's kept points."""
+    from ssm_jax.report import curves
+
+    c = acc.curves()
+    fps, tps, overlap = (np.asarray(c[k], np.float64) for k in ("fps", "tps", "overlap"))
+    n_neg, n_pos = fps[-1], tps[-1]
+    regions = int(acc.state["regions"])
+    roc = curves.thin(fps / n_neg, tps / n_pos) if n_neg and n_pos else None
+    pro = (curves.thin(fps / n_neg, overlap / regions, x_max=curves.PRO_FPR_LIMIT)
+           if n_neg and regions else None)
+    return roc, pro
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -85,7 +122,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     in_sample = np.zeros(n, bool)
     in_sample[sample] = True
     keep_all = jax.process_count() == 1  # else the report's images are scored again
-    acc = _pixel_accumulator(det, test.masks)
+    acc = _pixel_accumulator(det, test)
     exact = test.masks is not None and acc is None  # fallback: every map kept
     panels: dict[int, dict] = {}
     index, scores, all_maps, all_masks = [], [], [], []
@@ -110,10 +147,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     result = metrics_lib.compute_all(labels, score, None, None)
     pixel_curves = None
     if acc is not None:
-        acc = _merge_hosts(acc)
+        acc = acc.all_processes()
         result.update(acc.result())
-        if hasattr(acc, "curves"):
-            pixel_curves = acc.curves()
+        pixel_curves = _curves_of(acc)
     elif exact:
         maps = streamed.gather_rows(np.concatenate(all_maps), index, n).astype(np.float32)
         masks = streamed.gather_rows(np.concatenate(all_masks), index, n).astype(np.float32)
@@ -173,23 +209,6 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             drift_report.add_to_report(eval_dir, check, score[normal],
                                        det.calibration_scores, threshold)
     return result
-
-
-def _merge_hosts(acc):
-    """The accumulator summed over every process (its state is fixed-size arrays)."""
-    if jax.process_count() == 1:
-        return acc
-    from jax.experimental import multihost_utils
-
-    from ssm_jax.scoring import pixel_metrics
-
-    states = multihost_utils.process_allgather(acc.state, tiled=False)
-    total = None
-    for p in range(jax.process_count()):
-        one = pixel_metrics.PixelMetrics.from_state(
-            {k: np.asarray(v)[p] for k, v in states.items()})
-        total = one if total is None else total.merge(one)
-    return total
 
 
 class _ReportSet:

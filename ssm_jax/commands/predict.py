@@ -1,22 +1,59 @@
-"""Scoring new images with a trained run: scores, decisions, heat-map overlays."""
+"""Scoring new images with a trained run: scores, decisions, heat-map overlays.
+
+The input folder is read as it is scored (:mod:`ssm_jax.scoring.streamed`), so a folder of
+any size needs the memory of a few batches. As each batch finishes, its rows (path, score)
+are written to ``OUTPUT/partial/`` as one small file, atomically: a killed run loses at
+most the batches in flight. Run again with the same ``--output``, it reads those rows
+back, scores only the rest and ends with the same files as an uninterrupted run
+(``partial/run.json`` records the checkpoint, scoring settings, threshold and input list
+the rows belong to; if any of them changed, the rows are dropped and everything is
+scored again). At the end ``scores.csv``, ``scores.json``, ``per_image.csv`` and
+``index.html`` are written (atomically) and ``partial/`` is removed. A full disk stops
+the run with one line (``ssm-jax: error: the disk is full ...``); the rows written stay
+whole, and the same command continues once space is freed.
+
+Overlays: ``--overlays N`` (default :data:`DEFAULT_OVERLAYS`) draws ``<name>_overlay.png``
+and a thumbnail for the N highest-scoring images, scored again at the end (the ranking
+is only known then; N images are cheap next to the set); ``--overlays all`` draws every
+image's as its batch finishes. A folder of at most N images gets every overlay.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
 
 import jax
 import ml_collections
+import numpy as np
 
+from ssm_jax.commands.cli import DEFAULT_OVERLAYS
 from ssm_jax.core import storage
-from ssm_jax.core.errors import DataError
+from ssm_jax.core.errors import ConfigError, DataError
 from ssm_jax.runs import rundir
 from ssm_jax.serving.detector import Detector
 
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
+PARTIAL_DIR = "partial"  # rows of the batches finished so far, one file per batch
+log = logging.getLogger("ssm_jax")
+
+
+def parse_overlays(value: str | int | None) -> int | None:
+    """``--overlays``: a count >= 0, or ``all`` (None)."""
+    if value is None or str(value).strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"--overlays must be a count >= 0 or 'all', got {value!r}")
+    return n
 
 
 def _input_paths(path: str) -> list[str]:
@@ -32,42 +69,161 @@ def _input_paths(path: str) -> list[str]:
     return paths
 
 
+def _run_key(det: Detector, paths: list[str]) -> dict:
+    """What the partial rows depend on: checkpoint, scoring settings, threshold, inputs."""
+    from ssm_jax.scoring import calibration
+
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    return {"scoring": calibration.scoring_fingerprint(det.cfg, det.step),
+            "threshold": det.threshold, "inputs": digest, "num_inputs": len(paths)}
+
+
+def _read_partial(output_dir: str, key: dict, paths: list[str]) -> dict[int, float]:
+    """{input index: score} of the rows a previous run of the same key finished."""
+    part = storage.join(output_dir, PARTIAL_DIR)
+    if not storage.isdir(part):
+        return {}
+    try:
+        saved = json.loads(storage.read_text(storage.join(part, "run.json")))
+    except (OSError, ValueError):
+        saved = None
+    if saved != key:
+        log.warning("predict: %s holds rows of another run (checkpoint, settings, threshold "
+                    "or inputs differ); scoring every image again", part)
+        return {}
+    where = {p: i for i, p in enumerate(paths)}
+    done: dict[int, float] = {}
+    for name in sorted(storage.listdir(part)):
+        if not name.endswith(".csv"):
+            continue  # run.json, or a temporary file of a write cut short
+        for row in csv.DictReader(io.StringIO(storage.read_text(storage.join(part, name)))):
+            if row.get("path") in where:
+                done[where[row["path"]]] = float(row["score"])
+    return done
+
+
+def _agree(done: np.ndarray) -> np.ndarray:
+    """Process 0's resume mask on every process (they must score the same batches)."""
+    if jax.process_count() == 1:
+        return done
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(done.astype(np.int32))) > 0
+
+
+def _batch_rows(b, per_host: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, scores) of every host's real rows of one global batch."""
+    if jax.process_count() == 1:
+        return b.index, np.asarray(b.score, np.float64)
+    from jax.experimental import multihost_utils
+
+    mine = np.full((per_host, 2), -1.0)
+    mine[:len(b.index), 0], mine[:len(b.index), 1] = b.index, b.score
+    every = np.asarray(multihost_utils.process_allgather(mine, tiled=True))
+    every = every[every[:, 0] >= 0]
+    return every[:, 0].astype(np.int64), every[:, 1]
+
+
+def _rows_csv(paths: list[str], index: np.ndarray, scores: np.ndarray) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "score"])
+    for i, s in zip(index, scores):
+        w.writerow([paths[int(i)], repr(float(np.float32(s)))])
+    return buf.getvalue()
+
+
 def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
-            output_dir: str) -> list[dict]:
-    """Writes ``scores.csv``, ``scores.json`` and ``<stem>_overlay.png`` files to output_dir."""
-    from ssm_jax.data import folder
+            output_dir: str, overlays: int | None = DEFAULT_OVERLAYS) -> list[dict]:
+    """Writes ``scores.csv``, ``scores.json``, ``per_image.csv``, ``index.html`` and
+    ``<stem>_overlay.png`` files to output_dir (module docstring: what is kept, resuming,
+    ``overlays``: a count, or None for all)."""
+    from ssm_jax.data import stream
     from ssm_jax.report import drift as drift_report
+    from ssm_jax.report import overlays as overlay_files
     from ssm_jax.report import page as report
-    from ssm_jax.scoring import drift
+    from ssm_jax.scoring import batch as batch_scoring
+    from ssm_jax.scoring import drift, streamed
 
     paths = _input_paths(input_path)
-    images, sizes = folder.load_images(paths, cfg.data.image_size, cfg.data.grayscale,
-                                       cfg.data.keep_aspect)
+    files = stream.files_for(paths, cfg.data.image_size, cfg.data.grayscale,
+                             cfg.data.keep_aspect)
     # Threshold and statistics: those evaluate saved for these settings, else calibrated
     # on the run's held-out normal training images now.
     det = Detector.from_config(cfg, workdir)
-    out = det.predict(images, sizes, progress="scoring")
-    threshold = out["threshold"]
+    det.require_calibration()
+    threshold = det.threshold
+    n = len(paths)
+    every = overlays is None or n <= overlays
+    is_dir = storage.isdir(input_path)
+    names = [os.path.splitext(storage.relpath(p, input_path) if is_dir
+                              else storage.basename(p))[0] for p in paths]
+    stems = overlay_files.unique_stems(names)
+    vmin, vmax = overlay_files.heat_scale(threshold)
+    part = storage.join(output_dir, PARTIAL_DIR)
+    key = _run_key(det, paths)
+    main = jax.process_index() == 0
+    done = _read_partial(output_dir, key, paths) if main else {}
+    skip = np.zeros(n, bool)
+    skip[list(done)] = True
+    skip = _agree(skip)
+    if done:
+        log.info("predict: %d of %d image(s) already scored in %s; scoring the rest",
+                 len(done), n, part)
+    if main:
+        storage.makedirs(part)
+        rundir.write_json(storage.join(part, "run.json"), key)
+    scores = np.full(n, np.nan)
+    for i, s in done.items():
+        scores[i] = s
+    per_host = batch_scoring.device_batch_size(cfg.eval.batch_size) // jax.process_count()
+    for b in det.score_batches(files, skip=skip, progress="scoring"):
+        if every and len(b.index):  # this host's rows' overlays, before their rows count
+            crop = [(b.image[r][:h, :w], b.map[r][:h, :w]) for r, (h, w) in enumerate(b.sizes)]
+            overlay_files.write_image_files(output_dir, [c[0] for c in crop],
+                                            [c[1] for c in crop],
+                                            [stems[i] for i in b.index], vmin, vmax,
+                                            overlay_dir="", thumb_dir=overlay_files.IMAGES_DIR)
+        index, batch_scores = _batch_rows(b, per_host)
+        scores[index] = batch_scores
+        if main and len(index):
+            rundir.atomic_write(storage.join(part, f"rows-{int(index.min()):09d}.csv"),
+                                _rows_csv(paths, index, batch_scores))
+    # Scores as the scorer gives them (float32), read back or not.
+    scores = scores.astype(np.float32)
+    anomalous = scores > threshold
+    shown = np.arange(n) if every else np.argsort(-scores, kind="stable")[:overlays]
+    if not every and len(shown):  # the highest scores' overlays: those images again
+        sub = streamed.as_float(files[np.sort(shown)])
+        sizes = files.sizes[np.sort(shown)] if files.sizes is not None else None
+        again = det.score(sub, sizes)
+        if main:
+            valid = again["sizes"]
+            overlay_files.write_image_files(
+                output_dir, [im[:h, :w] for im, (h, w) in zip(sub, valid)],
+                [m[:h, :w] for m, (h, w) in zip(again["maps"], valid)],
+                [stems[i] for i in np.sort(shown)], vmin, vmax, overlay_dir="",
+                thumb_dir=overlay_files.IMAGES_DIR)
     # Drift: the scored images (their part below the threshold) against the calibration's.
-    check = drift.check(out["scores"], threshold, det.expected_rate, det.calibration_scores)
+    check = drift.check(scores, threshold, det.expected_rate, det.calibration_scores)
     if check["warning"]:
-        logging.getLogger("ssm_jax").warning("drift: %s", check["warning"])
+        log.warning("drift: %s", check["warning"])
     rows = [{"path": p, "score": float(s), "threshold": threshold,
-             "anomalous": bool(a)} for p, s, a in zip(paths, out["scores"], out["anomalous"])]
-    if jax.process_index() == 0:
-        storage.makedirs(output_dir)
+             "anomalous": bool(a)} for p, s, a in zip(paths, scores, anomalous)]
+    if main:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
         rundir.atomic_write(storage.join(output_dir, SCORES_CSV), buf.getvalue().encode())
         rundir.write_json(storage.join(output_dir, SCORES_JSON), rows)
-        is_dir = storage.isdir(input_path)
-        names = [os.path.splitext(storage.relpath(p, input_path) if is_dir
-                                  else storage.basename(p))[0] for p in paths]
-        # <name>_overlay.png per image (valid region), index.html and per_image.csv.
-        report.write_predict_report(output_dir, paths, names, images, out["maps"],
-                                    out["scores"], threshold, sizes)
-        drift_report.add_to_report(output_dir, check, out["scores"], det.calibration_scores,
+        files_rel = [("", "")] * n
+        for i in shown:
+            files_rel[int(i)] = (f"{stems[i]}_overlay.png",
+                                 f"{overlay_files.IMAGES_DIR}/{stems[i]}_thumb.png")
+        report.write_predict_page(output_dir, paths, names, scores, threshold, files_rel,
+                                  vmin, vmax, shown=len(shown))
+        drift_report.add_to_report(output_dir, check, scores, det.calibration_scores,
                                    threshold)
+        storage.rmtree(part)  # finished: the rows are in scores.csv
     return rows

@@ -89,7 +89,7 @@ def load_eval_sets(cfg) -> tuple[ImageSet, ImageSet]:
         from ssm_jax.data import stream
 
         return stream.streamed_eval_split(d.path, d.image_size, d.grayscale, d.val_fraction,
-                                          cfg.seed, d.keep_aspect)
+                                          cfg.seed, d.keep_aspect, d.layout)
     data = load_dataset_for(cfg)
     return data["val"], data["test"]
 

@@ -151,15 +151,16 @@ class MaskFiles:
 
 
 def streamed_eval_split(path: str, image_size: int, grayscale: bool, val_fraction: float,
-                        seed: int, keep_aspect: bool = False
+                        seed: int, keep_aspect: bool = False, layout: str = "auto"
                         ) -> tuple[folder.ImageSet, folder.ImageSet]:
-    """(validation, test) of an MVTec-layout folder as ``ImageSet`` s whose ``images`` (and
+    """(validation, test) of a folder in any layout (``ssm_jax.data.layouts``) as
+    ``ImageSet`` s whose ``images`` (and
     the test ``masks``) are sources that decode on demand: the validation files are the
     held-out rows of :func:`folder.validation_indices` (the same images
     ``load_dataset`` + ``split_validation`` give), and nothing else of the training split
     is read (with ``keep_aspect``, its headers give the common padded shape)."""
-    paths = folder.train_paths(path)
-    entries, has_gt = folder.mvtec_test_entries(path)
+    paths = folder.train_paths(path, layout)
+    entries, has_gt = folder.test_entries(path, layout)
     test_paths = [p for p, _, _ in entries]
     shape, sizes, test_sizes = None, None, None
     if keep_aspect:

@@ -54,12 +54,27 @@ def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str
     files_rel = overlays.write_image_files(out_dir, crops_i, crops_m,
                                            overlays.unique_stems(names), vmin, vmax,
                                            overlay_dir="", thumb_dir=overlays.IMAGES_DIR)
+    return write_predict_page(out_dir, paths, names, scores, threshold, files_rel, vmin,
+                              vmax, title=title)
+
+
+def write_predict_page(out_dir: str, paths: Sequence[str], names: Sequence[str],
+                       scores: np.ndarray, threshold: float | None,
+                       files_rel: Sequence[tuple[str, str]], vmin: float, vmax: float,
+                       title: str = "ssm_jax predictions",
+                       shown: int | None = None) -> list[dict[str, Any]]:
+    """``per_image.csv`` and ``index.html`` of ``ssm-jax predict`` for images whose overlay
+    and thumbnail files (``files_rel``, relative to ``out_dir``; ("", "") for an image
+    without) are written already; ``shown``: how many have them, when not all. Returns
+    the rows."""
     rows = tables.per_image_rows([str(n) for n in names], paths, scores, threshold, files_rel)
     tables.write_rows_csv(os.path.join(out_dir, tables.PER_IMAGE_CSV), rows)
     thr = "none" if threshold is None else f"{threshold:.4g}"
+    drawn = "" if shown is None or shown == len(rows) else (
+        f" Overlays of the {shown} highest-scoring images (--overlays).")
     page = [_head(title),
             f"<h1>{html.escape(title)}</h1>\n<p>{len(rows)} image(s); threshold {thr}; "
-            f"{overlays.scale_note(vmin, vmax)}.</p>\n",
+            f"{overlays.scale_note(vmin, vmax)}.{html.escape(drawn)}</p>\n",
             tables.rows_summary_html(rows, False), tables.rows_table_html(rows, False),
             "</body></html>\n"]
     _write_page(os.path.join(out_dir, "index.html"), "".join(page))

@@ -24,6 +24,7 @@ images passed as one array, whatever the host count.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from ssm_jax.core import parallel
 from ssm_jax.data.folder import content_ids
 from ssm_jax.data.pipeline import READ_THREADS
 
+log = logging.getLogger("ssm_jax")
 # Global batches decoded ahead of the one being scored (per host: bounded memory).
 PREFETCH_BATCHES = 2
 
@@ -66,10 +68,15 @@ def as_float(images: np.ndarray) -> np.ndarray:
 
 class _Rows:
     """grain random-access source: element ``j`` is the decoded ``(image, mask, index)`` of
-    position ``order[j]`` of the set, cut to the bucket's shape."""
+    position ``order[j]`` of the set, cut to the bucket's shape; a padding row (``real[j]``
+    False) is zeros, read from no file (its outputs are dropped)."""
 
-    def __init__(self, images, masks, order: np.ndarray, shape: tuple[int, int]) -> None:
-        self.images, self.masks, self.order, self.shape = images, masks, order, shape
+    def __init__(self, images, masks, order: np.ndarray, real: np.ndarray,
+                 shape: tuple[int, int], full: tuple[int, int], channels: int,
+                 decoded: set | None = None) -> None:
+        self.images, self.masks, self.order, self.real = images, masks, order, real
+        self.shape, self.full, self.channels = shape, full, channels
+        self.decoded = decoded  # positions read (set.add is atomic under the GIL)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -80,6 +87,13 @@ class _Rows:
     def __getitem__(self, j: int) -> dict[str, np.ndarray]:
         i = int(self.order[int(j)])
         h, w = self.shape
+        if not self.real[int(j)]:
+            out = {"image": np.zeros((h, w, self.channels), np.float32), "index": np.int64(i)}
+            if self.masks is not None:
+                out["mask"] = np.zeros(self.full, np.float32)
+            return out
+        if self.decoded is not None:
+            self.decoded.add(i)
         out = {"image": as_float(self.images[i])[:h, :w], "index": np.int64(i)}
         if self.masks is not None:
             out["mask"] = np.asarray(self.masks[i], np.float32)
@@ -87,10 +101,11 @@ class _Rows:
 
 
 def host_batches(images, masks, members: np.ndarray, batch_size: int,
-                 shape: tuple[int, int], rows: slice) -> Iterator[dict[str, np.ndarray]]:
+                 shape: tuple[int, int], full: tuple[int, int], channels: int, rows: slice,
+                 decoded: set | None = None) -> Iterator[dict[str, np.ndarray]]:
     """This host's rows (``rows`` of each global batch) of the global batches over
-    ``members``, the last one padded by repeating its last image; each a dict of stacked
-    ``image``, ``index``, ``mask`` (if any) and ``real`` (whether the row is not padding)."""
+    ``members``, the last one padded (zero images at the last member's index); each a dict
+    of stacked ``image``, ``index``, ``mask`` (if any) and ``real`` (not padding)."""
     import grain
 
     n = len(members)
@@ -99,7 +114,8 @@ def host_batches(images, masks, members: np.ndarray, batch_size: int,
     real = (np.arange(steps * batch_size) < n).reshape(steps, batch_size)
     order, flags = members[pos[:, rows]].reshape(-1), real[:, rows]
     per_host = flags.shape[1]
-    ds = grain.MapDataset.source(_Rows(images, masks, order, shape))
+    ds = grain.MapDataset.source(_Rows(images, masks, order, flags.reshape(-1), shape, full,
+                                       channels, decoded))
     it = iter(ds.to_iter_dataset(grain.ReadOptions(
         num_threads=READ_THREADS, prefetch_buffer_size=max(PREFETCH_BATCHES * per_host, 2)))
         .batch(per_host, batch_fn=lambda xs: {k: np.stack([x[k] for x in xs]) for k in xs[0]}))
@@ -137,7 +153,14 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
 
     n = len(images)
     sizes = np.asarray(sizes, np.int32).reshape(n, 2)
-    full = tuple(np.asarray(images[0]).shape[:2]) if n else (0, 0)
+    channels = getattr(images, "channels", None)
+    if isinstance(images, np.ndarray):
+        full, channels = tuple(images.shape[1:3]), images.shape[-1]
+    elif hasattr(images, "shape"):  # a source of one padded shape (ImageFiles)
+        full = tuple(images.shape)
+    else:
+        first = np.asarray(images[0]) if n else np.zeros((0, 0, 1))
+        full, channels = tuple(first.shape[:2]), first.shape[-1]
     keep = np.ones(n, bool) if skip is None else ~np.asarray(skip, bool)
     todo = np.flatnonzero(keep)
     if bucket:
@@ -147,6 +170,7 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
     per_host = batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
+    decoded: set[int] = set()
     total = sum(-(-len(idx) // batch_size) for _, idx in groups)
     bar = tqdm(total=total, desc=progress, unit="batch") if (
         progress and jax.process_index() == 0) else None
@@ -155,8 +179,7 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
         (gh, gw) = b["image"].shape[1:3]
         if gather:
             host = parallel.to_host({k: out[k] for k in ("map", "score", "mse")})
-            # Every host's rows, in order: the whole global batch.
-            real = np.asarray(b["real_global"], bool)
+            real = np.asarray(b["real_global"], bool)  # every host's rows: the global batch
             index = np.asarray(b["index_global"])[real]
             image = np.asarray(b["image_global"])[real]
             mask = None if "mask_global" not in b else b["mask_global"][real]
@@ -181,11 +204,8 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
     try:
         for g, ((gh, gw), members) in enumerate(groups):
             compiled, pending = None, None
-            if gather:  # every host reads every row (its images are in memory)
-                batches = host_batches(images, masks, members, batch_size, (gh, gw),
-                                       slice(0, batch_size))
-            else:
-                batches = host_batches(images, masks, members, batch_size, (gh, gw), rows)
+            batches = host_batches(images, masks, members, batch_size, (gh, gw), full,
+                                   channels, slice(0, batch_size) if gather else rows, decoded)
             for b in batches:
                 if gather:
                     b = {**{f"{k}_global": v for k, v in b.items()},
@@ -208,6 +228,9 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
     finally:
         if bar is not None:
             bar.close()
+    if progress and n:  # what this process read: its share of the set (tests check it)
+        log.info("%s: process %d of %d read %d of %d images", progress, jax.process_index(),
+                 jax.process_count(), len(decoded), n)
 
 
 def collect(batches: Iterator[Scored], n: int, full: tuple[int, int], channels: int,

@@ -1,0 +1,72 @@
+"""``evaluate`` and ``predict`` in two processes (launch/local_multiprocess.sh, one CPU device
+each, joined by jax.distributed) give one process's metrics and scores, and each process
+reads only its share of the test files (its rows of every global batch)."""
+
+import csv
+import json
+import re
+import shutil
+import sys
+
+import cli_runs
+import numpy as np
+import pytest
+from conftest import launch
+
+KEYS = ("image_auroc", "f1_max", "pixel_auroc", "aupro", "pixel_f1_max", "threshold")
+
+
+def _reads(logs: str, what: str) -> dict[int, int]:
+    found = re.findall(rf"{what}: process (\d) of 2 read (\d+) of (\d+) images", logs)
+    return {int(p): int(k) for p, k, _ in found}
+
+
+def _scores(path):
+    with open(path) as f:
+        return {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ssm_jax.data.synthetic import write_synthetic_folder
+
+    root = tmp_path_factory.mktemp("mh") / "set"
+    write_synthetic_folder(root, image_size=32, grayscale=True, num_train=12, num_test_good=5,
+                           num_test_anomalous=6, seed=8)
+    return root
+
+
+def test_two_processes_evaluate_and_predict_as_one(tiny_run, data, tmp_path):
+    path = f"--config.data.path={data}"
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(tiny_run[0], one)
+    shutil.copytree(tiny_run[0], two)
+    res = cli_runs.ssm("evaluate", "--workdir", one, path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = launch(2, 1, [sys.executable, "-m", "ssm_jax", "evaluate", "--workdir", str(two),
+                         path], tmp_path / "ev")
+    a = json.loads((one / "eval" / "metrics.json").read_text())
+    b = json.loads((two / "eval" / "metrics.json").read_text())
+    assert b["device_count"] == 2 and a["device_count"] == 1
+    for k in KEYS:
+        assert a[k] is not None and b[k] == pytest.approx(a[k], abs=1e-6), k
+    sa, sb = _scores(one / "eval" / "per_image.csv"), _scores(two / "eval" / "per_image.csv")
+    assert sorted(sa) == sorted(sb) and len(sa) == 11
+    np.testing.assert_allclose([sb[p] for p in sa], list(sa.values()), rtol=1e-6, atol=1e-7)
+    # 11 test images in global batches of 8 (4 rows each): 8 + 3 real rows.
+    reads = _reads(logs, "scoring test")
+    assert sorted(reads) == [0, 1] and sum(reads.values()) == 11 and max(reads.values()) < 11
+
+    out1, out2 = tmp_path / "p1", tmp_path / "p2"
+    res = cli_runs.ssm("predict", "--workdir", one, "--input", data / "test", "--output", out1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = launch(2, 1, [sys.executable, "-m", "ssm_jax", "predict", "--workdir", str(two),
+                         "--input", str(data / "test"), "--output", str(out2)], tmp_path / "pr")
+    ra = json.loads((out1 / "scores.json").read_text())
+    rb = json.loads((out2 / "scores.json").read_text())
+    assert [r["path"] for r in ra] == [r["path"] for r in rb]
+    np.testing.assert_allclose([r["score"] for r in rb], [r["score"] for r in ra], rtol=1e-6,
+                               atol=1e-7)
+    assert [r["anomalous"] for r in ra] == [r["anomalous"] for r in rb]
+    reads = _reads(logs, "scoring")
+    assert sorted(reads) == [0, 1] and sum(reads.values()) == 11 and max(reads.values()) < 11
