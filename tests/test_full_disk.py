@@ -135,11 +135,10 @@ def test_predict_on_a_filling_disk_keeps_whole_rows_and_resumes(tiny_run, small_
     whole = cli_runs.ssm("predict", *args, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     filler = disk / "filler"
-    with open(filler, "wb") as f:  # fill the disk up, then free 48 KB: a few batches' worth
+    with open(filler, "wb", buffering=0) as f:  # fill the disk up, then free 48 KB
         try:
             while True:
                 f.write(b"\0" * (1 << 12))
-                f.flush()
         except OSError:
             pass
     os.truncate(filler, max(os.path.getsize(filler) - (48 << 10), 0))

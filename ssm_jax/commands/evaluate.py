@@ -142,7 +142,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                     panels[int(i)] = {"image": b.image[r], "map": b.map[r],
                                       "restored": None if b.restored is None else b.restored[r]}
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    score = streamed.gather_rows(np.concatenate(scores) if scores else np.zeros(0), index, n)
+    score = streamed.gather_rows(np.concatenate(scores) if scores else np.zeros(0, np.float32),
+                                 index, n)
     test_seconds = time.time() - t1
     result = metrics_lib.compute_all(labels, score, None, None)
     pixel_curves = None
@@ -151,8 +152,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         result.update(acc.result())
         pixel_curves = _curves_of(acc)
     elif exact:
-        maps = streamed.gather_rows(np.concatenate(all_maps), index, n).astype(np.float32)
-        masks = streamed.gather_rows(np.concatenate(all_masks), index, n).astype(np.float32)
+        maps = streamed.gather_rows(np.concatenate(all_maps), index, n)
+        masks = streamed.gather_rows(np.concatenate(all_masks), index, n)
         result = metrics_lib.compute_all(labels, score, masks, maps, sizes=test.sizes)
         del maps, masks
     result.update({

@@ -256,9 +256,9 @@ def collect(batches: Iterator[Scored], n: int, full: tuple[int, int], channels: 
 
 def gather_rows(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """[n, ...] from every host's rows ``index`` of ``values`` (each row is on exactly one
-    host): one all-gather of n floats per host, summed. One host: placed in order."""
-    values = np.asarray(values, np.float64)
-    out = np.zeros((n, *values.shape[1:]), np.float64)
+    host): one all-gather of n values per host, summed. One host: placed in order."""
+    values = np.asarray(values)
+    out = np.zeros((n, *values.shape[1:]), values.dtype)  # exact: one non-zero per row
     out[np.asarray(index, np.int64)] = values
     if jax.process_count() == 1:
         return out
