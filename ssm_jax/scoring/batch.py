@@ -100,7 +100,7 @@ def device_batch_size(batch_size: int) -> int:
     return max(batch_size // n_dev, 1) * n_dev
 
 
-def _place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray,
+def place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray,
                  local: bool = False) -> tuple:
     """A batch, its mask ids and valid sizes as global arrays sharded over ``data``: each
     host's rows of a global batch every host holds, or with ``local`` this host's rows."""
@@ -117,7 +117,7 @@ def lower_scorer(score_fn, variables, mesh, batch_size: int, image_shape: tuple[
     (``jax.ShapeDtypeStruct`` with their sharding). For compiling ahead."""
     b = device_batch_size(batch_size)
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    args = _place_batch(mesh, np.zeros((b, *image_shape), np.float32), np.zeros(b, np.int32),
+    args = place_batch(mesh, np.zeros((b, *image_shape), np.float32), np.zeros(b, np.int32),
                         np.tile(np.asarray(image_shape[:2], np.int32), (b, 1)))
     return score_fn.lower(variables, key, *args)
 

@@ -149,7 +149,7 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
     """
     from tqdm import tqdm
 
-    from ssm_jax.scoring.batch import _place_batch, shape_buckets
+    from ssm_jax.scoring.batch import place_batch, shape_buckets
 
     n = len(images)
     sizes = np.asarray(sizes, np.int32).reshape(n, 2)
@@ -211,7 +211,7 @@ def score_batches(score_fn, variables, mesh, images, batch_size: int, seed: int,
                     b = {**{f"{k}_global": v for k, v in b.items()},
                          **{k: parallel.host_rows(v) for k, v in b.items()}}
                 ids = content_ids(b["image"], sizes[b["index"]])
-                args = _place_batch(mesh, b["image"], ids, sizes[b["index"]], local=True)
+                args = place_batch(mesh, b["image"], ids, sizes[b["index"]], local=True)
                 if compiled is None:
                     compiled = score_fn.lower(variables, key, *args).compile()
                     parallel.barrier(f"ssm_jax_score_compiled_{name}{progress}_{g}")
