@@ -12,8 +12,8 @@ likewise, ``MaskFiles``) and yields one :class:`Scored` per global batch, in ord
   transfers and the host's work on batch i overlap the scoring of batch i+1.
 * A host fetches only its own rows (maps, scores, MSEs), and restorations only when asked
   (``restored``: for all rows, or for the rows a report shows); nothing is all-gathered
-  unless ``gather`` (the array API, where every host holds every image and wants every
-  output).
+  unless ``gather``: the array API (``batch.score_images``), where every host wants every
+  output and so reads every image; calibration uses it, on the validation files only.
 
 Images are batched exactly as the in-memory engine always batched them (shape buckets,
 the last batch of a bucket padded by repeating its last image) and each image's masks
