@@ -6,8 +6,8 @@ the compiled score function (:mod:`ssm_jax.scoring.batch`), and the threshold an
 statistics that ``evaluate`` saved when they were computed under the same settings
 (:mod:`ssm_jax.scoring.calibration`). ``score`` gives image scores and anomaly maps for a numpy
 batch (or an ``ImageFiles`` source), ``score_batches`` the same batch by batch for a set of
-any size (:mod:`ssm_jax.scoring.streamed`), ``predict`` adds the calibrated decisions (calibrating on the run's held-out
-normals first if nothing was saved), and ``calibrate`` recomputes threshold and
+any size (:mod:`ssm_jax.scoring.streamed`), ``predict`` adds the calibrated decisions
+(calibrating on the run's held-out normals first if nothing was saved), and ``calibrate`` recomputes threshold and
 statistics from normal images the caller gives. ``evaluate`` and ``predict`` (the CLI
 commands) are built on it.
 """
