@@ -7,9 +7,9 @@ statistics that ``evaluate`` saved when they were computed under the same settin
 (:mod:`ssm_jax.scoring.calibration`). ``score`` gives image scores and anomaly maps for a numpy
 batch (or an ``ImageFiles`` source), ``score_batches`` the same batch by batch for a set of
 any size (:mod:`ssm_jax.scoring.streamed`), ``predict`` adds the calibrated decisions
-(calibrating on the run's held-out normals first if nothing was saved), and ``calibrate`` recomputes threshold and
-statistics from normal images the caller gives. ``evaluate`` and ``predict`` (the CLI
-commands) are built on it.
+(calibrating on the run's held-out normals first if nothing was saved), and ``calibrate``
+recomputes threshold and statistics from normal images the caller gives. ``evaluate`` and
+``predict`` (the CLI commands) are built on it.
 """
 
 from __future__ import annotations
