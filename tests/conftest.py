@@ -95,7 +95,8 @@ SLOW_FIRST = (
     # The first two build the session fixtures, one on each worker: distributed_runs (about
     # 190 s of CPU: three processes that import jax and compile) and tiny_run (about 45 s).
     "tests/core/test_parallel.py", "tests/test_reliability.py",
-    "tests/test_multihost_faults.py", "tests/runtime/test_compile_cache.py",
+    "tests/test_multihost_faults.py", "tests/test_multihost_scoring.py",
+    "tests/commands/test_predict_resume.py", "tests/runtime/test_compile_cache.py",
     "tests/test_cloud_storage.py", "tests/test_startup.py", "tests/training/test_loop.py",
     "tests/test_docs.py", "tests/commands/test_cli.py", "tests/commands/test_calibrate.py",
     "tests/serving/test_onnx_export.py", "tests/test_reliability_fallback.py",

@@ -5,9 +5,9 @@ any size needs the memory of a few batches. As each batch finishes, its rows (pa
 are written to ``OUTPUT/partial/`` as one small file, atomically: a killed run loses at
 most the batches in flight. Run again with the same ``--output``, it reads those rows
 back, scores only the rest and ends with the same files as an uninterrupted run
-(``partial/run.json`` records the checkpoint, scoring settings, threshold and input list
-the rows belong to; if any of them changed, the rows are dropped and everything is
-scored again). At the end ``scores.csv``, ``scores.json``, ``per_image.csv`` and
+(``partial/run.json`` records the checkpoint, scoring settings, threshold, input list and
+overlay mode the rows belong to; if any of them changed, the rows are dropped and
+everything is scored again). At the end ``scores.csv``, ``scores.json``, ``per_image.csv`` and
 ``index.html`` are written (atomically) and ``partial/`` is removed. A full disk stops
 the run with one line (``ssm-jax: error: the disk is full ...``); the rows written stay
 whole, and the same command continues once space is freed.
@@ -69,13 +69,15 @@ def _input_paths(path: str) -> list[str]:
     return paths
 
 
-def _run_key(det: Detector, paths: list[str]) -> dict:
-    """What the partial rows depend on: checkpoint, scoring settings, threshold, inputs."""
+def _run_key(det: Detector, paths: list[str], every: bool) -> dict:
+    """What the partial rows depend on: checkpoint, scoring settings, threshold, inputs,
+    and whether each batch's overlays were written with its rows (``--overlays all``)."""
     from ssm_jax.scoring import calibration
 
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return {"scoring": calibration.scoring_fingerprint(det.cfg, det.step),
-            "threshold": det.threshold, "inputs": digest, "num_inputs": len(paths)}
+            "threshold": det.threshold, "inputs": digest, "num_inputs": len(paths),
+            "overlays_with_rows": every}
 
 
 def _read_partial(output_dir: str, key: dict, paths: list[str]) -> dict[int, float]:
@@ -161,7 +163,7 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     stems = overlay_files.unique_stems(names)
     vmin, vmax = overlay_files.heat_scale(threshold)
     part = storage.join(output_dir, PARTIAL_DIR)
-    key = _run_key(det, paths)
+    key = _run_key(det, paths, every)
     main = jax.process_index() == 0
     done = _read_partial(output_dir, key, paths) if main else {}
     skip = np.zeros(n, bool)
