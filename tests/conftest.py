@@ -101,6 +101,7 @@ SLOW_FIRST = (
     "tests/test_docs.py", "tests/commands/test_cli.py", "tests/commands/test_calibrate.py",
     "tests/serving/test_onnx_export.py", "tests/test_reliability_fallback.py",
     "tests/serving/test_detector.py", "tests/commands/test_sweep.py",
+    "tests/commands/test_benchmark.py",
     "tests/test_optional_deps.py", "tests/method/test_masks.py", "tests/training/test_groups.py",
     "tests/test_native_resolution.py", "tests/test_multihost.py",
     "tests/report/test_page_browser.py", "tests/runs/test_lock.py",

@@ -2,11 +2,12 @@
 README command run as written.
 
 Convention for README commands (README "Module map" says it too): the bash blocks of
-"Set-up", "Your own data" and "Sweeps" are run here, line by line, with three changes only:
-placeholders (``DATA_DIR``: a generated MVTec-layout folder; ``NEW_IMAGES``: its test
-images), relative run folders moved under tmp_path, and the tiny sizes of tests/cli_runs.py
-appended to ``train`` and ``sweep`` (``--config.*`` overrides: later ones win, so every flag
-of the README's line still takes part). The install and the test-suite command are checked
+"Set-up", "Your own data" and "Sweeps and benchmarks" are run here, line by line, with three changes
+only: placeholders (``DATA_DIR``: a generated MVTec-layout folder; ``NEW_IMAGES``: its test
+images; ``BENCH_ROOT``: two such folders as categories), relative run folders moved under
+tmp_path, and the tiny sizes of tests/cli_runs.py appended to ``train``, ``sweep`` and
+``benchmark`` (``--config.*`` overrides: later ones win, so every flag of the README's line
+still takes part). The install and the test-suite command are checked
 against pyproject.toml and .ci/run instead of being run. The blocks of "Python API", "ONNX"
 and "Deploying" are run by tests/serving/ (test_detector.py, test_onnx_export.py) and the
 deploy tests; "Scaling out"'s two-process command by the multi-process tests.
@@ -128,7 +129,8 @@ def test_readme_is_for_users():
     md = _make_docs()
     table = text.split(md.README_BEGIN, 1)[1].split(md.README_END, 1)[0]
     assert 1 <= len(table.splitlines()) - 2 <= 12  # rows besides the header and the rule
-    order = ["Set-up", "Results", "Your own data", "Python API", "Deploying", "Sweeps",
+    order = ["Set-up", "Results", "Your own data", "Python API", "Deploying",
+             "Sweeps and benchmarks",
              "Scaling out", "Configuration", "Module map"]
     at = [text.index(f"\n## {t}\n") for t in order]
     assert at == sorted(at)
@@ -165,13 +167,13 @@ def test_setup_commands_match_ci_and_pyproject():
     assert parts[-1].startswith("ssm-jax train ")
 
 
-def _run_readme_line(line: str, tmp_path, data_dir: str) -> None:
+def _run_readme_line(line: str, tmp_path, data_dir: str, bench_root: str = "") -> None:
     """One README command with the documented changes (module docstring), in process."""
     words = shlex.split(line)
     assert words[0] == "ssm-jax", line
     args = []
     for w in words[1:]:
-        w = w.replace("DATA_DIR", data_dir)
+        w = w.replace("DATA_DIR", data_dir).replace("BENCH_ROOT", bench_root)
         w = w.replace("NEW_IMAGES", os.path.join(data_dir, "test", "good"))
         for rel in ("runs/", "sweeps/"):
             if w.startswith(rel):
@@ -179,7 +181,7 @@ def _run_readme_line(line: str, tmp_path, data_dir: str) -> None:
         if w.startswith("configs/"):
             w = os.path.join(ROOT, w)
         args.append(w)
-    if args[0] in ("train", "sweep"):
+    if args[0] in ("train", "sweep", "benchmark"):
         args += TINY + STEPS
     res = ssm(*args)
     assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
@@ -216,11 +218,26 @@ def test_your_own_data_commands_run(tmp_path, data_dir):
 
 
 def test_sweep_command_runs(tmp_path, data_dir):
-    """"Sweeps": the example sweep trains the base cell, re-scores it for the eval cell."""
-    cmds = _bash_commands(_section(_readme(), "Sweeps"))
-    assert len(cmds) == 1
+    """"Sweeps and benchmarks": the example sweep trains the base cell, re-scores it for the
+    eval cell."""
+    cmds = _bash_commands(_section(_readme(), "Sweeps and benchmarks"))
+    assert [shlex.split(c)[1] for c in cmds] == ["sweep", "benchmark"]
     _run_readme_line(cmds[0], tmp_path, data_dir)
     import csv
     with open(tmp_path / "sweeps" / "demo" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["trained_cell"] for r in rows} == {"base"}
+
+
+def test_benchmark_command_runs(tmp_path, data_dir):
+    """"Sweeps and benchmarks": the benchmark over a root of two categories writes its
+    table with a row per category and the mean row."""
+    import shutil
+    root = tmp_path / "bench_root"
+    for name in ("wood", "bottle"):
+        shutil.copytree(data_dir, root / name)
+    cmd = _bash_commands(_section(_readme(), "Sweeps and benchmarks"))[1]
+    _run_readme_line(cmd, tmp_path, data_dir, str(root))
+    table = (tmp_path / "runs" / "bench" / "benchmark.md").read_text()
+    assert [ln.split("|")[1].strip() for ln in table.splitlines()[2:5]] == \
+        ["wood", "bottle", "**mean**"]

@@ -1,10 +1,11 @@
-"""The ``ssm-jax`` command: train, evaluate, predict, export, sweep.
+"""The ``ssm-jax`` command: train, evaluate, predict, export, sweep, benchmark.
 
     ssm-jax train --config configs/quickstart.py --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax evaluate --workdir runs/q [--config.KEY=VALUE ...]
     ssm-jax predict --workdir runs/q --input IMAGE_OR_FOLDER --output OUT
     ssm-jax export --workdir runs/q --output runs/q/detector.ssm
     ssm-jax sweep --config CONFIG --workdir DIR --seeds 0,1,2 --cell NAME "KEY=VALUE ..." ...
+    ssm-jax benchmark ROOT --config CONFIG --workdir DIR [--categories a,b] [--seeds 0,1,2]
 
 ``ssm-jax --help`` and ``ssm-jax COMMAND --help`` describe every command and flag with
 examples (the texts below). User errors (bad data, bad config, missing checkpoint,
@@ -215,6 +216,36 @@ def parser() -> argparse.ArgumentParser:
                         "convolutions are slower than separate ones)")
     w.add_argument("--no-plot", action="store_true", help="do not draw summary.png")
 
+    b = command(
+        "benchmark", "train and evaluate every category of a data set: the papers' table",
+        "ROOT holds one folder per category, in the MVTec AD (also MPDD), VisA or BTAD "
+        "layout as they\nship. Each category and seed trains under WORKDIR/runs/CATEGORY/"
+        "seedK and is evaluated;\nWORKDIR/benchmark.csv (a row per run), benchmark.md (the "
+        "table with a mean row, mean +- sd\nover seeds) and benchmark.png are rewritten after "
+        "each run. Run again to continue: finished\nruns are skipped, a stopped run resumes "
+        "from its checkpoint.",
+        epilog("Config values: --config.KEY=VALUE applies to every category.",
+               "ssm-jax benchmark /data/mvtec_ad --config configs/cpu.py --workdir runs/mvtec",
+               "ssm-jax benchmark /data/VisA --config configs/cpu.py --workdir runs/visa "
+               "--categories candle,pcb1 --seeds 0,1,2"),
+        config="config file for every category (see configs/*.py)",
+        workdir="benchmark directory (runs/, benchmark.csv, benchmark.md, benchmark.png)")
+    b.add_argument("root", metavar="ROOT", help="data set root: one folder per category")
+    b.add_argument("--categories", default="", metavar="LIST",
+                   help="comma-separated categories to run (default: every one in ROOT)")
+    b.add_argument("--seeds", default="0", metavar="LIST",
+                   help="comma-separated seeds, each category trained once per seed "
+                        "(default 0)")
+    gb = b.add_mutually_exclusive_group()
+    gb.add_argument("--vmap", action="store_true",
+                    help="train runs as vmapped groups, categories together (default on "
+                         "GPU/TPU)")
+    gb.add_argument("--sequential", action="store_true",
+                    help="train one run at a time (default on CPU)")
+    b.add_argument("--group-size", type=int, default=8, metavar="N",
+                   help="most models in one vmapped group (default 8)")
+    b.add_argument("--no-plot", action="store_true", help="do not draw benchmark.png")
+
     c = command(
         "calibrate", "re-fit the run's threshold on a folder of new normal images",
         "On site, where normal parts differ from the training ones (lighting, a new batch "
@@ -320,8 +351,8 @@ def run(argv: Sequence[str]) -> int:
             print(f"threshold {res['threshold']:.6g} at fpr {res['fpr']:g} from "
                   f"{res['num_images']} image(s) in {res['source']} (was "
                   f"{res['previous_threshold']}; {res['history']} calibration(s) kept)")
-        elif args.command == "sweep":
-            from ssm_jax.commands import sweep
+        elif args.command in ("sweep", "benchmark"):
+            from ssm_jax.commands import benchmark, sweep
             if one_process:
                 try:  # keys and types only: the sweep checks each cell's values once
                     batch = config_utils.load(args.config, overrides,
@@ -329,10 +360,16 @@ def run(argv: Sequence[str]) -> int:
                 except SSMError:
                     batch = None  # the sweep names the bad file or key itself
                 host_devices.configure(batch)
-            sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),
-                            [tuple(c) for c in args.cell], overrides,
-                            vmap=True if args.vmap else (False if args.sequential else None),
-                            plot=not args.no_plot)
+            vmap = True if args.vmap else (False if args.sequential else None)
+            if args.command == "sweep":
+                sweep.run_sweep(args.config, args.workdir, sweep.parse_seeds(args.seeds),
+                                [tuple(c) for c in args.cell], overrides, vmap=vmap,
+                                plot=not args.no_plot)
+            else:
+                benchmark.run_benchmark(args.root, args.config, args.workdir,
+                                        sweep.parse_seeds(args.seeds), args.categories,
+                                        overrides, vmap=vmap, group_size=args.group_size,
+                                        plot=not args.no_plot)
         return 0
     except SSMError as e:
         if debug:

@@ -119,9 +119,10 @@ def training_cells(cells: Sequence[tuple[str, str]],
     return out
 
 
-def _grid_record(config_path: str, base_overrides: Sequence[str],
+def grid_record(config_path: str, base_overrides: Sequence[str],
                  base: ml_collections.ConfigDict, cells: Sequence[tuple[str, str]],
                  seeds: Sequence[int]) -> dict:
+    """What ``sweep.json`` records of a grid (compared by :func:`check_grid` on a rerun)."""
     return {"config": config_path, "config_overrides": list(base_overrides),
             "base_config": json.loads(config_utils.to_json(base)),
             "cells": [[n, " ".join(o.split())] for n, o in cells], "seeds": list(seeds)}
@@ -170,7 +171,7 @@ def load_result(workdir: str, cell: str, seed: int) -> dict | None:
     return json.loads(storage.read_text(path))
 
 
-def _evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
+def evaluate_run(cfg, rdir: str, cell: str, overrides: str, seed: int,
                   train_seconds: float | None, group_size: int,
                   out_dir: str | None = None, trained_cell: str | None = None) -> dict:
     """Evaluates the run in ``rdir`` with ``cfg``; the result (and, for a cell scoring
@@ -198,7 +199,7 @@ def _train_seconds_path(rdir: str) -> str:
     return storage.join(rdir, rundir.TRAIN_SECONDS_FILE)
 
 
-def _train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | None], int]:
+def train_runs(cfgs: list, rdirs: list[str], vmap: bool) -> tuple[list[float | None], int]:
     """Trains (or resumes) the runs; returns per-run training seconds and the group size
     they trained in (1 = sequential)."""
     from ssm_jax.training import loop as train
@@ -234,14 +235,16 @@ def _check_finished(cfg, rdir: str, out: dict) -> None:
                            f"continue")
 
 
-def _recorded_group_size(rdir: str) -> int:
+def recorded_group_size(rdir: str) -> int:
+    """The size of the group the run in ``rdir`` trained in (1 when not recorded)."""
     try:
         return int(json.loads(storage.read_text(_train_seconds_path(rdir)))["group_size"])
     except (OSError, ValueError, KeyError):
         return 1
 
 
-def _recorded_train_seconds(rdir: str) -> float | None:
+def recorded_train_seconds(rdir: str) -> float | None:
+    """The run's recorded training seconds (its share of its group's), or None."""
     try:
         return float(json.loads(storage.read_text(_train_seconds_path(rdir)))["seconds"])
     except (OSError, ValueError, KeyError):
@@ -270,7 +273,7 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
     # (each cell is validated, with its overrides, by cell_configs)
     base = config_utils.load(config_path, base_overrides, check_values=False)
     cfgs = cell_configs(base, cells, seeds)  # bad keys/values stop here, before any work
-    record = check_grid(workdir, _grid_record(config_path, base_overrides, base, cells, seeds))
+    record = check_grid(workdir, grid_record(config_path, base_overrides, base, cells, seeds))
     storage.makedirs(workdir)
     with workdir_lock.RunLock(workdir):
         _write_json(storage.join(workdir, SWEEP_FILE), record)
@@ -288,19 +291,19 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
             if trainer[name] == name:
                 print(f"sweep: cell {name} [{overrides or 'baseline config'}] seeds "
                       f"{todo}: training", flush=True)
-                _, size = _train_runs(group, rdirs, vmap)
+                _, size = train_runs(group, rdirs, vmap)
             else:  # differs from its training cell in eval.* only: scored, not trained
                 print(f"sweep: cell {name} [{overrides}] seeds {todo}: scoring the runs of "
                       f"cell {trainer[name]}", flush=True)
                 size = None
             for s, cfg, r in zip(todo, group, rdirs):
-                row = _evaluate_run(cfg, r, name, overrides, s, _recorded_train_seconds(r),
-                                    size or _recorded_group_size(r),
+                row = evaluate_run(cfg, r, name, overrides, s, recorded_train_seconds(r),
+                                    size or recorded_group_size(r),
                                     out_dir=run_dir(workdir, name, s),
                                     trained_cell=trainer[name])
                 done += 1
                 print(f"sweep: [{done}/{total}] cell {name} seed {s}: " + "  ".join(
-                    f"{m} {_fmt(row[m])}" for m in METRICS), flush=True)
+                    f"{m} {fmt(row[m])}" for m in METRICS), flush=True)
                 write_results(workdir, cells, seeds)
         rows = write_results(workdir, cells, seeds)
         summary = summarize(rows, [c for c, _ in cells])
@@ -314,7 +317,8 @@ def run_sweep(config_path: str, workdir: str, seeds: Sequence[int],
     return rows
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A metric with 4 decimals; '-' when missing or not finite."""
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
 
 
@@ -393,9 +397,9 @@ def format_summary(summary: Sequence[dict]) -> str:
     lines = ["cell                 metric        mean +- sd (n)         diff vs baseline "
              "[95% CI]"]
     for r in summary:
-        ms = f"{_fmt(r['mean'])} +- {_fmt(r['sd'])} ({r['n']})"
+        ms = f"{fmt(r['mean'])} +- {fmt(r['sd'])} ({r['n']})"
         diff = "" if not r["n_pairs"] else \
-            f"{r['diff']:+.4f} [{_fmt(r['ci95_low'])}, {_fmt(r['ci95_high'])}] " \
+            f"{r['diff']:+.4f} [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] " \
             f"({r['n_pairs']} pairs)"
         lines.append(f"{r['cell']:20s} {r['metric']:13s} {ms:22s} {diff}")
     return "\n".join(lines)

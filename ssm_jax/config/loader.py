@@ -50,8 +50,9 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
 MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
 # Mask settings that only change which training masks are drawn.
 MASK_DRAW_KEYS = ("mask.ks", "mask.families", "mask.family_weights", "mask.k_schedule")
-# Keys that may differ between the models of one trained group (eval.* does not train).
-GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.")
+# Keys that may differ between the models of one trained group (eval.* does not train;
+# each model reads its own data set: a benchmark's categories train as one group).
+GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.", "data.path", "data.layout")
 # Keys a saved threshold / map statistics depend on (besides the checkpoint step).
 SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.layout", "data.keep_aspect",
                 "data.val_fraction", "seed")

@@ -79,8 +79,7 @@ def detect_layout(root: str | os.PathLike, layout: str = "auto") -> str:
     found = {
         "mvtec": lambda: folder.is_dir(storage.join(root, "train", "good")),
         "btad": lambda: folder.is_dir(storage.join(root, "train", "ok")),
-        "visa": lambda: (folder.is_dir(storage.join(root, "Data", "Images"))
-                         or _isfile(_visa_csv(root))),
+        "visa": lambda: folder.is_dir(storage.join(root, "Data", "Images")),
     }
     if layout != "auto":
         if layout == "visa" and not _isfile(_visa_csv(root)):

@@ -7,10 +7,12 @@ step (``train_step.make_per_device_step``) is ``jax.vmap``-ped over it, inside t
 sharded over ``model`` (``model_shards`` devices), each model's batch over ``data``.
 
 What may differ inside a group (:data:`MAY_DIFFER`): the seed (initialization, masks, data
-order) and the mask settings that only change which masks are drawn (``mask.ks``,
-``mask.families``, ``mask.family_weights``, ``mask.k_schedule``); a model picks its own
-mask draw with ``lax.switch`` on its index (all distinct draws are computed, then one is
-selected: cheap next to the network). Everything else (shapes, loss, optimizer, data)
+order), the mask settings that only change which masks are drawn (``mask.ks``,
+``mask.families``, ``mask.family_weights``, ``mask.k_schedule``) and the data set
+(``data.path``, ``data.layout``: each model reads its own batches and validates on its own
+held-out images, ``train.load_group_data``); a model picks its own mask draw with
+``lax.switch`` on its index (all distinct draws are computed, then one is selected: cheap
+next to the network). Everything else (shapes, loss, optimizer, the other data settings)
 must agree; otherwise :func:`check_group` stops with one line naming the key.
 
 Each model's result is that of a separate ``train.train`` run with the same config (to

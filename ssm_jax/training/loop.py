@@ -182,6 +182,40 @@ def load_training_data(cfg: ml_collections.ConfigDict):
     return train_set, val_set, val_images
 
 
+def _data_key(cfg: ml_collections.ConfigDict) -> tuple:
+    return str(cfg.data.path), str(cfg.data.layout)
+
+
+def load_group_data(cfgs: Sequence[ml_collections.ConfigDict]) -> list[tuple]:
+    """:func:`load_training_data` of each run; runs on the same data (a sweep's seeds)
+    share one load. A group may train on several data sets (a benchmark's categories):
+    the other data settings agree (``groups.check_group``), so every batch has one
+    shape."""
+    loaded: dict[tuple, tuple] = {}
+    for c in cfgs:
+        if _data_key(c) not in loaded:
+            loaded[_data_key(c)] = load_training_data(c)
+    return [loaded[_data_key(c)] for c in cfgs]
+
+
+def group_validation_losses(val_fn, state, mesh, cfgs, datas, batch_size: int) -> np.ndarray:
+    """[M] validation losses of a group whose runs may hold out different images: each
+    data set's images are scored by every model (one program) and each run keeps its own
+    (nan for a run without validation images)."""
+    out = np.full(len(cfgs), np.nan)
+    done: set[tuple] = set()
+    for c, (_, val_set, val_images) in zip(cfgs, datas):
+        key = _data_key(c)
+        if key in done or not len(val_set):
+            continue
+        done.add(key)
+        vals = validation_losses(val_fn, state, mesh, val_images, batch_size)
+        for i, ci in enumerate(cfgs):
+            if _data_key(ci) == key:
+                out[i] = vals[i]
+    return out
+
+
 class StepProgram:
     """How a group of runs is stepped; the loop (:func:`train_runs`) is the same for all.
 
@@ -366,7 +400,9 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
 
     cfg0, m = cfgs[0], len(cfgs)
     total = cfg0.train.steps
-    train_set, val_set, val_images = load_training_data(cfg0)
+    datas = load_group_data(cfgs)
+    train_set = datas[0][0]
+    with_val = [i for i, d in enumerate(datas) if len(d[1])]
     runs = _open_runs(cfgs, workdirs, stack)
     restored = [_restore_or_init(r, parallel.replicated(parallel.data_mesh())) for r in runs]
     if len({r.start for r in runs}) > 1 or any(r.lr_steps != runs[0].lr_steps for r in runs):
@@ -381,9 +417,9 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
     program.build(lr_steps)
     shards = (dict(shard_index=jax.process_index(), shard_count=jax.process_count())
               if program.shard_input else {})
-    feeds = [train_batches(train_set.images, r.cfg.train.batch_size, seed=r.cfg.seed,
+    feeds = [train_batches(d[0].images, r.cfg.train.batch_size, seed=r.cfg.seed,
                            start_step=start, crop_size=r.cfg.data.crop_size,
-                           sizes=train_set.sizes, **shards) for r in runs]
+                           sizes=d[0].sizes, **shards) for r, d in zip(runs, datas)]
     for r in runs:
         r.report = periodic_actions.ReportProgress(num_train_steps=total, writer=r.writer,
                                                    every_steps=r.cfg.train.log_every)
@@ -391,7 +427,7 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
     val_batch = max(cfg0.eval.batch_size // n_data, 1) * n_data
     log.info("training %s%d -> %d steps, global batch %d on %d device(s), %d train / %d val "
              "images", f"{m} models together, " if m > 1 else "", start, total,
-             cfg0.train.batch_size, jax.device_count(), len(train_set), len(val_set))
+             cfg0.train.batch_size, jax.device_count(), len(train_set), len(datas[0][1]))
 
     def check(metrics, step: int) -> None:
         host = program.fetch(metrics)
@@ -418,7 +454,7 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
         # Compile before the first step, then line the hosts up: a slow host must not
         # make the first cross-host collective time out.
         ahead = [named("validation step", lambda: val_step_lowered(
-            program, state, val_images, val_batch).compile()) if len(val_set) else None,
+            program, state, datas[with_val[0]][2], val_batch).compile()) if with_val else None,
             *compile_ahead]
         step_fn = beside(lambda: program.compile(state, program.global_images(first)), ahead)
         log.info("train step compiled in %.1f s", time.time() - t0)
@@ -440,12 +476,14 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
             for i, r in enumerate(runs):
                 r.writer.write_scalars(step, program.metrics(host, i))
             progress.report(step, float(np.mean(np.asarray(host["loss"]))))
-        if len(val_set) and due(step, cfg0.train.eval_every, total):
+        if with_val and due(step, cfg0.train.eval_every, total):
             check(metrics, step)
-            vals = validation_losses(program.val_fn, state, program.mesh, val_images,
-                                     val_batch)
+            vals = group_validation_losses(program.val_fn, state, program.mesh, cfgs, datas,
+                                           val_batch)
             split = None
             for i, r in enumerate(runs):
+                if i not in with_val:
+                    continue
                 r.writer.write_scalars(step, {"val_loss": float(vals[i])})
                 if vals[i] < r.best_val:
                     r.best_val = float(vals[i])
@@ -462,10 +500,10 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
             log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
             break
     progress.close()
-    if not len(val_set) and metrics is not None:
+    if len(with_val) < m and metrics is not None:
         split = None
         for i, r in enumerate(runs):
-            if r.best.latest_step() is None:
+            if i not in with_val and r.best.latest_step() is None:
                 split = program.split(state) if split is None else split
                 checkpoints.save(r.best, step, checkpoints.inference_part(split[i]),
                                  {"val_loss": None})

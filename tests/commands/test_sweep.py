@@ -63,7 +63,7 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(sweep, "_train_runs", no_training)
+    monkeypatch.setattr(sweep, "train_runs", no_training)
     assert _sweep(wd, ("base", ""), extra=["--vmap"]) == 0
     assert "2 already finished" in capsys.readouterr().out
 
@@ -90,7 +90,7 @@ def fake_runs(monkeypatch):
         return {"image_auroc": v, "pixel_auroc": v / 2, "aupro": None, "f1_max": v,
                 "seconds": 0.1, "checkpoint_step": cfg.train.steps}
 
-    monkeypatch.setattr(sweep, "_train_runs", train_runs)
+    monkeypatch.setattr(sweep, "train_runs", train_runs)
     monkeypatch.setattr("ssm_jax.commands.evaluate.evaluate", evaluate)
     return calls
 
