@@ -6,7 +6,9 @@
 #   2. benchmarks/throughput.py at 128 px, width 64, batch 32 and a larger batch (128),
 #      float32 and bfloat16, then a short table (and one RESULT JSON line per run);
 #   3. while time is left, compile-ahead on against off: the quickstart's cold
-#      `train --evaluate`, alternating (SSM_JAX_COMPILE_AHEAD=1/0).
+#      `train --evaluate`, alternating (SSM_JAX_COMPILE_AHEAD=1/0);
+#   4. while time is left, `ssm-jax benchmark`'s categories as one vmapped group against one
+#      after another (the "benchmark block"; BENCH_AB=0 skips it).
 #
 # Before the device call, on this machine: `bash tools/fetch_wheels.sh` (grain,
 # array_record, portpicker, clu, ml_collections for Python 3.12 and this machine's python,
@@ -82,6 +84,40 @@ for r in $(seq "$AB_ROUNDS"); do
     rm -rf "$wd"
   done
 done
+
+# >>> benchmark block (ssm-jax benchmark; kept apart from the other parts) >>>>>>>>>>>>>>>>>
+# Categories as one vmapped group against one after another (benchmarks/benchmark_groups.py:
+# whole `ssm-jax benchmark` commands in fresh processes, compilation cache off), then the
+# step alone (benchmarks/multi_model.py). Skipped when the call's time would run out.
+# BENCH_AB=0 skips it; BENCH_AB_TIMEOUT (s) bounds each of the two.
+BENCH_AB=${BENCH_AB:-1}; BENCH_AB_TIMEOUT=${BENCH_AB_TIMEOUT:-150}
+if [[ $SMOKE == 1 ]]; then
+  BENCH_AB_ARGS=(--config configs/quickstart.py --categories 2 --steps 4 --rounds 1 --num-train 12
+    --set data.image_size=32 model.width=4 train.batch_size=4 "mask.ks=(4,8)" "eval.ks=(8,)")
+  MULTI_ARGS=(--config configs/quickstart.py --models 1,2 --steps 2 --set data.image_size=32 model.width=4)
+else
+  BENCH_AB_ARGS=(--config configs/cpu.py --categories 4 --steps 200 --rounds 1 --num-train 80)
+  MULTI_ARGS=(--config configs/cpu.py --models 1,4,8 --steps 20)
+fi
+if [[ $BENCH_AB == 1 ]]; then
+  echo "== benchmark: categories as one vmapped group vs one after another"
+  for part in groups multi_model; do
+    if (( SECONDS + BENCH_AB_TIMEOUT > ${BENCH_AB_DEADLINE:-580} )); then
+      echo "-- $part skipped: ${SECONDS} s used"; continue
+    fi
+    if [[ $part == groups ]]; then
+      timeout "$BENCH_AB_TIMEOUT" python benchmarks/benchmark_groups.py "${BENCH_AB_ARGS[@]}" \
+        >"$OUT_DIR/bench_groups.log" 2>&1
+    else
+      timeout "$BENCH_AB_TIMEOUT" python benchmarks/multi_model.py "${MULTI_ARGS[@]}" \
+        >"$OUT_DIR/bench_multi_model.log" 2>&1
+    fi
+    rc=$?
+    tail -6 "$OUT_DIR/bench_$( [[ $part == groups ]] && echo groups || echo multi_model).log"
+    (( rc )) && echo "   ($part exit $rc$( ((rc == 124)) && echo ': timed out'))"
+  done
+fi
+# <<< benchmark block <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
 
 echo "== table"
 python - "$OUT_DIR" <<'EOF'

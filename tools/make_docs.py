@@ -275,6 +275,97 @@ def sweep_section(dirname: str) -> tuple[str, str]:
     return ds, text
 
 
+def _benchmark_module():
+    sys.path.insert(0, CODE)
+    from ssm_jax.commands import benchmark
+    return benchmark
+
+
+def benchmark_dirs() -> list[str]:
+    """Result folders written by ``ssm-jax benchmark`` (they hold benchmark.json)."""
+    return sorted(os.path.basename(os.path.dirname(p)) for p in
+                  glob.glob(os.path.join(ROOT, RESULTS, "*", "benchmark.json")))
+
+
+def benchmark_command(d: dict, name: str) -> str:
+    """The benchmark's command line from its benchmark.json (the root as $DATA)."""
+    parts = [f"ssm-jax benchmark $DATA --config {d['config']} --workdir runs/{name}",
+             "--categories " + ",".join(c[0] for c in d["categories"]),
+             "--seeds " + ",".join(str(s) for s in d["seeds"])]
+    for ov in [*d["config_overrides"], *as_run(d)]:
+        k, v = ov.split("=", 1)
+        parts.append(f"--config.{k}={shlex.quote(v)}")
+    return " \\\n    ".join(parts)
+
+
+def benchmark_section(name: str) -> str:
+    """One ``ssm-jax benchmark`` result: its table (printed by the command's own formatter
+    from benchmark.csv) and its command."""
+    bm = _benchmark_module()
+    d = read_json(f"{RESULTS}/{name}/benchmark.json")
+    rows = bm.read_rows(os.path.join(ROOT, RESULTS, name, "benchmark.csv"))
+    cats = [tuple(c) for c in d["categories"]]
+    order = [c for c in bm.table_order(cats) if any(r["category"] == c for r in rows)]
+    sets = ", ".join(marked(c, name) for c in order)
+    return (f"### {sets}: `{d['config']}`, {base_steps(d)} steps ({name})\n\n"
+            + bm.format_table(rows, order) + "\n```bash\n" + benchmark_command(d, name)
+            + "\n```\n\n")
+
+
+def benchmark_values(rows: list[dict], category: str, key: str, n_categories: int) -> dict:
+    """{seed: value} of a benchmark's ``category``, or for "mean" the mean over the
+    categories of each seed that has all ``n_categories``."""
+    if category != "mean":
+        return {r["seed"]: r[key] for r in rows
+                if r["category"] == category and r[key] is not None}
+    per: dict = {}
+    for r in rows:
+        if r[key] is not None:
+            per.setdefault(r["seed"], []).append(r[key])
+    return {s: sum(v) / len(v) for s, v in per.items() if len(v) == n_categories}
+
+
+def benchmark_pairs_section(names: list[str]) -> str:
+    """For two benchmarks whose configs differ in ``train.steps`` only: per category and
+    metric, the difference (more steps minus fewer) paired by seed, with its 95% t
+    interval."""
+    loader = _loader()
+    bm = _benchmark_module()
+    sys.path.insert(0, CODE)
+    from ssm_jax.commands.sweep import paired_ci
+    info = {}
+    for n in names:
+        d = read_json(f"{RESULTS}/{n}/benchmark.json")
+        info[n] = (d, loader.flatten(d["base_config"]),
+                   bm.read_rows(os.path.join(ROOT, RESULTS, n, "benchmark.csv")))
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            fa, fb = info[a][1], info[b][1]
+            diff = {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
+            if diff != {"train.steps"}:
+                continue
+            hi, lo = (a, b) if fa["train.steps"] > fb["train.steps"] else (b, a)
+            rows = []
+            cats = [c[0] for c in info[hi][0]["categories"]]
+
+            for c in [*cats, "mean"]:
+                row = [c]
+                for key, _ in (*METRICS, ("f1_max", "F1-max")):
+                    va = benchmark_values(info[hi][2], c, key, len(cats))
+                    vb = benchmark_values(info[lo][2], c, key, len(cats))
+                    seeds = sorted(set(va) & set(vb))
+                    m, _, l95, h95 = paired_ci([va[s] - vb[s] for s in seeds])
+                    row.append(f"{signed(m)} [{signed(l95)}, {signed(h95)}] ({len(seeds)})"
+                               if seeds else "-")
+                rows.append(row)
+            out.append(f"### {info[hi][1]['train.steps']} minus {info[lo][1]['train.steps']} "
+                       f"steps ({hi} - {lo})\n\nPaired by seed; 95% t interval; (n pairs). "
+                       "An interval containing 0 is no difference.\n\n"
+                       + table(["category", *[m for _, m in METRICS], "F1-max"], rows) + "\n")
+    return "".join(out)
+
+
 def seeds_rows(rows: list[dict]) -> list[list[str]]:
     """accuracy_seeds.csv: mean +- sd per (data set, setting, training overrides, variant)."""
     groups: dict[tuple, list[dict]] = {}
@@ -330,6 +421,14 @@ def results_page() -> str:
     out.append("## Real data: sweeps over seeds\n\n")
     for name in sweeps:
         out.append(sweep_section(name)[1])
+    benches = benchmark_dirs()
+    if benches:
+        out.append("## Real data: `ssm-jax benchmark`\n\n"
+                   "Every category of a root trained and evaluated with one config; per "
+                   "category the mean +- sd over seeds, then the mean row.\n\n")
+        for name in benches:
+            out.append(benchmark_section(name))
+        out.append(benchmark_pairs_section(benches))
     if exists(f"{RESULTS}/accuracy_seeds.csv"):
         out.append("## Real data: resolution and scoring options "
                    "(accuracy_seeds.csv)\n\n"
@@ -352,7 +451,8 @@ def results_page() -> str:
     out.append(fpr_section(csvs))
     out.append(other_files("results"))
     other = [c for c in csvs if os.path.basename(c) not in KNOWN
-             and not exists(os.path.join(os.path.dirname(c), "sweep.json"))]
+             and not exists(os.path.join(os.path.dirname(c), "sweep.json"))
+             and not exists(os.path.join(os.path.dirname(c), "benchmark.json"))]
     if other:
         out.append("## Other result tables\n\n")
     for rel in other:
