@@ -85,7 +85,7 @@ for r in $(seq "$AB_ROUNDS"); do
   done
 done
 
-# >>> benchmark block (ssm-jax benchmark; kept apart from the other parts) >>>>>>>>>>>>>>>>>
+# ---- benchmark block: begin (ssm-jax benchmark; kept apart from the other parts) ----
 # Categories as one vmapped group against one after another (benchmarks/benchmark_groups.py:
 # whole `ssm-jax benchmark` commands in fresh processes, compilation cache off), then the
 # step alone (benchmarks/multi_model.py). Skipped when the call's time would run out.
@@ -117,7 +117,7 @@ if [[ $BENCH_AB == 1 ]]; then
     (( rc )) && echo "   ($part exit $rc$( ((rc == 124)) && echo ': timed out'))"
   done
 fi
-# <<< benchmark block <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
+# ---- benchmark block: end ----
 
 echo "== table"
 python - "$OUT_DIR" <<'EOF'
