@@ -31,7 +31,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="ssm_jax_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# No size floor either: -1, not 0 (JAX replaces 0 by a floor of its choosing, 0 today).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Compile time dominates these tiny programs; the flags below cut it and change nothing a
 # test checks (results agree with the default build to float rounding):
 # * XLA's CPU backend optimizations cost about 3x the compile CPU and buy nothing at these
@@ -110,11 +111,41 @@ SLOW_FIRST = (
 )
 
 
+# The fast tier (`python -m pytest -m "not slow" -q -n auto`, CONTRIBUTING.md) leaves out
+# the tests marked slow in their files, and those that use these session fixtures: each
+# starts real processes (a test that needs one waits for it, whichever test built it).
+SLOW_FIXTURES = frozenset({"distributed_runs", "killed_and_resumed"})
+# A test of the fast tier that takes longer than this is named at the end of its run.
+FAST_TIER_LIMIT_S = 5.0
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the markers added here count
 def pytest_collection_modifyitems(config, items):
-    """SLOW_FIRST's files first, in its order (every xdist worker sorts the same way, so
-    their collections agree)."""
+    """Marks the tests that use SLOW_FIXTURES slow; SLOW_FIRST's files first, in its order
+    (every xdist worker sorts the same way, so their collections agree)."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With `-m "not slow"`: names the tests that took over FAST_TIER_LIMIT_S (setup, call
+    and teardown together), so that the fast tier stays fast as tests are added."""
+    if "not slow" not in (config.option.markexpr or ""):
+        return
+    took: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) and "slow" not in getattr(r, "keywords", {}):
+                took[r.nodeid] = took.get(r.nodeid, 0.0) + r.duration
+    over = sorted(((t, n) for n, t in took.items() if t > FAST_TIER_LIMIT_S), reverse=True)
+    if over:
+        terminalreporter.write_sep("-", f"fast tier: tests over {FAST_TIER_LIMIT_S:g} s "
+                                   "(make them smaller or mark them @pytest.mark.slow)")
+        for t, n in over:
+            terminalreporter.write_line(f"{t:6.1f} s  {n}")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -238,6 +269,59 @@ def tiny_run(tmp_path_factory):
 
     folder, info = shared_once(tmp_path_factory, "tiny_run", build)
     return folder / "wd", info["stderr"]
+
+
+def checkpoint_steps(wd) -> list[int]:
+    """The finished checkpoint steps of a local workdir."""
+    d = os.path.join(wd, "checkpoints")
+    return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="session")
+def killed_and_resumed(tmp_path_factory):
+    """The shared run's command (cli_runs.train_args, saving after every step) as a real
+    ``python -m ssm_jax`` process, SIGKILLed as soon as a checkpoint of step >= 4 exists;
+    then the same command again, which resumes and ends at step 8. Once per session
+    (shared_once): test_reliability checks the resumed run against tiny_run,
+    runtime/test_compile_cache that the resume read what the killed run wrote to the
+    compilation cache. So both processes use the CLI's own cache (SSM_JAX_CACHE_DIR, empty
+    at the start; not the session's) and log their cache hits (JAX_LOG_COMPILES)."""
+    import signal
+    import time
+
+    def build(tmp):
+        import cli_runs
+
+        from ssm_jax.runtime import compile_cache
+
+        wd = tmp / "wd"
+        cmd = [sys.executable, "-m", "ssm_jax",
+               *cli_runs.train_args(wd, "--config.train.checkpoint_every=1")]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", SSM_JAX_CACHE_DIR=str(tmp / "cache"),
+                   JAX_LOG_COMPILES="1")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        log = tmp / "killed.log"  # a file, not a pipe: log_compiles writes a lot
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=env, stderr=f, stdout=f, cwd=ROOT)
+            t0 = time.time()
+            while not any(s >= 4 for s in checkpoint_steps(wd)):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() - t0 < 900, "no checkpoint of step >= 4 after 900 s"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        cache = os.path.join(str(tmp / "cache"), compile_cache._cpu_tag())
+        killed_at, written = checkpoint_steps(wd), compile_cache.entries(cache)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                             cwd=ROOT)
+        (tmp / "resumed.log").write_text(res.stderr)
+        return {"killed_at": killed_at, "written": written, "returncode": res.returncode}
+
+    folder, info = shared_once(tmp_path_factory, "killed_and_resumed", build)
+    return types.SimpleNamespace(
+        wd=folder / "wd", killed_at=info["killed_at"], written=info["written"],
+        returncode=info["returncode"], killed_log=(folder / "killed.log").read_text(),
+        resumed_log=(folder / "resumed.log").read_text())
 
 
 # --- Native resolution: a folder of non-square images -----------------------------------

@@ -59,46 +59,15 @@ def reference_run(tiny_run):
 
 
 # The killed run saves after every step (keeping the newest 2): the kill, once a step >= 4
-# is on disk, leaves several steps of work, and the resume starts wherever it landed.
+# is on disk, leaves several steps of work, and the resume starts wherever it landed
+# (conftest.killed_and_resumed, shared with runtime/test_compile_cache).
 EVERY_STEP = [*STEPS, "--config.train.checkpoint_every=1"]
 
 
-def _saved_from_4(wd):
-    return (wd / "checkpoints").is_dir() and any(s >= 4 for s in _steps(wd))
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
-    """A run SIGKILLed as soon as a checkpoint of step >= 4 exists, then the same command
-    again."""
-    wd = tmp_path_factory.mktemp("kill") / "wd"
-    proc = subprocess.Popen(_cmd(wd, *EVERY_STEP), env=_env(), stderr=subprocess.PIPE,
-                            text=True)
-    t0 = time.time()
-    while not _saved_from_4(wd):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() - t0 < 600
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _steps(wd)
-    logs = logging.getLogger("ssm_jax")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logs.addHandler(handler)
-    level = logs.level
-    logs.setLevel(logging.INFO)
-    try:
-        assert cli.run(_args(wd, *EVERY_STEP)) == 0
-    finally:
-        logs.removeHandler(handler)
-        logs.setLevel(level)
-    return wd, killed_at, "\n".join(r.getMessage() for r in records)
-
-
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, killed_and_resumed):
-    wd, killed_at, log = killed_and_resumed
+    run = killed_and_resumed
+    wd, killed_at, log = run.wd, run.killed_at, run.resumed_log
+    assert run.returncode == 0, log[-3000:]
     assert killed_at and max(killed_at) < 8, killed_at  # killed with work left
     assert f"resumed from {wd}/checkpoints at step {max(killed_at)}" in log
     np.testing.assert_array_equal(_params(reference_run, 8), _params(wd, 8))
@@ -115,7 +84,7 @@ def test_same_seed_same_scores(reference_run, killed_and_resumed):
     _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=3)
     mesh = parallel.data_mesh()
     scores = []
-    for wd in (reference_run, killed_and_resumed[0]):
+    for wd in (reference_run, killed_and_resumed.wd):
         cfg = rundir.load_workdir_config(str(wd))
         variables, step = detector.load_variables(cfg, str(wd), mesh)
         fn = detector.make_score_fn(cfg, mesh, detector.scoring_config(cfg))

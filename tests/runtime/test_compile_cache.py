@@ -7,13 +7,10 @@ cache folder (SSM_JAX_CACHE_DIR).
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import cli_runs
 import numpy as np
 import pytest
 
@@ -132,14 +129,6 @@ def test_bad_size_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------
 # A pre-empted run resumed with the cache warm ends where an uninterrupted run ends.
 
-EVERY_STEP = [*cli_runs.STEPS, "--config.train.checkpoint_every=1"]
-
-
-def _steps(wd):
-    d = wd / "checkpoints"
-    return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if d.is_dir() else []
-
-
 def _params(wd, step):
     import jax
     import orbax.checkpoint as ocp
@@ -148,35 +137,21 @@ def _params(wd, step):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree.state)])
 
 
-def test_killed_run_resumed_with_warm_cache_equals_uninterrupted(tiny_run, tmp_path):
+def test_killed_run_resumed_with_warm_cache_equals_uninterrupted(tiny_run,
+                                                                  killed_and_resumed):
+    """conftest.killed_and_resumed: both processes on the CLI's cache, logging its hits."""
     reference = tiny_run[0]
-    wd = tmp_path / "wd"
-    cmd = [sys.executable, "-m", "ssm_jax", *cli_runs.train_args(wd, *EVERY_STEP)]
-    # JAX logs its cache hits at WARNING with log_compiles on.
-    env = _env(tmp_path, JAX_LOG_COMPILES="1")
-    log = tmp_path / "first.log"  # a file, not a pipe: log_compiles writes a lot
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stderr=f, stdout=f, cwd=ROOT)
-        t0 = time.time()
-        while not any(s >= 4 for s in _steps(wd)):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() - t0 < 900
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    first_err = log.read_text()
-    killed_at = max(_steps(wd))
+    run = killed_and_resumed
+    wd, killed_at = run.wd, max(run.killed_at)
     assert killed_at < 8
-    cache = os.path.join(str(tmp_path / "cache"), compile_cache._cpu_tag())
-    written = compile_cache.entries(cache)
-    assert written, first_err[-2000:]
+    assert run.written, run.killed_log[-2000:]
 
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resumed from {wd}/checkpoints at step {killed_at}" in res.stderr
+    assert run.returncode == 0, run.resumed_log[-3000:]
+    assert f"resumed from {wd}/checkpoints at step {killed_at}" in run.resumed_log
     # The training step (and the validation step) came from the cache.
-    hits = [ln for ln in res.stderr.splitlines() if "Persistent compilation cache hit" in ln]
-    assert len(hits) >= 2, res.stderr[-3000:]
+    hits = [ln for ln in run.resumed_log.splitlines()
+            if "Persistent compilation cache hit" in ln]
+    assert len(hits) >= 2, run.resumed_log[-3000:]
     np.testing.assert_array_equal(_params(reference, 8), _params(wd, 8))
 
 
