@@ -56,7 +56,17 @@ def device_flags(n: int) -> str:
     return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"
 
 
+# Each test process of the session writes the ssm_jax modules it imported here (the fast
+# tier's summary names the modules that none of its tests imported).
+_OWN_MODULES = None
+if "SSM_JAX_TEST_MODULES" not in os.environ:
+    _OWN_MODULES = tempfile.mkdtemp(prefix="ssm_jax_test_modules_")
+    os.environ["SSM_JAX_TEST_MODULES"] = _OWN_MODULES
+
+
 def pytest_sessionfinish(session, exitstatus):
+    with open(os.path.join(os.environ["SSM_JAX_TEST_MODULES"], f"{os.getpid()}.txt"), "w") as f:
+        f.write("\n".join(m for m in sys.modules if m.split(".")[0] == "ssm_jax"))
     if _OWN_CACHE is not None:  # only the process that made it (xdist workers inherit it)
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
     if not hasattr(session.config, "workerinput"):  # once, after every xdist worker
@@ -84,6 +94,11 @@ def _fail_on_test_copies(session) -> None:
         for test, train in found:
             print(f"\nconftest: test image {test} is byte-identical to training image {train}")
         session.exitstatus = 1
+
+
+def pytest_unconfigure(config):
+    if _OWN_MODULES is not None:
+        shutil.rmtree(_OWN_MODULES, ignore_errors=True)
 
 
 # With `pytest -n N` (pytest-xdist, README) each test file is one unit of work, so that its
@@ -146,6 +161,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                    "(make them smaller or mark them @pytest.mark.slow)")
         for t, n in over:
             terminalreporter.write_line(f"{t:6.1f} s  {n}")
+    untouched = sorted(set(_package_modules()) - _imported_modules())
+    if untouched and not config.args[1:] and config.args[:1] in ([], ["tests"]):
+        terminalreporter.write_sep("-", "fast tier: modules none of its tests imported "
+                                   "(give each a fast test)")
+        terminalreporter.write_line(" ".join(untouched))
+
+
+def _package_modules() -> list[str]:
+    """Every module of the ssm_jax package, by its import name."""
+    out = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "ssm_jax")):
+        rel = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+        out += [rel if f == "__init__.py" else f"{rel}.{f[:-3]}" for f in files
+                if f.endswith(".py") and f != "__main__.py"]
+    return out
+
+
+def _imported_modules() -> set[str]:
+    """The ssm_jax modules the session's test processes imported (pytest_sessionfinish)."""
+    found = set()
+    folder = os.environ["SSM_JAX_TEST_MODULES"]
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            found.update(f.read().split())
+    return found
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)

@@ -18,6 +18,8 @@ import pytest
 
 from ssm_jax.core import storage
 
+pytestmark = pytest.mark.slow  # trains, kills and resumes real processes on the emulator
+
 ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
 # The shared tiny run's settings (cli_runs), on a data folder instead of the embedded set.
 TINY = [a for a in cli_runs.TINY if "synthetic_num_train" not in a]

@@ -198,6 +198,7 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs(tmp_path, data_dir):
     """Set-up command 1's ssm-jax part: trains, evaluates, writes the report it names."""
     first = _bash_commands(_section(_readme(), "Set-up"))[0]
@@ -207,6 +208,7 @@ def test_quickstart_command_runs(tmp_path, data_dir):
     assert (tmp_path / "runs" / "quickstart" / "eval" / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_your_own_data_commands_run(tmp_path, data_dir):
     """"Your own data": train + evaluate, evaluate again, predict, in order."""
     cmds = _bash_commands(_section(_readme(), "Your own data"))
@@ -217,6 +219,7 @@ def test_your_own_data_commands_run(tmp_path, data_dir):
     assert (out / "scores.csv").is_file() and (out / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_sweep_command_runs(tmp_path, data_dir):
     """"Sweeps and benchmarks": the example sweep trains the base cell, re-scores it for the
     eval cell."""

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from conftest import MULTIHOST_TRAIN, ROOT, launch
 
+pytestmark = pytest.mark.slow  # every test starts two-process groups
+
 PEER_TIMEOUT = 10  # seconds; the default (30) is what users get
 # README "Scaling out": the local two-process example (the test runs README's line if it
 # has one, else this).

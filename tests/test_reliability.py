@@ -96,6 +96,7 @@ def test_same_seed_same_scores(reference_run, killed_and_resumed):
     assert np.ptp(scores[0][1]) > 0
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_ignored(reference_run, tmp_path, caplog):
     import shutil
     wd = tmp_path / "wd"
@@ -110,6 +111,7 @@ def test_half_written_checkpoint_is_ignored(reference_run, tmp_path, caplog):
     np.testing.assert_array_equal(_params(reference_run, 8), _params(wd, 8))
 
 
+@pytest.mark.slow
 def test_sigterm_writes_final_checkpoint(tmp_path):
     wd = tmp_path / "wd"
     proc = subprocess.Popen(_cmd(wd, "--config.train.steps=100000",
@@ -155,6 +157,7 @@ def test_overflowed_parameters_stop_even_with_a_finite_loss():
                            5, "wd")
 
 
+@pytest.mark.slow
 def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
     """The shared run's settings (its compiled step), saving every step; the batch of step 6
     holds a NaN pixel, so the loss and then the parameters become NaN there."""

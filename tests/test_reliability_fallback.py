@@ -70,6 +70,7 @@ def _corrupt_metadata(step_dir):
         f.write("{not json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_truncate, _delete, _corrupt_metadata],
                          ids=["truncated", "deleted", "metadata"])
 def test_damaged_latest_resumes_from_previous(reference_run, tmp_path, damage):
@@ -95,6 +96,7 @@ def test_damaged_latest_resumes_from_previous(reference_run, tmp_path, damage):
         assert res.returncode == 0 and "does not restore" not in res.stderr
 
 
+@pytest.mark.slow
 def test_nothing_restores_is_one_error_line_and_nothing_moves(reference_run, tmp_path):
     ref, _ = reference_run
     wd = tmp_path / "wd"
@@ -119,6 +121,7 @@ def _copy_run(reference_run, tmp_path):
     return wd, best_step
 
 
+@pytest.mark.slow
 def test_damaged_best_falls_back_to_latest_good(reference_run, tmp_path):
     wd, best_step = _copy_run(reference_run, tmp_path)
     # (not _truncate: inference reads parameters and batch statistics only, and the cut
@@ -139,6 +142,7 @@ def test_damaged_best_falls_back_to_latest_good(reference_run, tmp_path):
     assert "using the latest checkpoint, step 4" in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_training_replaces_a_damaged_best(reference_run, tmp_path):
     wd, best_step = _copy_run(reference_run, tmp_path)
     _delete(str(wd / "best" / best_step))
@@ -157,6 +161,7 @@ def test_progress_lines(reference_run):
         assert "loss " in ln and "steps/s" in ln and "img/s" in ln and "ETA" in ln
 
 
+@pytest.mark.slow
 def test_lr_decay_steps_survive_resume_with_more_steps(reference_run, tmp_path):
     ref, _ = reference_run
     _, extra = _restore(ref, "checkpoints", 8)
@@ -215,6 +220,7 @@ def test_threshold_sample_check():
     assert np.mean(new > thr) == pytest.approx(few["threshold_expected_fpr"], abs=0.005)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_too_few_normals(reference_run, tmp_path):
     ref, _ = reference_run
     wd = tmp_path / "wd"

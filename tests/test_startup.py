@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ssm_jax.data.synthetic import make_synthetic
 
@@ -51,6 +52,7 @@ def test_synthetic_texture_equals_the_per_pixel_formula():
     np.testing.assert_array_equal(fast, slow)
 
 
+@pytest.mark.slow
 def test_startup_benchmark_cold_then_warm(tmp_path):
     """Tiny run: the cold fresh start compiles; the warm one (a new process, a new
     workdir) loads the training step and initializer from the cache the first wrote."""

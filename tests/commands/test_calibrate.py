@@ -58,6 +58,7 @@ def test_shape_reference_is_all_training_images(tmp_path):
         calibrate.check_normals(cfg, [str(wide)] * 50, "site", 0.02)
 
 
+@pytest.mark.slow
 def test_refusals_one_line(run, tmp_path):
     wd, normals, _ = run
     res = ssm("calibrate", "--workdir", wd, "--normals", normals)  # fpr 0.02: 50 needed
@@ -84,6 +85,7 @@ def test_refusals_one_line(run, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_calibrate_is_used_by_evaluate_predict_export(run, monkeypatch):
     from ssm_jax.runs import rundir
     from ssm_jax.scoring import calibration
@@ -138,6 +140,7 @@ def test_calibrate_is_used_by_evaluate_predict_export(run, monkeypatch):
     assert exported.load(str(tmp / "d.ssm")).threshold == pytest.approx(now["threshold"])
 
 
+@pytest.mark.slow
 def test_readme_deploying_commands_as_written(tiny_run, tmp_path, monkeypatch):
     """The README's Deploying block, run as written in a folder holding a copy of the tiny
     run as runs/quickstart and 50 new normal images as new_normals/."""

@@ -101,6 +101,7 @@ def test_predict(trained, tmp_path, capsys, validations):
     assert not [p for p in os.listdir(out) if ".tmp." in p]  # written atomically, all renamed
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_agree(trained, tmp_path, capsys):
     """The same images, through `evaluate` (test split of a folder, streamed from its files)
     and `predict` (that folder's test/ directory): the same scores and the same threshold."""
@@ -126,6 +127,7 @@ def test_evaluate_and_predict_agree(trained, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_scores_do_not_depend_on_eval_batch_size(trained):
     """The trained model through the sharded scoring function: batch 1 vs 16 over 18
     images (the last batch of 16 padded with 14 rows) gives the same maps and scores."""
@@ -148,6 +150,7 @@ def test_scores_do_not_depend_on_eval_batch_size(trained):
     np.testing.assert_allclose(a["map"], b["map"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:skipped .* non-image")
 def test_map_normalization_evaluate_then_predict(trained, tmp_path, capsys):
     norm = ["--config.eval.map_normalization=val_zscore", "--config.data.val_fraction=0.25"]
@@ -210,6 +213,7 @@ def test_evaluate_without_checkpoint(tmp_path, capsys):
     one_line_error(err, "config.json")
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices_exit_status(tmp_path):
     """The real command (a fresh process with 3 CPU devices): exit status 2 and one line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -56,6 +56,7 @@ def _sizes(path):
     return {n: os.path.getsize(os.path.join(path, n)) for n in compile_cache.entries(path)}
 
 
+@pytest.mark.slow
 def test_entries_written_and_found_by_a_second_process(tmp_path):
     env = _env(tmp_path)
     first, _ = _probe(env)
@@ -69,12 +70,14 @@ def test_entries_written_and_found_by_a_second_process(tmp_path):
     assert second["hits"] >= 1
 
 
+@pytest.mark.slow
 def test_switched_off(tmp_path):
     out, err = _probe(_env(tmp_path, SSM_JAX_COMPILATION_CACHE="0"))
     assert out["dir"] is None and out["jax_dir"] is None
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_jax_setting_wins(tmp_path):
     """As in this test session: JAX_COMPILATION_CACHE_DIR is used as it is (unbounded)."""
     own = tmp_path / "jax_own"
@@ -84,6 +87,7 @@ def test_jax_setting_wins(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_size_bound_evicts_least_recently_used(tmp_path):
     env = _env(tmp_path)
     one, _ = _probe(env)
@@ -96,6 +100,7 @@ def test_size_bound_evicts_least_recently_used(tmp_path):
     assert 1 <= sum(n.startswith("jit__lambda") for n in sizes) < 5
 
 
+@pytest.mark.slow
 def test_unwritable_folder_turns_the_cache_off(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -115,6 +120,7 @@ def test_parse_size():
             compile_cache.parse_size(bad)
 
 
+@pytest.mark.slow
 def test_bad_size_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ssm_jax", "evaluate", "--workdir",
                           str(tmp_path / "none")],
@@ -155,6 +161,7 @@ def test_killed_run_resumed_with_warm_cache_equals_uninterrupted(tiny_run,
     np.testing.assert_array_equal(_params(reference, 8), _params(wd, 8))
 
 
+@pytest.mark.slow
 def test_cache_on_gcs_is_shared_and_unbounded(tmp_path, gcs_bucket):
     """SSM_JAX_CACHE_DIR=gs://... (the GCS emulator): the second process reads what the
     first wrote; no size bound (JAX's bound locks a local file); no local gs: folder."""

@@ -111,6 +111,7 @@ def exported(workdir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_export_matches_detector(exported, workdir, images):
     m = serving.load(exported)
     assert m.meta["image_shape"] == [32, 32] and m.meta["channels"] == 1
@@ -128,6 +129,7 @@ def test_export_matches_detector(exported, workdir, images):
     assert not [f for f in os.listdir(os.path.dirname(exported)) if ".tmp" in f]
 
 
+@pytest.mark.slow
 def test_export_with_map_statistics(workdir, images, tmp_path):
     det = Detector.load(workdir, eval={"map_normalization": "val_zscore",
                                        "image_score_fusion": "mse"},
@@ -160,6 +162,7 @@ print("LOADED", loaded)
 """
 
 
+@pytest.mark.slow
 def test_serving_runs_with_jax_alone(exported, workdir, images, tmp_path):
     np.save(tmp_path / "x.npy", images)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -173,6 +176,7 @@ def test_serving_runs_with_jax_alone(exported, workdir, images, tmp_path):
                                serving.load(exported).score(images)["scores"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_and_load_errors(exported, tmp_path, capsys):
     # a run directory with its config but no checkpoint
     (tmp_path / "empty").mkdir()
@@ -214,6 +218,7 @@ def test_export_crash_leaves_no_file(detector, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_readme_python_api_runs_as_written(workdir, tmp_path, capsys):
     """README "Python API": its python blocks and its export command, run in order with
     the quickstart workdir replaced by this module's run."""

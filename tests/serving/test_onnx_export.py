@@ -66,6 +66,7 @@ def exported(tiny_run, tmp_path_factory):
     return path, tmp, det, test.images, ref, masks
 
 
+@pytest.mark.slow
 def test_onnxruntime_equals_detector_without_jax(exported):
     path, tmp, det, images, ref, masks = exported
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -96,6 +97,7 @@ def test_onnxruntime_equals_detector_without_jax(exported):
     np.testing.assert_allclose(out["alone_scores"], out["own_scores"][3:4], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loader_checks_and_ids(exported, tmp_path):
     from ssm_jax.core.errors import DataError, ExportError
     from ssm_jax.serving import exported as serving
@@ -148,6 +150,7 @@ def _readme_onnx_blocks() -> tuple[str, str]:
     return bash, python
 
 
+@pytest.mark.slow
 def test_readme_onnx_example_as_written(tiny_run, tmp_path):
     """The README's export command and serving code, with runs/quickstart replaced by a
     copy of the tiny run; the serving code in a process that cannot import jax or flax."""

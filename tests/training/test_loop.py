@@ -39,6 +39,7 @@ def _recording(monkeypatch, module, name):
     return seen
 
 
+@pytest.mark.slow
 def test_training_learns(tmp_path, monkeypatch):
     """80 steps on the generated set (width 4): held-out loss falls well below its value
     after 4 steps and the model separates defective from normal test images far above
@@ -72,6 +73,7 @@ def test_training_learns(tmp_path, monkeypatch):
     assert m["image_auroc"] >= 0.85 and m["pixel_auroc"] >= 0.8
 
 
+@pytest.mark.slow
 def test_validation_step_compiled_ahead_is_the_one_validation_runs():
     """What the loop compiles beside the training step (val_step_lowered, from the state
     before the first step) is the program validation_losses runs after steps: the same
@@ -98,6 +100,7 @@ def test_validation_step_compiled_ahead_is_the_one_validation_runs():
     assert train.val_step_lowered(program, state, val_images, 4).as_text() != ahead
 
 
+@pytest.mark.slow
 def test_best_checkpoint_rotation_and_lr_steps(tmp_path, monkeypatch):
     """One 8-step run, validation and a checkpoint every step, keep_checkpoints=2. The
     validation losses are made to rise after step 5: best/ must hold the lowest one, not
@@ -185,6 +188,7 @@ def _aligned(m, k):
     return bool(np.all(cells.min(axis=(2, 4)) == cells.max(axis=(2, 4))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,check", [
     (["mask.families=(grid,blobs)", "mask.family_weights=(1.0,0.0)",
       "mask.k_schedule=coarse_to_fine"], "grid_coarse"),
@@ -215,6 +219,7 @@ def test_mask_settings_reach_the_step(overrides, check, monkeypatch):
         assert k8 <= 6, k8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["eval.image_score=mean_topk", "model.mask_input=false",
                                       "model.dtype=bfloat16"])
 def test_variants_through_a_step_and_scoring(override):
