@@ -16,6 +16,8 @@ import cli_runs
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains and resumes on a full disk
+
 DISK_MB = 4
 
 

@@ -7,6 +7,7 @@ method/test_scoring.py, scoring/test_batch.py and others)."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -33,6 +34,7 @@ NATIVE = ["--config.data.image_size=32", "--config.data.keep_aspect=True",
           "--config.eval.map_normalization=val_zscore", "--config.eval.image_score_fusion=mse"]
 
 
+@pytest.mark.slow
 def test_non_square_folder_end_to_end(wide_folder, tmp_path):
     wd = tmp_path / "wd"
     _ssm("train", "--config", "configs/quickstart.py", "--workdir", str(wd),
@@ -56,6 +58,7 @@ def test_non_square_folder_end_to_end(wide_folder, tmp_path):
         assert im.size == (77, 32)
 
 
+@pytest.mark.slow
 def test_crop_training_then_full_image_scoring_on_synthetic(tmp_path):
     wd = tmp_path / "wd"
     _ssm("train", "--config", "configs/quickstart.py", "--workdir", str(wd),

@@ -9,6 +9,7 @@ import textwrap
 
 import cli_runs
 import numpy as np
+import pytest
 
 from ssm_jax.training import tb_writer
 
@@ -67,6 +68,7 @@ def test_summary_writer_roundtrip(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_cli_runs_and_never_imports_tensorflow(tmp_path, tiny_run):
     """train + evaluate + predict with tensorflow and tfds made unimportable; not one
     attempt to import them. (``tiny_run``: the shared run's programs are in the cache.)"""

@@ -30,6 +30,7 @@ def _sweep(wd, *cells, seeds="0,1", extra=()):
     return cli.run([*args, *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, capsys, monkeypatch):
     """One cell x two seeds on the synthetic set, the seeds trained as one vmapped group
     and evaluated from their own run directories; a rerun redoes nothing. (Cells, paired

@@ -104,6 +104,7 @@ def _check_page(browser, page_path, num_rows: int) -> dict:
     return first
 
 
+@pytest.mark.slow
 def test_report_pages_in_chromium(tiny_run, tmp_path):
     exe = _need_browser()
     wd = tmp_path / "wd"

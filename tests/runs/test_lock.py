@@ -31,6 +31,7 @@ def _train_cmd(wd, *extra):
             "--workdir", str(wd), *TINY, *extra]
 
 
+@pytest.mark.slow
 def test_second_train_on_live_workdir_exits_at_once(tmp_path, caplog):
     wd = tmp_path / "wd"
     first = subprocess.Popen(_train_cmd(wd, "--config.train.steps=100000",
@@ -148,6 +149,7 @@ def _launch(tmp_path, *wds):
     return list(zip(*results))
 
 
+@pytest.mark.slow
 def test_multi_process_run_holds_one_lock(tmp_path):
     free, foreign = tmp_path / "wd", tmp_path / "locked"
     # A live foreign lock on the second workdir.
@@ -277,6 +279,7 @@ def test_gcs_stale_lock_two_contenders_one_wins(gcs_bucket, monkeypatch, caplog)
         locks[winners[0]].release()
 
 
+@pytest.mark.slow
 def test_run_lock_tells_the_peers_of_any_failure(tmp_path):
     """Two real processes; process 0 cannot take the lock for another reason than a live
     lock (the workdir cannot be created: a file is in its way). It says why in one line and

@@ -35,6 +35,7 @@ print(host_devices.configure(int(sys.argv[2])), jax.device_count())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when,setting,xla_count,want", [
     ("early", "3", None, "3 3"),  # set before JAX starts
     ("early", "3", 2, "0 2"),  # the user's XLA flag wins
@@ -51,6 +52,7 @@ def test_configure_only_before_jax_starts(when, setting, xla_count, want):
     assert res.stdout.split()[-2:] == want.split()
 
 
+@pytest.mark.slow
 def test_train_command_splits_the_cpu(tmp_path):
     """`ssm-jax train` with SSM_JAX_CPU_DEVICES=2 trains on 2 devices (batch 4) and says so."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", SSM_JAX_CPU_DEVICES="2")

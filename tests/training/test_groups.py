@@ -22,6 +22,7 @@ def _base(*overrides):
                                               "train.steps=4", *overrides])
 
 
+@pytest.mark.slow
 def test_vmapped_models_equal_separate_runs():
     """Two models (seeds 0 and 1) trained 2 steps in one program = two separate runs.
 
@@ -79,6 +80,7 @@ def test_vmapped_models_equal_separate_runs():
     assert not np.allclose(p[0], p[1])
 
 
+@pytest.mark.slow
 def test_switched_mask_settings_equal_each_models_own():
     """Models with other mask settings in one group draw exactly the masks their own run
     would draw (lax.switch on the model index)."""
@@ -189,6 +191,7 @@ def group_run(tmp_path_factory):
     return wds, first, second, "\n".join(records)
 
 
+@pytest.mark.slow
 def test_group_preemption_saves_stops_and_resumes(group_run):
     wds, first, second, log = group_run
     assert [o["step"] for o in first] == [3, 3] and first[0]["group_size"] == 2
@@ -199,6 +202,7 @@ def test_group_preemption_saves_stops_and_resumes(group_run):
     assert "train step compiled" in log  # compiled before the (multi-host) barrier
 
 
+@pytest.mark.slow
 def test_group_writes_tensorboard_and_progress(group_run):
     wds, _, _, log = group_run
     per_run = [_scalars(wd) for wd in wds]
@@ -210,6 +214,7 @@ def test_group_writes_tensorboard_and_progress(group_run):
     assert "step 4/4 (100%)" in log  # console progress
 
 
+@pytest.mark.slow
 def test_group_keeps_each_runs_best(group_run):
     from ssm_jax.runs import checkpoints
     cfg = _group_cfgs()[0]
@@ -228,6 +233,7 @@ def test_group_keeps_each_runs_best(group_run):
         assert extra["val_loss"] == pytest.approx(vals[best_step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_group_resumes_from_newest_good_checkpoint(group_run, tmp_path, caplog):
     import shutil
     wds = []
@@ -247,6 +253,7 @@ def test_group_resumes_from_newest_good_checkpoint(group_run, tmp_path, caplog):
         assert _steps(wd) == [3, 4]
 
 
+@pytest.mark.slow
 def test_group_nan_stops_naming_the_model(tmp_path, monkeypatch):
     from ssm_jax.core.errors import TrainingDiverged
     from ssm_jax.data import pipeline
