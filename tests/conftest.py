@@ -296,19 +296,29 @@ def distributed_runs(tmp_path_factory):
                                  launch_logs=info["launch_logs"])
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """cli_runs.train_args, run once per session (shared_once) in the process that asks
-    first: (workdir, its log lines). Shared: tests that change the workdir work on a copy."""
+def trained_run(tmp_path_factory, *extra: str) -> tuple:
+    """``cli_runs.train_args(wd, *extra)`` trained once per session and per ``extra``
+    (shared_once) in the process that asks first: (workdir, its log lines). For tests that
+    only read a trained run: one that changes the workdir works on a copy."""
+    import hashlib
+
     def build(folder):
         import cli_runs
 
-        res = cli_runs.ssm(*cli_runs.train_args(folder / "wd"))
+        res = cli_runs.ssm(*cli_runs.train_args(folder / "wd", *extra))
         assert res.returncode == 0, res.stderr[-3000:]
         return {"stderr": res.stderr}
 
-    folder, info = shared_once(tmp_path_factory, "tiny_run", build)
+    name = "tiny_run" if not extra else (
+        "run_" + hashlib.sha256("\0".join(extra).encode()).hexdigest()[:12])
+    folder, info = shared_once(tmp_path_factory, name, build)
     return folder / "wd", info["stderr"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The shared run: cli_runs.train_args as they are (trained_run)."""
+    return trained_run(tmp_path_factory)
 
 
 def checkpoint_steps(wd) -> list[int]:

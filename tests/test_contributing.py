@@ -118,7 +118,7 @@ def test_tiers_are_the_readme_command_and_the_slow_marker():
     assert shlex.split(fast)[3:5] == ["-m", "not slow"]
     assert conftest.SLOW_FIXTURES
     assert f"over {conftest.FAST_TIER_LIMIT_S:g} s" in _text()
-    for name in ("SLOW_FIXTURES", "tiny_run", "shared_once"):
+    for name in ("SLOW_FIXTURES", "tiny_run", "trained_run", "shared_once"):
         assert f"`{name}`" in _text() and hasattr(conftest, name), name
 
 
