@@ -17,6 +17,7 @@ def _script(name):
     return module
 
 
+@pytest.mark.slow
 def test_throughput_measures_every_part(capsys):
     """benchmarks/throughput.py (tools/gpu_check.sh runs it): training, scoring with
     one and with two passes, FLOPs; tiny settings, peak skipped."""
@@ -29,6 +30,7 @@ def test_throughput_measures_every_part(capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("RESULT ")
 
 
+@pytest.mark.slow
 def test_layer_profile_times_every_class(capsys):
     """benchmarks/layer_profile.py reads the training step's thunk times from the profiler
     trace and ties them to forward, input-gradient and weight-gradient convolutions of
@@ -52,6 +54,7 @@ def test_layer_profile_times_every_class(capsys):
     assert "| wgrad 3x3 " in out
 
 
+@pytest.mark.slow
 def test_input_pipeline_measures_both_sizes(tmp_path, capsys):
     """benchmarks/input_pipeline.py: generated folders, the streamed and in-memory pipeline
     each in its own process with its peak memory (tiny settings, training skipped)."""

@@ -15,6 +15,7 @@ SMALL = ["data.image_size=32", "data.grayscale=true", "model.width=4", "train.ba
          "data.crop_size=16", "train.steps=3", "train.eval_every=2", "train.log_every=1"]
 
 
+@pytest.mark.slow
 def test_streamed_run_equals_in_memory_run(tmp_path, monkeypatch):
     root = tmp_path / "data"
     write_synthetic_folder(root, 40, True, num_train=11, num_test_good=1,

@@ -69,6 +69,7 @@ def _model_loss_and_grads(net, variables, x, m):
     return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 3])
 def test_model_with_forms_equals_plain_model(channels, monkeypatch):
     monkeypatch.setattr(conv_forms, "ENABLED", {"space_to_depth", "padded_out", "split_input"})

@@ -181,6 +181,7 @@ def _restore_from(x):
     return restore
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_score", ["max", "mean_topk"])
 def test_padding_amount_never_changes_a_score(image_score):
     """The same image padded to two canvas sizes (as two data sets or two shape buckets
@@ -213,6 +214,7 @@ def test_padding_amount_never_changes_a_score(image_score):
                            atol=1e-4)
 
 
+@pytest.mark.slow
 def test_refinement_never_hides_padding():
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 48, 1)), jnp.float32)
     sc = scoring.ScoringConfig(ks=(4,), refine_passes=3, refine_cell=8, sigma_side=32)
