@@ -132,6 +132,10 @@ SLOW_FIRST = (
 SLOW_FIXTURES = frozenset({"distributed_runs", "killed_and_resumed"})
 # A test of the fast tier that takes longer than this is named at the end of its run.
 FAST_TIER_LIMIT_S = 5.0
+# Modules that the fast tier's test processes cannot import: tfds_builders needs the tfds
+# extra (test_optional_deps imports it without, in a subprocess; CI runs its own tests in
+# the tfds venv).
+IMPORTED_ELSEWHERE = frozenset({"ssm_jax.data.tfds_builders"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the markers added here count
@@ -142,7 +146,17 @@ def pytest_collection_modifyitems(config, items):
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+    file = lambda item: item.nodeid.split("::", 1)[0]
+    group = {}
+    if "not slow" in (config.option.markexpr or ""):
+        # The fast tier: its longest part is the tiny_run build. The first file that needs
+        # it starts first; the other files that need it go last, not beside it, where they
+        # would wait for it while their worker could run unit tests.
+        users = sorted({file(i) for i in items if "tiny_run" in getattr(i, "fixturenames", ())
+                        and not i.get_closest_marker("slow")},
+                       key=lambda f: rank.get(f, len(rank)))
+        group = {f: (0 if i == 0 else 2) for i, f in enumerate(users)}
+    items.sort(key=lambda item: (group.get(file(item), 1), rank.get(file(item), len(rank))))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -161,7 +175,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                    "(make them smaller or mark them @pytest.mark.slow)")
         for t, n in over:
             terminalreporter.write_line(f"{t:6.1f} s  {n}")
-    untouched = sorted(set(_package_modules()) - _imported_modules())
+    untouched = sorted(set(_package_modules()) - _imported_modules() - IMPORTED_ELSEWHERE)
     if untouched and not config.args[1:] and config.args[:1] in ([], ["tests"]):
         terminalreporter.write_sep("-", "fast tier: modules none of its tests imported "
                                    "(give each a fast test)")

@@ -131,3 +131,15 @@ def test_train_refuses_bad_eval_value_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "eval.refine_rule" in err, err
     assert not wd.exists()
+
+
+def test_old_module_paths_still_give_the_same_config():
+    """ssm_jax.config_base and ssm_jax.config_utils, kept for config files and code written
+    against earlier versions, are the config package's functions under their old names."""
+    from ssm_jax import config_base, config_utils
+    from ssm_jax.config import defaults, loader
+
+    assert config_base.base_config is defaults.base_config
+    assert config_utils.load is loader.load and config_utils.validate is loader.validate
+    assert config_utils.apply_overrides is loader.apply_overrides
+    assert config_utils.diff(config_base.base_config(), defaults.base_config()) == {}
