@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
+pytestmark = pytest.mark.slow  # two-process evaluate and predict
+
 KEYS = ("image_auroc", "f1_max", "pixel_auroc", "aupro", "pixel_f1_max", "threshold")
 
 

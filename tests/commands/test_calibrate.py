@@ -195,6 +195,7 @@ def test_unreachable_training_data_checks_channels_only(tmp_path, caplog):
         calibrate.check_normals(cfg, rgb, str(tmp_path), 0.2)
 
 
+@pytest.mark.slow
 def test_evaluate_beside_calibrate_keeps_the_site_calibration(run, tmp_path):
     """Two real processes: an ``evaluate`` that read the calibration in force (the
     validation split's) is paused while it scores; a ``calibrate`` of the same run saves a

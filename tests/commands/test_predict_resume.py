@@ -42,6 +42,7 @@ def _outputs(out):
     return rows, per_image, overlays
 
 
+@pytest.mark.slow
 def test_killed_predict_resumes_to_the_uninterrupted_result(tiny_run, images, tmp_path):
     wd = tiny_run[0]
     whole = tmp_path / "whole"

@@ -161,6 +161,7 @@ np.savez(f"{sys.argv[1]}{i}.npz", **pm.all_processes().state)
 """
 
 
+@pytest.mark.slow
 def test_all_processes_sums_every_process_exactly(tmp_path):
     from conftest import launch
 
@@ -258,6 +259,7 @@ def real_maps(request, tmp_path_factory):
             det.score(test.images, test.sizes)["maps"], test.masks, test.sizes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("standardized", [False, True])
 def test_real_maps_agree_with_the_exact_metrics(real_maps, standardized):
     """|difference| <= 1e-3 for each metric (about 1e-5 measured) with the default
