@@ -32,6 +32,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_benchmark_runs_resumes_and_writes_the_table(tmp_path, capsys):
     root = tmp_path / "mvtec"
     # wood (a texture) comes before bottle in the MVTec AD paper, not alphabetically.
