@@ -232,6 +232,7 @@ def test_sweep_command_runs(tmp_path, data_dir):
     assert len(rows) == 4 and {r["trained_cell"] for r in rows} == {"base"}
 
 
+@pytest.mark.slow
 def test_benchmark_command_runs(tmp_path, data_dir):
     """"Sweeps and benchmarks": the benchmark over a root of two categories writes its
     table with a row per category and the mean row."""
