@@ -87,7 +87,7 @@ def _fail_on_test_copies(session) -> None:
         if "train" in dirs and "test" in dirs and os.path.isdir(os.path.join(top, "train",
                                                                              "good")):
             try:
-                found += duplicates.test_copies_of_training(top, "mvtec")
+                found += duplicates.training_copies_in_test(top, "mvtec")
             except Exception:  # noqa: BLE001 - not a readable data folder
                 pass
     if found:

@@ -49,7 +49,7 @@ README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep
                  "sweep_steps_magnetic_tile")
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json",
-         "kolektor_duplicates.json"}
+         "kolektor_duplicates.json", "calibrate_splits.json"}
 # The kolektor results scored before its test split lost its 8 duplicated images
 # (benchmarks/kolektor_duplicates.py): their rows carry this mark.
 DUPLICATES = f"{RESULTS}/kolektor_duplicates.json"
@@ -407,6 +407,36 @@ def fpr_section(files: list[str]) -> str:
             + table(["file", "runs", "min", "max", "mean"], rows) + "\n")
 
 
+def calibrate_splits_section(rel: str) -> str:
+    """benchmarks/calibrate_splits.py: the mean rate a recalibrated threshold flags."""
+    d = read_json(rel)
+    rows = []
+    for c in d["conditions"]:
+        bb, chk = c["beta_binomial"], c.get("real_command_check")
+        rows.append([c["data"], f"x{c['brightness']:g}", str(c["splits"]),
+                     f"{c['new_normals']} / {c['held_out_normals']}", f"{c['asked_fpr']:.3f}",
+                     f"{c['mean_rate']:.4f}", f"{bb['expected_rate']:.4f}",
+                     f"[{bb['interval_95'][0]:.4f}, {bb['interval_95'][1]:.4f}]",
+                     "[{:.4f}, {:.4f}]".format(*c["null_interval_95_same_splits"]),
+                     "yes" if c["within_interval"] else "no",
+                     "-" if not chk else
+                     f"{abs(chk['threshold_real'] - chk['threshold_shortcut']):.1e} / "
+                     f"{chk['max_abs_score_difference']:.1e}"])
+    return ("## Recalibrated threshold: the rate it flags (calibrate_splits.json)\n\n"
+            f"`{private_paths(d['command'])}` (load average {d['load_average']:.1f}): each "
+            "data set's test normals (times the brightness factor) scored once by a small "
+            "trained run; per split, `ssm-jax calibrate`'s fit on the new normals and "
+            "`predict`'s scoring of the held-out ones (the product's functions), and the "
+            "held-out normals above the threshold counted. Expected: the asked rate; 95% "
+            "interval of the mean over the splits from the beta-binomial count of one split "
+            "(independent splits) and from exchangeable scores on the same pool and splits. "
+            "Last column: split 0 through the real command, |threshold difference| / largest "
+            "|score difference|.\n\n"
+            + table(["data", "brightness", "splits", "new / held-out normals", "asked",
+                     "mean rate", "expected", "95% (beta-binomial)", "95% (same pool)",
+                     "within", "real command"], rows) + "\n")
+
+
 def results_page() -> str:
     out = [HEADER, "# Results\n\n",
            "Measured on a 2-core CPU without an accelerator; nothing here is copied from "
@@ -449,6 +479,8 @@ def results_page() -> str:
     csvs = sorted(os.path.relpath(p, ROOT) for p in
                   glob.glob(os.path.join(ROOT, RESULTS, "**", "*.csv"), recursive=True))
     out.append(fpr_section(csvs))
+    if exists(f"{RESULTS}/calibrate_splits.json"):
+        out.append(calibrate_splits_section(f"{RESULTS}/calibrate_splits.json"))
     out.append(other_files("results"))
     other = [c for c in csvs if os.path.basename(c) not in KNOWN
              and not exists(os.path.join(os.path.dirname(c), "sweep.json"))

@@ -33,7 +33,7 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def test_copies_of_training(root: str | os.PathLike, layout: str = "auto") -> list[tuple[str, str]]:
+def training_copies_in_test(root: str | os.PathLike, layout: str = "auto") -> list[tuple[str, str]]:
     """(test image, training image) for each test image of the folder ``root`` (any layout
     of :mod:`ssm_jax.data.layouts`) whose file is byte-identical to a training image's."""
     from ssm_jax.data import folder
@@ -60,7 +60,7 @@ def test_copies_of_training(root: str | os.PathLike, layout: str = "auto") -> li
 def warn_if_test_copies_training(root: str | os.PathLike, layout: str = "auto") -> int:
     """Logs one warning line when test images of ``root`` are copies of training images;
     the number of such test images."""
-    pairs = test_copies_of_training(root, layout)
+    pairs = training_copies_in_test(root, layout)
     if pairs:
         shown = ", ".join(f"{storage.relpath(t, root)} = {storage.relpath(q, root)}"
                           for t, q in pairs[:4])

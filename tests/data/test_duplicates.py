@@ -36,7 +36,7 @@ def test_finds_exactly_the_copies(tmp_path, caplog):
     root = tmp_path / "leaky"
     try:
         src = _plant(root)
-        pairs = duplicates.test_copies_of_training(str(root))
+        pairs = duplicates.training_copies_in_test(str(root))
         assert pairs == [(str(root / "test" / "good" / "copy.png"), str(src))]
         with caplog.at_level(logging.WARNING, logger="ssm_jax"):
             assert duplicates.warn_if_test_copies_training(str(root)) == 1
@@ -77,7 +77,7 @@ def test_shared_sets_have_no_test_copies(name):
     root = os.path.join(SHARED, name)
     if not os.path.isdir(root):
         pytest.skip(f"{root} not here")
-    assert duplicates.test_copies_of_training(root) == []
+    assert duplicates.training_copies_in_test(root) == []
 
 
 def test_generated_folders_have_no_test_copies(tmp_path, wide_folder):
@@ -89,12 +89,12 @@ def test_generated_folders_have_no_test_copies(tmp_path, wide_folder):
             (48, False, dict(num_train=23, num_test_good=2, num_test_anomalous=1))]):
         root = tmp_path / f"gen{i}"
         write_synthetic_folder(root, size, grey, **kw)
-        assert duplicates.test_copies_of_training(str(root)) == [], (size, kw)
-    assert duplicates.test_copies_of_training(str(wide_folder)) == []
+        assert duplicates.training_copies_in_test(str(root)) == [], (size, kw)
+    assert duplicates.training_copies_in_test(str(wide_folder)) == []
     # A flat image repeated in both splits (what a generator of constant images would do).
     flat = tmp_path / "flat"
     for split in ("train/good", "test/good"):
         (flat / split).mkdir(parents=True)
         Image.fromarray(np.full((8, 8), 7, np.uint8)).save(flat / split / "a.png")
-    assert len(duplicates.test_copies_of_training(str(flat))) == 1
+    assert len(duplicates.training_copies_in_test(str(flat))) == 1
     shutil.rmtree(flat)
