@@ -419,6 +419,11 @@ def calibrate_splits_section(rel: str) -> str:
                      f"[{bb['interval_95'][0]:.4f}, {bb['interval_95'][1]:.4f}]",
                      "[{:.4f}, {:.4f}]".format(*c["null_interval_95_same_splits"]),
                      "yes" if c["within_interval"] else "no",
+                     "-" if "full_conformal" not in c else
+                     "{:.4f} / {:.4f} ({})".format(
+                         c["full_conformal"]["mean_rate"],
+                         c["full_conformal"]["mean_rate_calibrate_same_splits"],
+                         c["full_conformal"]["splits"]),
                      "-" if not chk else
                      f"{abs(chk['threshold_real'] - chk['threshold_shortcut']):.1e} / "
                      f"{chk['max_abs_score_difference']:.1e}"])
@@ -430,11 +435,14 @@ def calibrate_splits_section(rel: str) -> str:
             "held-out normals above the threshold counted. Expected: the asked rate; 95% "
             "interval of the mean over the splits from the beta-binomial count of one split "
             "(independent splits) and from exchangeable scores on the same pool and splits. "
-            "Last column: split 0 through the real command, |threshold difference| / largest "
-            "|score difference|.\n\n"
+            "Exact rule: the full-conformal rule (each held-out normal compared with the "
+            "calibration normals scored again with it among their statistics), its mean rate "
+            "/ calibrate's on the same first splits (how many). Last column: split 0 through "
+            "the real command, |threshold difference| / largest |score difference|. Trained "
+            f"runs: `{private_paths(d.get('train_command', '-'))}`.\n\n"
             + table(["data", "brightness", "splits", "new / held-out normals", "asked",
                      "mean rate", "expected", "95% (beta-binomial)", "95% (same pool)",
-                     "within", "real command"], rows) + "\n")
+                     "within", "exact rule / calibrate", "real command"], rows) + "\n")
 
 
 def results_page() -> str:
