@@ -245,3 +245,45 @@ def test_benchmark_command_runs(tmp_path, data_dir):
     table = (tmp_path / "runs" / "bench" / "benchmark.md").read_text()
     assert [ln.split("|")[1].strip() for ln in table.splitlines()[2:5]] == \
         ["wood", "bottle", "**mean**"]
+
+
+def test_benchmark_results_are_printed_with_the_steps_difference(tmp_path, monkeypatch):
+    """Two `ssm-jax benchmark` result folders that differ in train.steps only: each table
+    (the command's own formatter), its command, and the difference paired by seed."""
+    import csv
+    import json
+    import shutil
+
+    from ssm_jax.commands import benchmark
+    from ssm_jax.config import loader
+    md = _make_docs()
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "results"),
+                    tmp_path / "benchmarks" / "results")
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    cats = [["kolektor", "/d/kolektor", "mvtec"], ["magnetic_tile", "/d/magnetic_tile", "mvtec"]]
+    for steps, gain in ((400, 0.0), (1000, 0.01)):
+        d = tmp_path / "benchmarks" / "results" / f"bench_s{steps}"
+        d.mkdir()
+        ov = [f"train.steps={steps}"]
+        cfg = loader.load(os.path.join(ROOT, "configs", "cpu.py"), ov, check_values=False)
+        (d / "benchmark.json").write_text(json.dumps({
+            "config": "configs/cpu.py", "config_overrides": ov, "categories": cats,
+            "base_config": json.loads(loader.to_json(cfg)), "seeds": [0, 1, 2]}))
+        with open(d / "benchmark.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=benchmark.CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for i, (c, _, _) in enumerate(cats):
+                for s in (0, 1, 2):
+                    v = 0.6 + 0.1 * i + 0.01 * s + gain * (s + 1)
+                    w.writerow({"category": c, "seed": s, "image_auroc": v, "pixel_auroc": v,
+                                "aupro": v, "f1_max": v, "train_seconds": 100,
+                                "score_seconds": 5})
+    monkeypatch.setattr(md, "ROOT", str(tmp_path))
+    page = md.render()["docs/results.md"]
+    assert "### kolektor, magnetic_tile: `configs/cpu.py`, 1000 steps (bench_s1000)" in page
+    assert "| kolektor | 0.630 ± 0.020 |" in page and "| **mean** | 0.680 ± 0.020 |" in page
+    assert "--config.train.steps=1000" in page and "ssm-jax benchmark $DATA" in page
+    diff = page.split("### 1000 minus 400 steps (bench_s1000 - bench_s400)", 1)[1]
+    # seeds gain 0.01, 0.02, 0.03: mean +0.020, t interval +- 4.303 * 0.01 / sqrt(3)
+    assert "| kolektor | +0.020 [-0.005, +0.045] (3) |" in diff
+    assert "| mean | +0.020 [-0.005, +0.045] (3) |" in diff
