@@ -123,6 +123,7 @@ SLOW_FIRST = (
     "tests/report/test_page_browser.py", "tests/runs/test_lock.py",
     "tests/runtime/test_host_devices.py",
     "tests/test_streamed_training.py", "tests/data/test_stream.py", "tests/test_full_disk.py",
+    "tests/scoring/test_pixel_metrics.py",
 )
 
 
