@@ -155,3 +155,45 @@ def test_large_eval_sets_and_commands(tmp_path):
         rest, overrides = cli.split_overrides(le.command_argv(args, kind, 6))
         assert cli.parser().parse_args(rest).command == kind
         loader.apply_overrides(defaults.base_config(), overrides)  # known keys and types
+
+
+def test_large_eval_goals_and_their_docs_section(tmp_path, monkeypatch):
+    """large_eval.summarize: marginal images/s over the base run, the issue-43 goals (None
+    where the start-up hides the scoring); tools/make_docs.py prints the script's JSON."""
+    import json
+
+    le = _script("large_eval")
+
+    def row(kind, n, wall, rss):
+        return {"kind": kind, "num_images": n, "wall_s": wall, "peak_rss_mb": rss}
+
+    rows = [{"kind": "scorer", "num_images": 256, "images_per_s": 10.0, "wall_s": 60,
+             "peak_rss_mb": 700},
+            row("evaluate", 64, 40, 600), row("evaluate", 1000, 133.6, 650),
+            row("evaluate", 16000, 1640, 900),  # the small's images/s, RSS over 847.5
+            row("predict", 64, 40, 500), row("predict", 1000, 35, 500),  # faster than base
+            row("predict", 16000, 1640, 500)]
+    s = le.summarize(rows, [1000, 16000], 64)
+    e, p = s["evaluate"], s["predict"]
+    assert rows[2]["images_per_s"] == 10.0 and rows[3]["images_per_s"] == 9.96
+    assert e["rss_limit_mb"] == 847.5 and not e["rss_goal_met"]  # 1.15 x 650 + 100
+    assert e["speed_large_over_small"] == 0.996 and e["speed_goal_met"]
+    assert rows[5]["images_per_s"] is None and p["speed_goal_met"] is None and p["rss_goal_met"]
+    result = {"image_size": 128, "sizes": [1000, 16000], "base_size": 64,
+              "scoring": ["eval.ks=(8,)"], "rows": rows, "summary": s, "device": "cpu x2",
+              "load_average_before": [1.0], "load_average_after": [1.5],
+              "command": "python benchmarks/large_eval.py --data-root /tmp/x"}
+    spec = importlib.util.spec_from_file_location("make_docs",
+                                                  os.path.join(ROOT, "tools", "make_docs.py"))
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    (tmp_path / "benchmarks" / "results" / "large_eval.json").write_text(json.dumps(result))
+    monkeypatch.setattr(md, "ROOT", str(tmp_path))
+    page = md.speed_page()
+    assert "## Scoring large sets (large_eval.json)" in page
+    assert "`python benchmarks/large_eval.py --data-root TMP`" in page
+    assert "| evaluate | 16000 | 900 | 10.0 | - | 1640 |" in page
+    assert "peak RSS 650 -> 900 MB, limit 848 (not met)" in page
+    assert "`predict`: peak RSS 500 -> 500 MB, limit 675 (met); images/s not measurable" in page
+    assert "Other result files" not in page  # printed once, in its own section
