@@ -144,23 +144,29 @@ def test_sigterm_writes_final_checkpoint(tmp_path):
     assert len(steps) == 1 and 0 < steps[0] < 100000
 
 
-def test_overflowed_parameters_stop_even_with_a_finite_loss():
-    """The loss is computed before the update, so a step can overflow the parameters while
-    reporting a finite loss: the step's ``params_finite`` flag alone must stop training."""
+def test_nonfinite_gradients_stop_even_with_a_finite_loss():
+    """The loss is computed before the update, so non-finite gradients can overflow the
+    parameters while the step's loss is still finite: the sticky first non-finite step
+    takes a step that is not finite (loss or gradients), keeps the first such step, and
+    stops training naming it and the last good checkpoint."""
+    import jax.numpy as jnp
+
     from ssm_jax.core.errors import TrainingDiverged
     from ssm_jax.training import loop as train
+    from ssm_jax.training import step as train_step
 
-    train.check_finite({"loss": np.float32(0.3), "params_finite": np.float32(1.0)}, 6, 5,
-                       "wd")
-    with pytest.raises(TrainingDiverged, match=r"parameters overflowed\) at step 6.*step 5"):
-        train.check_finite({"loss": np.float32(0.3), "params_finite": np.float32(0.0)}, 6,
-                           5, "wd")
+    first = jnp.int32(train_step.NO_NONFINITE)
+    first = train_step.note_nonfinite(first, jnp.int32(5), jnp.bool_(True))
+    assert int(first) == train_step.NO_NONFINITE
+    for step in (6, 7):
+        first = train_step.note_nonfinite(first, jnp.int32(step), jnp.bool_(False))
+    assert int(first) == 6
+    train.check_finite(train_step.NO_NONFINITE, 5, "wd")
+    with pytest.raises(TrainingDiverged, match=r"at step 6; .*step 5"):
+        train.check_finite(int(first), 5, "wd")
 
 
-@pytest.mark.slow
-def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
-    """The shared run's settings (its compiled step), saving every step; the batch of step 6
-    holds a NaN pixel, so the loss and then the parameters become NaN there."""
+def _poison_step_6(monkeypatch):
     from ssm_jax.data import pipeline
 
     original = pipeline.train_batches
@@ -174,6 +180,49 @@ def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatc
             yield batch
 
     monkeypatch.setattr(pipeline, "train_batches", poisoned)
+
+
+@pytest.mark.slow
+def test_nan_between_checkpoints_names_its_step(tmp_path, capsys, monkeypatch):
+    """Two steps per call (train.steps_per_call=2; the program test_steps_per_call_gives_
+    the_same_run compiles), a checkpoint every 4 steps, nothing logged before the end: the
+    NaN of step 6 is found when step 8 is to be saved, and the line names step 6 (the first
+    non-finite step, not the step it was found at) and the checkpoint of step 4."""
+    _poison_step_6(monkeypatch)
+    wd = tmp_path / "wd"
+    rc = cli.run(_args(wd, *STEPS, "--config.train.steps_per_call=2",
+                       "--config.train.log_every=100"))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ssm-jax: error: loss became") and "at step 6;" in last, last
+    assert "last good checkpoint: step 4" in last and _steps(wd) == [4]
+
+
+@pytest.mark.slow
+def test_steps_per_call_gives_the_same_run(reference_run, tiny_run, tmp_path):
+    """train.steps_per_call=2 (a lax.scan over 2 batches per call): the same batches and
+    masks, so the same logged losses and parameters as the shared run (one step per
+    call)."""
+    wd = tmp_path / "wd"
+    res = cli_runs.ssm(*cli_runs.train_args(wd, "--config.train.steps_per_call=2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def losses(text):
+        return [ln.split("loss ")[1].split()[0] for ln in text.splitlines()
+                if "INFO step " in ln and "loss " in ln]
+
+    assert losses(res.stderr) == losses(tiny_run[1]) and len(losses(res.stderr)) == 4
+    for step in (4, 8):
+        np.testing.assert_allclose(_params(wd, step), _params(reference_run, step),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_stops_with_message_and_keeps_last_good(tmp_path, capsys, monkeypatch):
+    """The shared run's settings (its compiled step), saving every step; the batch of step 6
+    holds a NaN pixel, so the loss and then the parameters become NaN there."""
+    _poison_step_6(monkeypatch)
     wd = tmp_path / "wd"
     rc = cli.run(_args(wd, *EVERY_STEP))
     err = capsys.readouterr().err

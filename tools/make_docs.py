@@ -49,7 +49,8 @@ README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep
                  "sweep_steps_magnetic_tile")
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json",
-         "kolektor_duplicates.json", "calibrate_splits.json"}
+         "kolektor_duplicates.json", "calibrate_splits.json", "host_overhead.json",
+         "save_stall.json"}
 # The kolektor results scored before its test split lost its 8 duplicated images
 # (benchmarks/kolektor_duplicates.py): their rows carry this mark.
 DUPLICATES = f"{RESULTS}/kolektor_duplicates.json"
@@ -606,6 +607,39 @@ def large_eval_section(rel: str) -> str:
             + "\n")
 
 
+def host_overhead_section(rel: str) -> str:
+    d = read_json(rel)
+    rows = []
+    for r in d["rows"]:
+        load = [pair[0] for pair in r["load_average"]]
+        for k, rate in r["loop_steps_per_s"].items():
+            rows.append([str(r["devices"]), k, f"{r['bare_steps_per_s']:.2f}", f"{rate:.2f}",
+                         f"{r['ratio'][k]:.2f}", f"{min(load):.1f}-{max(load):.1f}"])
+    return ("## The training loop's host overhead (host_overhead.json)\n\n"
+            "`benchmarks/host_overhead.py`: steps/s of `ssm-jax train`'s loop against a bare "
+            "loop calling the same compiled step on batches already on the devices "
+            f"(`{d['config']}`, {d['steps']} steps, best of {d['rounds']} alternating rounds; "
+            f"goal: {d['goal']}).\n\n"
+            + table(["CPU devices", "train.steps_per_call", "bare steps/s", "loop steps/s",
+                     "loop / bare", "load average"], rows) + "\n")
+
+
+def save_stall_section(rel: str) -> str:
+    d = read_json(rel)
+    rows = [[r["where"], f"{r['write_s']:.3f}", f"{r['stall_s']:.4f}",
+             f"{r['stall_ratio']:.3f}", f"{r['loop_s']['none']:.1f}",
+             f"{r['loop_s']['blocking']:.1f}", f"{r['loop_s']['async']:.1f}"]
+            for r in d["results"]]
+    return ("## Checkpoint saves against the loop (save_stall.json)\n\n"
+            f"`benchmarks/save_stall.py`: a {d['state_mib']:.0f} MiB train state (width "
+            f"{d['width']}) saved every {d['every']} steps of about {d['step_ms']:.0f} ms; "
+            "the time the loop spends in a save when it waits for the write (the write "
+            "time) and when the write goes on in the background (the stall); load average "
+            f"{d['load_average'][0]:.1f}. Goal: {d['goal']}.\n\n"
+            + table(["where", "write s", "stall s", "stall / write", "loop s, no saves",
+                     "loop s, waiting", "loop s, background"], rows) + "\n")
+
+
 def speed_page() -> str:
     out = [HEADER, "# Speed\n\n",
            "Measured on a 2-core CPU (no accelerator). How each figure is taken: "
@@ -614,6 +648,10 @@ def speed_page() -> str:
         out.append(vs_reference_section(os.path.relpath(rel, ROOT)))
     for rel in sorted(glob.glob(os.path.join(ROOT, RESULTS, "large_eval*.json"))):
         out.append(large_eval_section(os.path.relpath(rel, ROOT)))
+    for name, section in (("host_overhead.json", host_overhead_section),
+                          ("save_stall.json", save_stall_section)):
+        if exists(f"{RESULTS}/{name}"):
+            out.append(section(f"{RESULTS}/{name}"))
     out.append(other_files("speed"))
     return "".join(out)
 

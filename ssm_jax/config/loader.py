@@ -44,7 +44,7 @@ from ssm_jax.core.errors import ConfigError
 # Key groups: which config keys matter where. A name ending in "." is a whole section.
 # Keys that may change when resuming a training run (its length and reporting).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
-                  "train.eval_every", "train.keep_checkpoints",
+                  "train.eval_every", "train.keep_checkpoints", "train.steps_per_call",
                   "data.stream")  # streamed and in-memory batches are the same
 # Keys that fix the parameter shapes: a checkpoint only fits the values it was trained with.
 MODEL_SHAPE_KEYS = ("model.width", "model.mask_input", "data.grayscale")
@@ -274,7 +274,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if not 0.0 <= f <= 1.0:
             raise ConfigError(f"train.lr_decay_fractions must lie in [0, 1], got "
                               f"{tuple(t.lr_decay_fractions)}")
-    for key in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints",
+                "steps_per_call"):
         if t[key] < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
     _validate_eval(cfg)

@@ -145,6 +145,29 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
     ``images``: [M, B, S, S, C] (model m's global batch at ``images[m]``), sharded
     ``P(model, data)``; metrics come back per model, [M]. The state is donated.
     """
+    step, index = _group_step(cfgs, mesh, lr_decay_steps, None)
+
+    def run(states, images):
+        return step(index, states, images)
+
+    run.jitted = step
+    run.index = index
+    return run
+
+
+def make_multi_loop_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
+                         lr_decay_steps: list[int | None] | None = None, k: int = 1):
+    """The loop's step for M stacked models (``train_step.make_loop_step``'s):
+    ``step(states, first_nonfinite, images) -> (states, first_nonfinite, metrics)``,
+    ``k`` steps per call; ``first_nonfinite`` [M] (per model, sharded over ``model``),
+    images [M, B, ...] (k=1) or [k, M, B, ...], metrics [k, M]. Returns ``(jitted,
+    index)``: call ``jitted(index, states, first_nonfinite, images)``."""
+    return _group_step(cfgs, mesh, lr_decay_steps, k)
+
+
+def _group_step(cfgs, mesh: Mesh, lr_decay_steps, k: int | None) -> tuple:
+    """(the jitted group step, the models' mask-setting indices); k=None: one step
+    without the non-finite flag (make_multi_train_step)."""
     check_group(cfgs)
     # Seeds reach the step through the states: a group that differs only in its seeds (or
     # loop settings) reuses this process's step (train_step.kept_program).
@@ -153,35 +176,41 @@ def make_multi_train_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh,
     cfg0 = cfgs[0]
 
     def build():
-        def per_model(idx, state, images):
+        def per_model(idx, state, first, images):
             mask_fn = None
             if len(variants) > 1:
                 def mask_fn(st, im):
                     return switched_masks(variants, idx, st, im)
             one_model = train_step.make_per_device_step(cfg0, lr_decay_steps, mask_fn)
-            return one_model(state, images)
+            return one_model(state, first, images)
 
-        def per_device(idx, states, images):
-            return over_models(per_model, mesh, idx, states, images)
+        def per_device(idx, states, firsts, images):
+            return over_models(per_model, mesh, idx, states, firsts, images)
 
-        sharded = jax.shard_map(
-            per_device, mesh=mesh,
-            in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS, DATA_AXIS)),
-            out_specs=(P(MODEL_AXIS), P(MODEL_AXIS)), check_vma=False)
+        if k is None:
+            def plain(idx, states, images):
+                firsts = jnp.full(idx.shape, train_step.NO_NONFINITE, jnp.int32)
+                states, _, metrics = per_device(idx, states, firsts, images)
+                return states, metrics
+
+            sharded = jax.shard_map(
+                plain, mesh=mesh,
+                in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS, DATA_AXIS)),
+                out_specs=(P(MODEL_AXIS), P(MODEL_AXIS)), check_vma=False)
+        else:
+            images = P(MODEL_AXIS, DATA_AXIS) if k == 1 else P(None, MODEL_AXIS, DATA_AXIS)
+            sharded = jax.shard_map(
+                train_step.over_steps(per_device, k), mesh=mesh,
+                in_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(MODEL_AXIS), images),
+                out_specs=(P(MODEL_AXIS), P(MODEL_AXIS), P(None, MODEL_AXIS)),
+                check_vma=False)
         return jax.jit(sharded, donate_argnums=(1,))
 
     lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
     step = train_step.kept_program(
         ("group_train_step", tuple(config_utils.to_json(c) for c in cfgs), mesh,
-         group_mode(mesh), lr), build)
-    idx = _model_index_array(mesh, index)
-
-    def run(states, images):
-        return step(idx, states, images)
-
-    run.jitted = step
-    run.index = idx
-    return run
+         group_mode(mesh), lr, k), build)
+    return step, _model_index_array(mesh, index)
 
 
 def make_multi_val_step(cfgs: Sequence[ml_collections.ConfigDict], mesh: Mesh):
@@ -261,16 +290,24 @@ class GroupProgram(train.StepProgram):
         return place_states(self.mesh, stack([parallel.to_host(s) for s in states]))
 
     def build(self, lr_steps: list) -> None:
-        self.step_fn = make_multi_train_step(self.cfgs, self.mesh, lr_steps)
+        self.lr_steps = lr_steps
         self.val_fn = make_multi_val_step(self.cfgs, self.mesh)
 
-    def compile(self, state, images):
-        step, index = self.step_fn.jitted, self.step_fn.index
-        compiled = step.lower(index, state, images).compile()
-        return lambda st, x: compiled(index, st, x)
+    def compile(self, state, flag, images, k: int):
+        step, index = make_multi_loop_step(self.cfgs, self.mesh, self.lr_steps, k)
+        compiled = step.lower(index, state, flag, images).compile()
+        return lambda st, fl, x: compiled(index, st, fl, x)
 
-    def global_images(self, batches: list[np.ndarray]):
-        return place_images(self.mesh, np.stack(batches))
+    def flag(self):
+        return jax.device_put(np.full(len(self.cfgs), train_step.NO_NONFINITE, np.int32),
+                              NamedSharding(self.mesh, P(MODEL_AXIS)))
+
+    def global_images(self, batches: list[np.ndarray], k: int = 1):
+        if k == 1:
+            return place_images(self.mesh, np.stack(batches))
+        # [k, M, B, ...]: one process holds every model's batches (see train_group).
+        return jax.device_put(np.stack(batches, axis=1),
+                              NamedSharding(self.mesh, P(None, MODEL_AXIS, DATA_AXIS)))
 
     def split(self, state) -> list:
         host = parallel.to_host(state)

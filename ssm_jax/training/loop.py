@@ -17,6 +17,7 @@ run sees exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -107,24 +109,38 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# How many calls of the step may be queued before their metrics are fetched: the host
+# reads values of steps the device has finished while it works on the next ones.
+LAGGED_CALLS = 2
+
+
+def steps_in_call(step: int, total: int, steps_per_call: int, bounds: Sequence[int]) -> int:
+    """How many steps the call after ``step`` runs: ``steps_per_call``, unless the end or a
+    multiple of one of ``bounds`` (checkpoints, validation: they need the state after that
+    step) comes sooner; then single steps up to it (one more compiled program)."""
+    nxt = min([total] + [(step // b + 1) * b for b in bounds])
+    return steps_per_call if nxt - step >= steps_per_call else 1
+
+
 def due(step: int, every: int, last: int) -> bool:
     """Whether every-``every``-steps work (logging, validation, checkpoints) is due at
     ``step``; it is always due at the ``last`` step."""
     return step % every == 0 or step == last
 
 
-def check_finite(metrics: dict, step: int, latest: int | None, workdir: str,
+def check_finite(first_nonfinite: int, latest: int | None, workdir: str,
                  label: str = "") -> None:
-    """Stops training (TrainingDiverged, one line naming the last good checkpoint) when the
-    loss is not finite or the step's updated parameters overflowed."""
-    loss = float(np.asarray(metrics["loss"]))
-    if math.isfinite(loss) and float(np.asarray(metrics["params_finite"])) < 1.0:
-        loss = math.nan
-    if not math.isfinite(loss):
-        where = (f"last good checkpoint: step {latest} in {workdir}/{rundir.CHECKPOINTS_DIR}"
-                 if latest is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"{label}loss became {loss} (or parameters overflowed) at "
-                               f"step {step}; stopped ({where})")
+    """Stops training (TrainingDiverged, one line naming the step and the last good
+    checkpoint) when the run's sticky first non-finite step (``first_nonfinite``, from the
+    step: ``train_step.make_per_device_step``) says a step's loss or gradients were not
+    finite; ``NO_NONFINITE`` (-1) passes."""
+    if first_nonfinite == train_step.NO_NONFINITE:
+        return
+    where = (f"last good checkpoint: step {latest} in {workdir}/{rundir.CHECKPOINTS_DIR}"
+             if latest is not None else "no checkpoint was written")
+    raise TrainingDiverged(f"{label}loss became non-finite (nan or inf, or the gradients "
+                           f"did and the parameters overflowed) at step {first_nonfinite}; "
+                           f"stopped ({where})")
 
 
 def resumed_lr_steps(cfg: ml_collections.ConfigDict, stored, start: int) -> list:
@@ -141,27 +157,45 @@ def validation_losses(val_fn, state, mesh, images: np.ndarray, batch_size: int) 
     """Mean per-example validation loss over held-out normal images, per model: [M].
 
     ``val_fn(state, images, indices)`` gives per-example losses, [B] for one model or
-    [M, B] for a group; ``images`` are sharded over the mesh's ``data`` axis.
+    [M, B] for a group; ``images`` are sharded over the mesh's ``data`` axis. The sum is
+    kept on the devices (the last batch's padded rows masked out there) and fetched once;
+    each process reads (and a streamed set decodes) only its own rows of each batch.
     """
-    from ssm_jax.data.pipeline import eval_batches
+    total = None
+    for offset in range(0, len(images), batch_size):
+        batch, idx, valid = _val_batch(mesh, images, offset, batch_size)
+        losses = val_fn(state, batch, idx)
+        total = _masked_sum(losses, valid) if total is None else _add_masked_sum(
+            total, losses, valid)
+    if total is None:
+        return np.zeros(1)
+    # Replicated over processes (one model): this host's copy; a group's is addressable.
+    host = total if total.is_fully_addressable else parallel.local_copy(total)
+    out = np.asarray(host, np.float64).reshape(-1)
+    return out / len(images)
 
-    total, count, offset = None, 0, 0
-    for batch, real in eval_batches(images, batch_size):
-        out = np.asarray(parallel.to_host(val_fn(state, *_val_batch(mesh, batch, offset))),
-                         np.float64)
-        part = out.reshape(-1, out.shape[-1])[:, :real].sum(1)
-        total = part if total is None else total + part
-        count += real
-        offset += len(batch)
-    return total / max(count, 1)
+
+@jax.jit
+def _masked_sum(losses, valid):
+    return jnp.sum(jnp.where(valid, losses, 0.0), axis=-1)
 
 
-def _val_batch(mesh, batch: np.ndarray, offset: int) -> tuple:
-    """A validation batch and its example indices (from ``offset``: the masks' keys) as
-    global arrays sharded over ``data``."""
-    idx = np.arange(offset, offset + len(batch), dtype=np.int32)
-    return (parallel.global_batch(mesh, parallel.host_rows(batch)),
-            parallel.global_batch(mesh, parallel.host_rows(idx)))
+@jax.jit
+def _add_masked_sum(total, losses, valid):
+    return total + jnp.sum(jnp.where(valid, losses, 0.0), axis=-1)
+
+
+def _val_batch(mesh, images, offset: int, batch_size: int) -> tuple:
+    """The validation batch at ``offset`` as global arrays sharded over ``data``: this
+    process's rows of it (only they are read; rows past the end repeat the last image),
+    their example indices (the masks' keys) and whether each row is real."""
+    per = batch_size // jax.process_count()
+    first = offset + jax.process_index() * per
+    idx = np.arange(first, first + per, dtype=np.int32)
+    n = len(images)
+    rows = images[first:first + per] if first + per <= n else images[np.minimum(idx, n - 1)]
+    return (parallel.global_batch(mesh, np.asarray(rows)), parallel.global_batch(mesh, idx),
+            parallel.global_batch(mesh, idx < n))
 
 
 def load_training_data(cfg: ml_collections.ConfigDict):
@@ -222,10 +256,13 @@ class StepProgram:
     ``mesh`` (with a ``data`` axis, over which batches are sharded), ``data_devices`` (its
     size), ``shard_input`` (whether each host reads only its share of a batch);
     ``place(states)`` puts the runs' states on the mesh; ``build(lr_steps)`` makes the
-    step and validation functions; ``compile(state, images)`` returns the compiled step;
-    ``global_images(batches)`` assembles the runs' host batches; ``split(state)`` gives
-    each run's state for its checkpoint; ``fetch(metrics)`` brings the step's metrics to
-    the host and ``metrics(host, i)`` gives run i's scalars.
+    validation function; ``compile(state, flag, images, k)`` returns the compiled loop
+    step of ``k`` steps per call, ``(state, flag, images) -> (state, flag, metrics [k,
+    ...])`` (``train_step.make_loop_step``); ``flag()`` is the runs' sticky first
+    non-finite step before any; ``global_images(batches, k)`` assembles the runs' host
+    batches ([B, ...] for k=1, else [k, B, ...]); ``split(state)`` gives each run's state
+    for its checkpoint; ``fetch(tree)`` brings device values to the host in one transfer
+    and ``metrics(host, i)`` gives run i's scalars of one step's fetched metrics.
     """
 
     mesh: Any
@@ -238,17 +275,20 @@ class StepProgram:
     def build(self, lr_steps: list) -> None:
         raise NotImplementedError
 
-    def compile(self, state, images):
+    def compile(self, state, flag, images, k: int):
         raise NotImplementedError
 
-    def global_images(self, batches: list[np.ndarray]):
+    def flag(self):
+        raise NotImplementedError
+
+    def global_images(self, batches: list[np.ndarray], k: int = 1):
         raise NotImplementedError
 
     def split(self, state) -> list:
         raise NotImplementedError
 
-    def fetch(self, metrics: dict) -> dict:
-        return parallel.to_host(metrics)
+    def fetch(self, tree):
+        return parallel.to_host(tree)
 
     def metrics(self, host: dict, i: int) -> dict[str, float]:
         return {k: float(np.atleast_1d(np.asarray(v))[i]) for k, v in host.items()}
@@ -271,21 +311,30 @@ class SingleProgram(StepProgram):
         return states[0] if resumed else parallel.replicate(self.mesh, states[0])
 
     def build(self, lr_steps: list) -> None:
-        self.step_fn = train_step.make_train_step(self.cfg, self.mesh, lr_steps)
+        self.lr_steps = lr_steps
         self.val_fn = train_step.make_val_step(self.cfg, self.mesh)
 
-    def compile(self, state, images):
-        return self.step_fn.lower(state, images).compile()
+    def compile(self, state, flag, images, k: int):
+        step = train_step.make_loop_step(self.cfg, self.mesh, self.lr_steps, k)
+        return step.lower(state, flag, images).compile()
 
-    def global_images(self, batches: list[np.ndarray]):
-        return parallel.global_batch(self.mesh, batches[0])
+    def flag(self):
+        return parallel.replicate(self.mesh, np.int32(train_step.NO_NONFINITE))
+
+    def global_images(self, batches: list[np.ndarray], k: int = 1):
+        if k == 1:
+            return parallel.global_batch(self.mesh, batches[0])
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+            None, parallel.DATA_AXIS))
+        return jax.make_array_from_process_local_data(sharding, batches[0])
 
     def split(self, state) -> list:
         return [state]
 
-    def fetch(self, metrics: dict) -> dict:
-        # Replicated scalars: every host reads its own copy (no cross-host gather).
-        return jax.tree.map(np.asarray, metrics)
+    def fetch(self, tree):
+        # Replicated values: every host reads its own copy (no cross-host gather), all
+        # of them in one transfer.
+        return jax.device_get(tree)
 
 
 @dataclasses.dataclass
@@ -383,10 +432,8 @@ def _restore_or_init(run: _Run, sharding) -> tuple[Any, bool]:
 def val_step_lowered(program: StepProgram, state, images: np.ndarray, batch_size: int):
     """``program.val_fn`` lowered for :func:`validation_losses`'s batches of ``images``,
     placed as it places them: what the loop compiles ahead."""
-    from ssm_jax.data.pipeline import eval_batches
-
-    batch, _ = next(eval_batches(images, batch_size))
-    return program.val_fn.lower(state, *_val_batch(program.mesh, batch, 0))
+    batch, idx, _ = _val_batch(program.mesh, images, 0, batch_size)
+    return program.val_fn.lower(state, batch, idx)
 
 
 def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
@@ -429,55 +476,103 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
              "images", f"{m} models together, " if m > 1 else "", start, total,
              cfg0.train.batch_size, jax.device_count(), len(train_set), len(datas[0][1]))
 
-    def check(metrics, step: int) -> None:
-        host = program.fetch(metrics)
+    def stop_if_nonfinite(flags) -> None:
+        host = np.atleast_1d(np.asarray(flags))
         for i, r in enumerate(runs):
-            try:
-                check_finite(program.metrics(host, i), step, None, r.workdir, r.label)
-            except TrainingDiverged:
-                checkpoints.wait(r.latest)  # the checkpoint it names is written
-                check_finite(program.metrics(host, i), step, r.latest.latest_step(),
-                             r.workdir, r.label)
+            if host[i] != train_step.NO_NONFINITE:
+                checkpoints.wait(r.latest)  # the step it names is written
+                check_finite(int(host[i]), r.latest.latest_step(), r.workdir, r.label)
 
-    def save_all(step: int, st, metrics) -> None:
-        check(metrics, step)
+    def report(entries: list, host: list) -> None:
+        """Logs the fetched metrics of queued calls, oldest first, after their flags."""
+        for (_, logged, begin, _, _), (metrics, flags) in zip(entries, host):
+            stop_if_nonfinite(flags)
+            for s in logged:
+                row = jax.tree.map(lambda v, j=s - begin: v[j], metrics)
+                for i, r in enumerate(runs):
+                    r.writer.write_scalars(s, program.metrics(row, i))
+                progress.report(s, float(np.mean(np.asarray(row["loss"]))))
+
+    def drain(calls: int) -> None:
+        """Fetches (one transfer) and logs the queued calls made ``LAGGED_CALLS`` or more
+        calls before call number ``calls``."""
+        entries = []
+        while queue and queue[0][0] <= calls - LAGGED_CALLS:
+            entries.append(queue.popleft())
+        if entries:
+            report(entries, program.fetch([(e[3], e[4]) for e in entries]))
+
+    def sync(flag) -> None:
+        """Everything logged and the current flag read (one transfer): before the state is
+        validated or saved, so that a checkpoint never holds a non-finite step."""
+        entries = list(queue)
+        queue.clear()
+        *host, now = program.fetch([(e[3], e[4]) for e in entries] + [flag])
+        report(entries, host)
+        stop_if_nonfinite(now)
+
+    def save_all(step: int, st, flag) -> None:
+        sync(flag)
         for r, one in zip(runs, program.split(st)):
             checkpoints.save(r.latest, step, one, {"best_val": r.best_val,
                                                    "lr_decay_steps": lr_steps})
 
-    metrics = None
+    bounds = [cfg0.train.checkpoint_every] + ([cfg0.train.eval_every] if with_val else [])
+
+    def call_length(step: int) -> int:
+        return steps_in_call(step, total, cfg0.train.steps_per_call, bounds)
+
+    def take(k: int) -> list[np.ndarray]:
+        if k == 1:
+            return [next(f) for f in feeds]
+        return [np.stack([next(f) for _ in range(k)]) for f in feeds]
+
+    compiled: dict[int, Any] = {}
     t0 = time.time()
     step = start
-    first = [next(f) for f in feeds] if start < total else None
-    step_fn = None
+    flag = program.flag()
+    k = call_length(start) if start < total else 0
+    first = take(k) if k else None
     if first is not None:
         # Compile before the first step, then line the hosts up: a slow host must not
         # make the first cross-host collective time out.
         ahead = [named("validation step", lambda: val_step_lowered(
             program, state, datas[with_val[0]][2], val_batch).compile()) if with_val else None,
             *compile_ahead]
-        step_fn = beside(lambda: program.compile(state, program.global_images(first)), ahead)
+        compiled[k] = beside(lambda: program.compile(
+            state, flag, program.global_images(first, k), k), ahead)
         log.info("train step compiled in %.1f s", time.time() - t0)
         parallel.barrier("ssm_jax_train_compiled")
     progress = TrainProgress(start, total, cfg0.train.batch_size * m,
                              enabled=jax.process_index() == 0)
     progress.begin()
-    for step in range(start + 1, total + 1):
-        local = first if step == start + 1 else [next(f) for f in feeds]
-        prev = metrics
-        state, metrics = step_fn(state, program.global_images(local))
-        if prev is not None:  # one step behind: keeps the device busy
-            check(prev, step - 1)
-        for r in runs:
-            r.report(step)
+    # Calls whose metrics are still to be logged: (call number, logged steps, the call's
+    # first step, metrics [k, ...], flag after it), fetched a few calls late so that the
+    # host never waits for the step it has just queued.
+    queue: collections.deque = collections.deque()
+    last, calls = None, 0
+    while step < total:
+        if first is not None:
+            local, first = first, None
+        else:
+            k = call_length(step)
+            local = take(k)
+        images = program.global_images(local, k)
+        if k not in compiled:  # single steps up to a boundary of a k-step run
+            compiled[k] = program.compile(state, flag, images, k)
+        state, flag, metrics = compiled[k](state, flag, images)
+        begin, step, calls = step + 1, step + k, calls + 1
+        last = (begin, metrics)
+        for s in range(begin, step + 1):
+            for r in runs:
+                r.report(s)
         progress.step(step)
-        if due(step, cfg0.train.log_every, total):
-            host = program.fetch(metrics)
-            for i, r in enumerate(runs):
-                r.writer.write_scalars(step, program.metrics(host, i))
-            progress.report(step, float(np.mean(np.asarray(host["loss"]))))
+        logged = [s for s in range(begin, step + 1) if due(s, cfg0.train.log_every, total)]
+        if logged:
+            queue.append((calls, logged, begin, metrics, flag))
+        drain(calls)
         if with_val and due(step, cfg0.train.eval_every, total):
-            check(metrics, step)
+            sync(flag)
             vals = group_validation_losses(program.val_fn, state, program.mesh, cfgs, datas,
                                            val_batch)
             split = None
@@ -494,13 +589,14 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
                 log.info("step %d validation loss %s", step,
                          " ".join(f"{v:.4f}" for v in vals))
         if due(step, cfg0.train.checkpoint_every, total):
-            save_all(step, state, metrics)
+            save_all(step, state, flag)
         if sigterm.raised or runs[0].latest.reached_preemption(step):
-            save_all(step, state, metrics)
+            save_all(step, state, flag)
             log.warning("stopped by SIGTERM/pre-emption at step %d; checkpoint saved", step)
             break
+    sync(flag)
     progress.close()
-    if len(with_val) < m and metrics is not None:
+    if len(with_val) < m and last is not None:
         split = None
         for i, r in enumerate(runs):
             if i not in with_val and r.best.latest_step() is None:
@@ -512,7 +608,10 @@ def _loop(cfgs, workdirs, program: StepProgram, sigterm: SigtermFlag,
         checkpoints.wait(r.best)
         r.writer.flush()
     seconds = time.time() - t0
-    host = program.fetch(metrics) if metrics is not None else None
+    host = None
+    if last is not None:
+        begin, metrics = last
+        host = jax.tree.map(lambda v: v[step - begin], program.fetch(metrics))
     outs = []
     for i in range(m):
         out = program.metrics(host, i) if host is not None else {}

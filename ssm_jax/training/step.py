@@ -47,7 +47,7 @@ class TrainState:
 LOOP_KEYS = ("data.path", "data.layout", "data.stream", "data.val_fraction",
              "data.synthetic_num_train",
              "train.log_every", "train.checkpoint_every", "train.eval_every",
-             "train.keep_checkpoints", "eval")
+             "train.keep_checkpoints", "train.steps_per_call", "eval")
 # The training steps (one run's, a group's) also leave out the seed: masks come from the
 # state's PRNG key. The validation step keeps it (it keys the validation masks).
 NOT_IN_TRAIN_STEP = ("seed", *LOOP_KEYS)
@@ -230,12 +230,26 @@ def draw_train_masks(cfg: ml_collections.ConfigDict, state: TrainState,
         state.step, cfg.train.steps))(keys)
 
 
+NO_NONFINITE = -1  # the sticky "first non-finite step" of a run that has none
+
+
+def note_nonfinite(first: jax.Array, step: jax.Array, finite: jax.Array) -> jax.Array:
+    """The sticky first non-finite step: ``step`` if this is the first step that is not
+    ``finite``, else ``first`` unchanged (``NO_NONFINITE`` while every step was finite)."""
+    return jnp.where((first == NO_NONFINITE) & ~finite, step, first).astype(jnp.int32)
+
+
 def make_per_device_step(cfg: ml_collections.ConfigDict,
                          lr_decay_steps: list[int | None] | None = None, mask_fn=None):
-    """The per-device body of the training step, ``(state, local_images) -> (state,
-    metrics)``, to run inside ``shard_map`` over ``data`` (``make_train_step``; vmapped
-    over models by ``ssm_jax.training.groups``). ``mask_fn(state, images)`` replaces
-    ``draw_train_masks``."""
+    """The per-device body of the training step, ``(state, first_nonfinite,
+    local_images) -> (state, first_nonfinite, metrics)``, to run inside ``shard_map`` over
+    ``data`` (``make_train_step``; vmapped over models by ``ssm_jax.training.groups``).
+    ``mask_fn(state, images)`` replaces ``draw_train_masks``.
+
+    ``first_nonfinite`` (int32, ``NO_NONFINITE`` = none) is sticky: the first step whose
+    loss or gradients were not finite. Non-finite gradients are what make the updated
+    parameters overflow while the loss (computed before the update) is still finite, so
+    the loop reads this one value instead of the parameters, and only now and then."""
     model = make_model(cfg, axis_name=DATA_AXIS)
     tx = make_optimizer(cfg, lr_decay_steps)
     schedule = lr_schedule(cfg, lr_decay_steps)
@@ -243,7 +257,7 @@ def make_per_device_step(cfg: ml_collections.ConfigDict,
         def mask_fn(state, images):
             return draw_train_masks(cfg, state, images)
 
-    def per_device(state: TrainState, images: jax.Array):
+    def per_device(state: TrainState, first_nonfinite: jax.Array, images: jax.Array):
         mask_batch = mask_fn(state, images)
 
         def loss_fn(params):
@@ -258,19 +272,43 @@ def make_per_device_step(cfg: ml_collections.ConfigDict,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         parts["learning_rate"] = schedule(state.step)
-        # Updated parameters can overflow while the loss (computed before the update) is
-        # still finite; checkpoints must never hold them.
-        parts["params_finite"] = jnp.all(jnp.stack(
-            [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
+        finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(optax.global_norm(grads))
+        first_nonfinite = note_nonfinite(first_nonfinite, state.step + 1, finite)
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                             opt_state=opt_state), parts
+                             opt_state=opt_state), first_nonfinite, parts
 
     return per_device
 
 
+def over_steps(per_device: Callable, k: int) -> Callable:
+    """``per_device(*consts, state, first_nonfinite, images) -> (state, first_nonfinite,
+    metrics)`` run ``k`` times in one call: ``images`` [k, B, ...] (``lax.scan``; the step
+    as it is for k=1, with images [B, ...]). The metrics get a leading step axis: [k]."""
+    if k == 1:
+        def one(*args):
+            state, first, metrics = per_device(*args)
+            return state, first, jax.tree.map(lambda m: m[None], metrics)
+
+        return one
+
+    def several(*args):
+        *consts, state, first, images = args
+
+        def body(carry, batch):
+            st, fi = carry
+            st, fi, metrics = per_device(*consts, st, fi, batch)
+            return (st, fi), metrics
+
+        (state, first), metrics = jax.lax.scan(body, (state, first), images)
+        return state, first, metrics
+
+    return several
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
                     lr_decay_steps: list[int | None] | None = None):
-    """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel.
+    """Returns ``step(state, images) -> (state, metrics)``, jit-compiled, data-parallel:
+    one training step, without the loop's non-finite flag (:func:`make_loop_step`).
 
     ``images`` is a global [B, S, S, C] array sharded over ``data``; ``state`` is
     replicated. The state buffers are donated. Kept per process (``kept_program``) for the
@@ -280,12 +318,41 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
 
     def build():
         per_device = make_per_device_step(cfg, lr_decay_steps)
-        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+
+        def one(state, images):
+            state, _, metrics = per_device(state, jnp.int32(NO_NONFINITE), images)
+            return state, metrics
+
+        sharded = jax.shard_map(one, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                 out_specs=(P(), P()), check_vma=False)
         return jax.jit(sharded, donate_argnums=(0,))
 
     lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
     return kept_program(("train_step", loader.to_json(cfg), mesh, lr), build)
+
+
+def make_loop_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
+                   lr_decay_steps: list[int | None] | None = None, k: int = 1):
+    """The training loop's step: ``step(state, first_nonfinite, images) -> (state,
+    first_nonfinite, metrics)``, ``k`` training steps in one call (``train.steps_per_call``),
+    jit-compiled, data-parallel.
+
+    ``images`` is a global [B, S, S, C] array (k=1) or [k, B, S, S, C], sharded over
+    ``data`` on its batch axis; ``state`` and ``first_nonfinite`` (the sticky first
+    non-finite step, :func:`make_per_device_step`) are replicated; metrics come back per
+    step, [k]. The state buffers are donated. Kept per process as ``make_train_step``.
+    """
+    cfg = program_config(cfg, NOT_IN_TRAIN_STEP)
+
+    def build():
+        per_device = over_steps(make_per_device_step(cfg, lr_decay_steps), k)
+        images = P(DATA_AXIS) if k == 1 else P(None, DATA_AXIS)
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), images),
+                                out_specs=(P(), P(), P()), check_vma=False)
+        return jax.jit(sharded, donate_argnums=(0,))
+
+    lr = None if lr_decay_steps is None else tuple(lr_decay_steps)
+    return kept_program(("loop_step", loader.to_json(cfg), mesh, lr, k), build)
 
 
 # Validation masks come from PRNGKey(seed + VAL_SEED_OFFSET), never from the training key.

@@ -85,8 +85,9 @@ def test_validation_step_compiled_ahead_is_the_one_validation_runs():
     val_images = np.random.default_rng(0).random((11, 32, 32, 1), dtype=np.float32)
     ahead = train.val_step_lowered(program, state, val_images, 8).as_text()
     batch = np.random.default_rng(1).random((8, 32, 32, 1), dtype=np.float32)
-    step = program.compile(state, program.global_images([batch]))
-    state, _ = step(state, program.global_images([batch]))
+    flag = program.flag()
+    step = program.compile(state, flag, program.global_images([batch]), 1)
+    state, flag, _ = step(state, flag, program.global_images([batch]))
     seen, real = [], program.val_fn
 
     def recording(*args):
@@ -96,6 +97,11 @@ def test_validation_step_compiled_ahead_is_the_one_validation_runs():
     losses = train.validation_losses(recording, state, program.mesh, val_images, 8)
     assert len(seen) == 2 and seen[0] == seen[1] == ahead  # 11 images: 2 batches of 8
     assert np.isfinite(losses).all()
+    # The sum stays on the devices with the last batch's 5 padded rows masked out: the
+    # mean of the 11 real rows' losses.
+    per_example = np.concatenate([np.asarray(real(
+        state, *train._val_batch(program.mesh, val_images, o, 8)[:2])) for o in (0, 8)])
+    np.testing.assert_allclose(losses, [per_example[:11].mean()], rtol=1e-5)
     # Sensitive to what decides the program: another batch size lowers another one.
     assert train.val_step_lowered(program, state, val_images, 4).as_text() != ahead
 
@@ -299,3 +305,19 @@ def test_runs_differing_only_in_loop_settings_share_their_programs():
     with pytest.raises(AttributeError):
         assert reduced.eval is None  # never reached: the key is gone
     assert reduced.mask.ks == cfg.mask.ks and cfg.eval.ks == (8,)  # cfg itself untouched
+
+
+def test_steps_in_call_stop_at_checkpoints_and_validation():
+    """Calls of train.steps_per_call steps, single steps where a checkpoint, a validation
+    or the end would fall inside one: every boundary is the end of a call."""
+    def calls(start, total, k, bounds):
+        out, step = [], start
+        while step < total:
+            step += train.steps_in_call(step, total, k, bounds)
+            out.append(step)
+        return out
+
+    assert calls(0, 8, 1, [4]) == list(range(1, 9))
+    assert calls(0, 8, 2, [4]) == [2, 4, 6, 8]
+    assert calls(0, 10, 3, [4, 6]) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert calls(5, 12, 4, [100]) == [9, 10, 11, 12]
