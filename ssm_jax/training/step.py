@@ -282,8 +282,9 @@ def make_per_device_step(cfg: ml_collections.ConfigDict,
 
 def over_steps(per_device: Callable, k: int) -> Callable:
     """``per_device(*consts, state, first_nonfinite, images) -> (state, first_nonfinite,
-    metrics)`` run ``k`` times in one call: ``images`` [k, B, ...] (``lax.scan``; the step
-    as it is for k=1, with images [B, ...]). The metrics get a leading step axis: [k]."""
+    metrics)`` run ``k`` times in one call: ``images`` [k, B, ...] (an unrolled
+    ``lax.scan``; the step as it is for k=1, with images [B, ...]). The metrics get a
+    leading step axis: [k]."""
     if k == 1:
         def one(*args):
             state, first, metrics = per_device(*args)
@@ -299,7 +300,9 @@ def over_steps(per_device: Callable, k: int) -> Callable:
             st, fi, metrics = per_device(*consts, st, fi, batch)
             return (st, fi), metrics
 
-        (state, first), metrics = jax.lax.scan(body, (state, first), images)
+        # Unrolled: each step compiles as the single step does (losses equal to ~1e-7
+        # over 4 steps on CPU; a rolled loop drifted by 2e-5), at k times the compile time.
+        (state, first), metrics = jax.lax.scan(body, (state, first), images, unroll=True)
         return state, first, metrics
 
     return several
