@@ -2,7 +2,7 @@
 same compiled step on batches already on the devices (issue 44, item 6).
 
     python benchmarks/host_overhead.py [--devices 1,2] [--steps 120] [--rounds 3] \
-        [--steps-per-call 1,4] [--out benchmarks/results/host_overhead.json]
+        [--steps-per-call 1,2] [--out benchmarks/results/host_overhead.json]
 
 At quickstart sizes (configs/quickstart.py: 32 px, width 8, batch 8: a short step, so
 host work shows), on 1 and 2 CPU devices (``SSM_JAX_CPU_DEVICES``; one child process
@@ -101,11 +101,12 @@ def child(args) -> None:
     """One device count: rounds of loop (each k) and bare, alternating; prints JSON."""
     import logging
 
-    from ssm_jax.runtime import host_devices
+    from ssm_jax.runtime import compile_cache, host_devices
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the CLI logs
     logging.getLogger("absl").setLevel(logging.WARNING)
     host_devices.configure(8)
+    compile_cache.setup()  # as the CLI: rounds after the first load their programs
     import jax
 
     out: dict = {"devices": jax.device_count(), "bare": [], "loop": {}}
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps-per-call", default="1,4")
+    p.add_argument("--steps-per-call", default="1,2")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                  "host_overhead.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -197,3 +197,17 @@ def test_large_eval_goals_and_their_docs_section(tmp_path, monkeypatch):
     assert "peak RSS 650 -> 900 MB, limit 848 (not met)" in page
     assert "`predict`: peak RSS 500 -> 500 MB, limit 675 (met); images/s not measurable" in page
     assert "Other result files" not in page  # printed once, in its own section
+
+
+def test_save_stall_measures_both_modes(tmp_path):
+    """benchmarks/save_stall.py: a small state saved waiting for each write and in the
+    background (local folder only, one round): both times measured, the JSON written."""
+    import json
+
+    out = tmp_path / "stall.json"
+    _script("save_stall").main(["--width", "4", "--saves", "2", "--every", "2",
+                                "--step-ms", "5", "--rounds", "1", "--where", "local",
+                                "--out", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["write_s"] > 0 and r["stall_s"] > 0 and set(r["loop_s"]) == {
+        "none", "blocking", "async"}
