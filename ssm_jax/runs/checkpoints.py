@@ -91,7 +91,8 @@ _device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
     """Saves state (+ JSON metadata) at ``step`` in the background: the state is copied on
     its devices (so the next step may donate it) and a thread of ``mngr``'s own copies it
-    to the host and writes it while training goes on. :func:`wait` waits for it (the next
+    to the host and writes it while training goes on (one process; several processes
+    save before this returns). :func:`wait` waits for it (the next
     save and :func:`close` wait first), so saves of one manager never overlap and every
     process saves in the same order.
 
@@ -109,7 +110,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None 
         state = _device_copy(state)
     job = _Saving(mngr, step, state, dict(extra or {}))
     _SAVING[mngr] = job
-    job.start()
+    if jax.process_count() > 1:
+        # Orbax lines the processes up with device collectives (sync_global_devices),
+        # which must not run beside the step's own: several processes save in the loop's
+        # thread, as before (the error, if any, still comes at the wait).
+        job.run()
+    else:
+        job.start()
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -118,7 +125,8 @@ def wait(mngr: ocp.CheckpointManager) -> None:
     job = _SAVING.pop(mngr, None)
     if job is None:
         return
-    job.join()
+    if job.ident is not None:  # started (one process); else it ran in save()
+        job.join()
     if job.error is not None:
         with _disk_full_is_one_line(mngr, job.step):
             raise job.error
