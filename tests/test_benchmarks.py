@@ -199,6 +199,7 @@ def test_large_eval_goals_and_their_docs_section(tmp_path, monkeypatch):
     assert "Other result files" not in page  # printed once, in its own section
 
 
+@pytest.mark.slow
 def test_save_stall_measures_both_modes(tmp_path):
     """benchmarks/save_stall.py: a small state saved waiting for each write and in the
     background (local folder only, one round): both times measured, the JSON written."""
