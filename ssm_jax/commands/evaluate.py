@@ -138,9 +138,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             all_masks.append(b.mask)
         if keep_all:
             for r, i in enumerate(b.index):
-                if in_sample[i]:
-                    panels[int(i)] = {"image": b.image[r], "map": b.map[r],
-                                      "restored": None if b.restored is None else b.restored[r]}
+                if in_sample[i]:  # copies: a view would keep its whole batch alive
+                    panels[int(i)] = {"image": b.image[r].copy(), "map": b.map[r].copy(),
+                                      "restored": None if b.restored is None
+                                      else b.restored[r].copy()}
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
     score = streamed.gather_rows(np.concatenate(scores) if scores else np.zeros(0, np.float32),
                                  index, n)
