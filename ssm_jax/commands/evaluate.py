@@ -67,8 +67,11 @@ def _pixel_accumulator(det: Detector, test) -> Any:
     pixels = int(np.prod(sizes, axis=1).sum())
     if pixel_metrics.exact_is_cheap(pixels):
         return None
-    return pixel_metrics.PixelMetrics.from_normal_maps(det.calibration_maps,
-                                                       det.calibration_sizes)
+    acc = pixel_metrics.PixelMetrics.from_normal_maps(det.calibration_maps,
+                                                      det.calibration_sizes)
+    log.info("pixel metrics of %d pixels accumulated at %d thresholds", pixels,
+             acc.thresholds.size)
+    return acc
 
 
 def _curves_of(acc) -> tuple:

@@ -13,9 +13,10 @@ the run with one line (``ssm-jax: error: the disk is full ...``); the rows writt
 whole, and the same command continues once space is freed.
 
 Overlays: ``--overlays N`` (default :data:`DEFAULT_OVERLAYS`) draws ``<name>_overlay.png``
-and a thumbnail for the N highest-scoring images, scored again at the end (the ranking
-is only known then; N images are cheap next to the set); ``--overlays all`` draws every
-image's as its batch finishes. A folder of at most N images gets every overlay.
+and a thumbnail for the N highest-scoring images, drawn at the end from a buffer of each
+host's N best rows so far (bounded memory, nothing scored twice; only rows read back by a
+resumed run that rank among them are scored again); ``--overlays all`` draws every image's
+as its batch finishes. A folder of at most N images gets every overlay.
 """
 
 from __future__ import annotations
@@ -179,15 +180,22 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     for i, s in done.items():
         scores[i] = s
     per_host = batch_scoring.device_batch_size(cfg.eval.batch_size) // jax.process_count()
+    top: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # this host's best rows: image, map
     for b in det.score_batches(files, skip=skip, progress="scoring"):
+        crop = [(b.image[r][:h, :w], b.map[r][:h, :w]) for r, (h, w) in enumerate(b.sizes)]
         if every and len(b.index):  # this host's rows' overlays, before their rows count
-            crop = [(b.image[r][:h, :w], b.map[r][:h, :w]) for r, (h, w) in enumerate(b.sizes)]
             overlay_files.write_image_files(output_dir, [c[0] for c in crop],
                                             [c[1] for c in crop],
                                             [stems[i] for i in b.index], vmin, vmax,
                                             overlay_dir="", thumb_dir=overlay_files.IMAGES_DIR)
         index, batch_scores = _batch_rows(b, per_host)
         scores[index] = batch_scores
+        if not every and overlays:  # a bounded buffer: this host's highest scores so far
+            for r, i in enumerate(b.index):
+                top[int(i)] = (crop[r][0].copy(), crop[r][1].copy())
+            if len(top) > 2 * overlays:
+                best = sorted(top, key=lambda i: (-scores[i], i))[:overlays]
+                top = {i: top[i] for i in best}
         if main and len(index):
             rundir.atomic_write(storage.join(part, f"rows-{int(index.min()):09d}.csv"),
                                 _rows_csv(paths, index, batch_scores))
@@ -195,17 +203,25 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     scores = scores.astype(np.float32)
     anomalous = scores > threshold
     shown = np.arange(n) if every else np.argsort(-scores, kind="stable")[:overlays]
-    if not every and len(shown):  # the highest scores' overlays: those images again
-        sub = streamed.as_float(files[np.sort(shown)])
-        sizes = files.sizes[np.sort(shown)] if files.sizes is not None else None
-        again = det.score(sub, sizes)
-        if main:
-            valid = again["sizes"]
-            overlay_files.write_image_files(
-                output_dir, [im[:h, :w] for im, (h, w) in zip(sub, valid)],
-                [m[:h, :w] for m, (h, w) in zip(again["maps"], valid)],
-                [stems[i] for i in np.sort(shown)], vmin, vmax, overlay_dir="",
-                thumb_dir=overlay_files.IMAGES_DIR)
+    if not every and len(shown):  # the highest scores' overlays
+        # Each host draws its own rows among them (its buffer holds them); rows read back
+        # from an earlier run were not scored now: those few are scored again.
+        mine = [int(i) for i in shown if int(i) in top]
+        overlay_files.write_image_files(
+            output_dir, [top[i][0] for i in mine], [top[i][1] for i in mine],
+            [stems[i] for i in mine], vmin, vmax, overlay_dir="",
+            thumb_dir=overlay_files.IMAGES_DIR)
+        again_idx = np.sort(np.asarray([i for i in shown if skip[i]], np.int64))
+        if len(again_idx):
+            sub = streamed.as_float(files[again_idx])
+            again = det.score(sub, None if files.sizes is None else files.sizes[again_idx])
+            if main:
+                valid = again["sizes"]
+                overlay_files.write_image_files(
+                    output_dir, [im[:h, :w] for im, (h, w) in zip(sub, valid)],
+                    [m[:h, :w] for m, (h, w) in zip(again["maps"], valid)],
+                    [stems[i] for i in again_idx], vmin, vmax, overlay_dir="",
+                    thumb_dir=overlay_files.IMAGES_DIR)
     # Drift: the scored images (their part below the threshold) against the calibration's.
     check = drift.check(scores, threshold, det.expected_rate, det.calibration_scores)
     if check["warning"]:
