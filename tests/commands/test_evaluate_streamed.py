@@ -11,6 +11,8 @@ import shutil
 import cli_runs
 import pytest
 
+pytestmark = pytest.mark.slow  # evaluates the shared run four times
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -14,6 +14,8 @@ import cli_runs
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a real process killed and resumed
+
 N = 48
 
 
