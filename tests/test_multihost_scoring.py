@@ -15,8 +15,6 @@ from conftest import launch
 
 pytestmark = pytest.mark.slow  # two-process evaluate and predict
 
-pytestmark = pytest.mark.slow  # starts two launches of two real processes
-
 KEYS = ("image_auroc", "f1_max", "pixel_auroc", "aupro", "pixel_f1_max", "threshold")
 
 

@@ -32,7 +32,6 @@ def _evaluate(wd, data, *extra):
     return json.loads((wd / "eval" / "metrics.json").read_text()), rows
 
 
-@pytest.mark.slow
 def test_reads_only_validation_files_and_bounds_the_report(tiny_run, data, tmp_path,
                                                            monkeypatch):
     import numpy as np

@@ -44,7 +44,6 @@ def _outputs(out):
     return rows, per_image, overlays
 
 
-@pytest.mark.slow
 def test_killed_predict_resumes_to_the_uninterrupted_result(tiny_run, images, tmp_path):
     wd = tiny_run[0]
     whole = tmp_path / "whole"
@@ -87,7 +86,6 @@ def test_killed_predict_resumes_to_the_uninterrupted_result(tiny_run, images, tm
     assert all(r["overlay"] == "" for r in a[1] if r not in top)
 
 
-@pytest.mark.slow
 def test_overlays_all_and_partial_of_another_run(tiny_run, images, tmp_path):
     wd = tiny_run[0]
     out = tmp_path / "all"
