@@ -295,6 +295,7 @@ def test_group_refuses_a_locked_run(tmp_path):
     assert not os.path.exists(os.path.join(wds[0], "config.json"))  # nothing started
 
 
+@pytest.mark.slow
 def test_group_over_two_data_sets_trains_each_on_its_own(tmp_path):
     """A benchmark's categories as one group (same seed, different folders): each model
     trains on its own images and validates on its own held-out ones, as a separate run on
