@@ -162,7 +162,6 @@ np.savez(f"{sys.argv[1]}{i}.npz", **pm.all_processes().state)
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_all_processes_sums_every_process_exactly(tmp_path):
     from conftest import launch
 
@@ -260,7 +259,6 @@ def real_maps(request, tmp_path_factory):
             det.score(test.images, test.sizes)["maps"], test.masks, test.sizes)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.parametrize("standardized", [False, True])
 def test_real_maps_agree_with_the_exact_metrics(real_maps, standardized):
