@@ -132,12 +132,6 @@ def wait(mngr: ocp.CheckpointManager) -> None:
             raise job.error
 
 
-def saving(mngr: ocp.CheckpointManager) -> bool:
-    """Whether a save of ``mngr`` is still being written."""
-    job = _SAVING.get(mngr)
-    return job is not None and job.is_alive()
-
-
 def close(mngr: ocp.CheckpointManager) -> None:
     """Waits for the save in progress (DiskFull if it failed for a full disk), then
     closes ``mngr``."""
