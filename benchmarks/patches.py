@@ -4,9 +4,11 @@ These are experiments: they leave ``ssm_jax`` itself untouched. ``apply(names)``
 the modules in place before any model or step is built; ``--patch`` in throughput.py and
 components.py uses it. See NOTES.md for the measured effect of each.
 
-* ``upsample_repeat``: nearest x2 upsampling in ``UpBlock`` by broadcast + reshape instead
-  of ``jax.image.resize`` (a gather whose gradient is a scatter-add), and the mask's
-  nearest downsampling in ``MaskBlock`` by strided slicing. Same values, same params.
+* ``gather_resize``: the model before issue 44: nearest x2 upsampling in ``UpBlock`` and
+  the mask's nearest downsampling in ``MaskBlock`` by ``jax.image.resize`` (a gather whose
+  gradient is a scatter-add) instead of broadcast + reshape and strided slicing (ssm_jax
+  does those itself since issue 44; this patch was ``upsample_repeat`` before, the other
+  way round). Same values, same params.
 * ``median_network``: the 3x3 median of ``losses.median3x3`` by a 19 compare-exchange
   min/max network instead of ``jnp.median`` over 9 stacked views (a sort). Same values.
   (ssm_jax does this itself since issue 14.)
@@ -19,8 +21,9 @@ components.py uses it. See NOTES.md for the measured effect of each.
   that form on (it is off by default since it measured slower on XLA CPU).
 * ``relu_barrier``: each ReLU output behind ``lax.optimization_barrier`` (no BatchNorm /
   ReLU recomputed inside the weight gradients' layout copies), issue 22.
-* ``upsample_then_1x1``: ``UpBlock`` before issue 14: nearest x2 upsampling first, then
-  the 1x1 conv at full resolution (now the 1x1 conv runs first, on 4x fewer pixels).
+* ``upsample_then_1x1``: ``UpBlock`` before issue 14: nearest x2 upsampling first (by
+  ``jax.image.resize``), then the 1x1 conv at full resolution (now the 1x1 conv runs
+  first, on 4x fewer pixels).
 """
 
 from __future__ import annotations
@@ -28,29 +31,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PATCHES = ("upsample_repeat", "median_network", "sort_median", "conv_ssim",
+PATCHES = ("gather_resize", "median_network", "sort_median", "conv_ssim",
            "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input",
            "space_to_depth", "relu_barrier")
 
 
-def upsample_nearest(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """Nearest upsampling of NHWC ``h`` to (out_h, out_w); integer factors by repeat."""
-    b, hh, ww, c = h.shape
-    if out_h % hh or out_w % ww:
-        return jax.image.resize(h, (b, out_h, out_w, c), method="nearest")
-    fh, fw = out_h // hh, out_w // ww
-    h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, fh, ww, fw, c))
-    return h.reshape(b, out_h, out_w, c)
+def gather_upsample(h: jax.Array, out_h: int, out_w: int) -> jax.Array:
+    """Nearest upsampling by ``jax.image.resize`` (a gather), as before issue 44."""
+    return jax.image.resize(h, (h.shape[0], out_h, out_w, h.shape[3]), method="nearest")
 
 
-def downsample_nearest(mask: jax.Array, h: int, w: int) -> jax.Array:
-    """jax.image.resize(..., 'nearest') for integer factors: source pixel floor((i+.5)f)."""
-    sh, sw = mask.shape[1], mask.shape[2]
-    if sh % h or sw % w:
-        return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:],
-                                method="nearest")
-    fh, fw = sh // h, sw // w
-    return mask[:, fh // 2::fh, fw // 2::fw]
+def gather_downsample(mask: jax.Array, h: int, w: int) -> jax.Array:
+    """Nearest downsampling by ``jax.image.resize`` (a gather), as before issue 44."""
+    return jax.image.resize(mask, mask.shape[:1] + (h, w) + mask.shape[3:], method="nearest")
 
 
 def median3x3_network(x: jax.Array, border: str = "edge") -> jax.Array:
@@ -84,27 +77,24 @@ def _use_up_block(resize) -> None:
             h = resize(h, skip.shape[1], skip.shape[2])
             h = nn.Conv(self.features, (1, 1), dtype=self.dtype)(h)
             h = jnp.concatenate([h, skip], axis=-1)
-            h = model.ConvBNReLU(self.features, axis_name=self.axis_name,
-                                 dtype=self.dtype)(h, train)
-            return model.ConvBNReLU(self.features, axis_name=self.axis_name,
-                                    dtype=self.dtype)(h, train)
+            kw = dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                      dtype=self.dtype)
+            h = model.ConvBNReLU(self.features, **kw)(h, train)
+            return model.ConvBNReLU(self.features, **kw)(h, train)
 
     UpBlock.__name__ = UpBlock.__qualname__ = "UpBlock"
     model.UpBlock = UpBlock
 
 
-def _patch_upsample() -> None:
+def _patch_gather_resize() -> None:
     from ssm_jax.method import model
 
-    _use_up_block(upsample_nearest)
-    model._resize_nearest = downsample_nearest
+    model.upsample_nearest = gather_upsample  # looked up when the model is traced
+    model.downsample_nearest = gather_downsample
 
 
 def _patch_upsample_then_1x1() -> None:
-    def resize(h, out_h, out_w):
-        return jax.image.resize(h, (h.shape[0], out_h, out_w, h.shape[3]), method="nearest")
-
-    _use_up_block(resize)
+    _use_up_block(gather_upsample)
 
 
 def _patch_median() -> None:
@@ -181,7 +171,7 @@ def apply(names) -> list[str]:
     for name in names:
         if name not in PATCHES:
             raise SystemExit(f"unknown patch {name!r}; choose from {PATCHES}")
-        {"upsample_repeat": _patch_upsample, "median_network": _patch_median,
+        {"gather_resize": _patch_gather_resize, "median_network": _patch_median,
          "sort_median": lambda: _set_loss("median3x3", median3x3_sort),
          "conv_ssim": lambda: _set_loss("ssim", ssim_conv),
          "upsample_then_1x1": _patch_upsample_then_1x1,

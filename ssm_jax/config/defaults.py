@@ -29,8 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     # whole image (the network is fully convolutional).
     c.data.keep_aspect = False
     c.data.crop_size = 0
-    # Training images from data.path: "auto" keeps them decoded in memory up to 1 GiB of
-    # float32 (fastest for small sets) and streams them from their files above that (host
+    # Training images from data.path: "auto" keeps them decoded in memory up to 256 MiB
+    # of uint8 (fastest for small sets) and streams them from their files above that (host
     # memory flat in the set's size; each host decodes only its rows); "true" / "false"
     # force one path. Both give the same batches (ssm_jax.data.stream).
     c.data.stream = "auto"
@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 64
     c.model.mask_input = True
     c.model.dtype = "float32"  # or "bfloat16" (compute only; params stay float32)
+    # Training BatchNorm statistics over the global batch ("all": every device of every
+    # host), each host's devices ("host") or each device's rows ("device"); running
+    # averages are averaged over all devices either way. Same results on one device.
+    c.model.batchnorm_sync = "all"
 
     c.mask = ml_collections.ConfigDict()
     c.mask.ks = (2, 4, 8)

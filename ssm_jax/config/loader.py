@@ -247,6 +247,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.width must be >= 1, got {cfg.model.width}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.model.batchnorm_sync not in ("all", "host", "device"):
+        raise ConfigError(f"model.batchnorm_sync must be all, host or device, got "
+                          f"{cfg.model.batchnorm_sync!r}")
     if cfg.train.batch_size < 1 or cfg.train.steps < 1:
         raise ConfigError("train.batch_size and train.steps must be >= 1")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

@@ -13,10 +13,13 @@ Policies:
   with Pillow's bilinear filter, which widens its support when shrinking (an
   antialiased, area-like reduction) and is plain bilinear when enlarging; each axis is
   handled on its own, so a tall image that shrinks in one axis and grows in the other is
-  still filtered correctly. The aspect ratio is not kept, unless ``keep_aspect``: then
-  the shorter side becomes ``image_size`` and the other side keeps the ratio; such images
-  are padded (edge replication, bottom and right) to a common shape, a multiple of
-  ``PAD_MULTIPLE``, and ``ImageSet.sizes`` holds each image's valid height and width.
+  still filtered correctly. Pillow resizes L and RGB images in 8 bits, so the result is
+  uint8 and the arrays stay uint8: the compiled programs scale them to [0, 1]
+  (``ssm_jax.method.pixels``), :func:`unit_float` does it on the host. The aspect ratio
+  is not kept, unless ``keep_aspect``: then the shorter side becomes ``image_size`` and
+  the other side keeps the ratio; such images are padded (edge replication, bottom and
+  right) to a common shape, a multiple of ``PAD_MULTIPLE``, and ``ImageSet.sizes`` holds
+  each image's valid height and width.
 - Masks are resized with nearest neighbour and binarized (> 127, or > 0 for masks whose
   values stay at or below 127: 0/1, or VisA's instance numbers; palette masks by their
   indices). A mask must have its image's original size.
@@ -54,7 +57,8 @@ DECODE_THREADS = min(16, 2 * (os.cpu_count() or 2))
 
 @dataclasses.dataclass
 class ImageSet:
-    """Images [N, H, W, C] float32 in [0, 1]; labels 0 normal / 1 anomalous; masks
+    """Images [N, H, W, C] uint8 (decoded files) or float32 in [0, 1] (the generated set);
+    labels 0 normal / 1 anomalous; masks
     [N, H, W] float32 in {0, 1}, or None where the split has no ground truth; sizes
     [N, 2] int32 valid (height, width) of padded images, or None (nothing padded).
 
@@ -255,9 +259,18 @@ def resize(im, size: int | tuple[int, int], nearest: bool = False):
 
 
 def to_array(im) -> np.ndarray:
-    """A PIL L or RGB image as [H, W, C] float32 in [0, 1]."""
-    a = np.asarray(im, np.float32) / 255.0
+    """A PIL L or RGB image as [H, W, C] uint8 (its 8-bit levels, a copy)."""
+    a = np.array(im, np.uint8)
     return a[..., None] if a.ndim == 2 else a
+
+
+def unit_float(images) -> np.ndarray:
+    """float32 pixels in [0, 1] on the host: uint8 levels v -> v / 255 (what this reader
+    gave before its arrays stayed uint8, bit for bit), floats as float32."""
+    a = np.asarray(images)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    return a.astype(np.float32, copy=False)
 
 
 def mask_to_array(m) -> np.ndarray:
@@ -295,7 +308,7 @@ def _load_many(paths: list[str], image_size: int, grayscale: bool, keep_aspect: 
     arrs = [a for a, _ in out]
     sizes = None
     if not arrs:
-        images = np.zeros((0, image_size, image_size, c), np.float32)
+        images = np.zeros((0, image_size, image_size, c), np.uint8)
     elif keep_aspect:
         images, sizes = pad_images(arrs, padded_shape([a.shape[:2] for a in arrs]))
     else:
@@ -305,13 +318,13 @@ def _load_many(paths: list[str], image_size: int, grayscale: bool, keep_aspect: 
 
 def load_image(path: str, image_size: int, grayscale: bool,
                keep_aspect: bool = False) -> np.ndarray:
-    """One image as [S, S, C] (or [h, w, C] with ``keep_aspect``) float32 in [0, 1]."""
+    """One image as [S, S, C] (or [h, w, C] with ``keep_aspect``) uint8."""
     return _load_one(path, image_size, grayscale, keep_aspect)[0]
 
 
 def load_images(paths: list[str], image_size: int, grayscale: bool,
                 keep_aspect: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images as [N, S, S, C] float32 in [0, 1], decoded in parallel threads, and their
+    """Images as [N, S, S, C] uint8, decoded in parallel threads, and their
     valid sizes (None unless ``keep_aspect``: then padded to a common shape)."""
     images, _, sizes = _load_many(paths, image_size, grayscale, keep_aspect)
     return images, sizes
@@ -474,11 +487,14 @@ def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 def content_ids(images: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-    """[B] int32 keys of each image's scoring masks: the CRC-32 of its pixels (of its
-    valid top-left (h, w) when ``sizes`` [B, 2] is given, for padded images)."""
+    """[B] int32 keys of each image's scoring masks: the CRC-32 of its pixels as float32
+    in [0, 1] (uint8 through :func:`unit_float`: a uint8 image and its float32 copy get
+    one key, the key it had when this reader gave float32), of its valid top-left (h, w)
+    when ``sizes`` [B, 2] is given, for padded images."""
     if sizes is None:
         valid = images
     else:
         valid = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
-    return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) & 0x7FFFFFFF
-                     for im in valid], np.int32).reshape(-1)
+    return np.array([zlib.crc32(np.ascontiguousarray(
+        unit_float(im) if im.dtype == np.uint8 else im).tobytes()) & 0x7FFFFFFF
+        for im in valid], np.int32).reshape(-1)

@@ -131,8 +131,9 @@ def train_batches(images: np.ndarray | ImageFiles, global_batch_size: int, seed:
                   start_step: int = 0, shard_index: int = 0, shard_count: int = 1,
                   prefetch_threads: int = 2, crop_size: int = 0,
                   sizes: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` float32
-    (``S`` = ``crop_size`` when cropping; ``sizes`` [N, 2] are the valid image sizes).
+    """Infinite per-host batches ``[global_batch_size // shard_count, S, S, C]`` in the
+    images' own dtype (uint8 from files; ``S`` = ``crop_size`` when cropping; ``sizes``
+    [N, 2] are the valid image sizes).
 
     The k-th batch yielded is this host's block of global batch ``start_step + k``.
     ``images`` is an array (in memory) or an :class:`ImageFiles` source (streamed: this
@@ -160,7 +161,7 @@ def train_batches(images: np.ndarray | ImageFiles, global_batch_size: int, seed:
         it = ds.to_iter_dataset(grain.ReadOptions(
             num_threads=READ_THREADS, prefetch_buffer_size=max(2 * per_host, 2 * READ_THREADS)))
         return iter(it.batch(per_host, batch_fn=np.stack))
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)  # uint8 stays uint8: the step scales it (method.pixels)
     rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     source = _GlobalBatches(len(images), global_batch_size, seed)
     if sizes is None:

@@ -13,12 +13,14 @@ over it.
 Which path a run takes is ``data.stream``:
 
 - ``"auto"`` (the default): in memory when the decoded training split fits in
-  ``AUTO_STREAM_BYTES`` (1 GiB as float32), streamed above that. In memory, every image
+  ``AUTO_STREAM_BYTES`` (256 MiB of uint8; the 1 GiB of float32 it was before images
+  stayed uint8, so the same sets stream), streamed above that. In memory, every image
   is decoded once at start-up and a batch is then a gather; that is the fastest for small
   sets (every set this project's tests and quick starts use) and its memory is small next
-  to a host's. Above 1 GiB (about 20,000 RGB images at 128 px; the paper's Retinal-OCT at
-  256 px is 6.8 GB) memory and start-up grow with the data set on every host, while the
-  stream holds a few batches and decodes faster than a training step consumes.
+  to a host's. Above that (about 5,000 RGB or 16,000 greyscale images at 128 px; the
+  paper's Retinal-OCT at 256 px is 1.7 GB) memory and start-up grow with the data set on
+  every host, while the stream holds a few batches and decodes faster than a training
+  step consumes.
 - ``"true"``: always streamed; ``"false"``: always in memory (today's behaviour).
 
 The embedded synthetic set (``data.path`` empty) is generated in memory either way.
@@ -34,7 +36,7 @@ import numpy as np
 from ssm_jax.core.errors import ConfigError, DataError
 from ssm_jax.data import folder
 
-AUTO_STREAM_BYTES = 1 << 30
+AUTO_STREAM_BYTES = 1 << 28
 STREAM_SETTINGS = ("auto", "true", "false")
 
 
@@ -48,8 +50,8 @@ def stream_setting(value) -> str:
 
 
 def decoded_bytes(n: int, image_size: int, grayscale: bool) -> int:
-    """Bytes ``n`` decoded float32 square images take in memory."""
-    return n * image_size * image_size * (1 if grayscale else 3) * 4
+    """Bytes ``n`` decoded (uint8) square images take in memory."""
+    return n * image_size * image_size * (1 if grayscale else 3)
 
 
 def should_stream(setting, n: int, image_size: int, grayscale: bool) -> bool:
@@ -62,11 +64,13 @@ def should_stream(setting, n: int, image_size: int, grayscale: bool) -> bool:
 
 class ImageFiles:
     """Random-access source over image files: element ``i`` is ``paths[i]`` as
-    [H, W, C] float32 in [0, 1] (``H, W`` = ``shape``; ``image_size`` squared without
+    [H, W, C] uint8 (``H, W`` = ``shape``; ``image_size`` squared without
     ``keep_aspect``), center-cropped to ``center_crop`` squared when that is > 0.
 
     ``sizes`` [N, 2] are the valid (h, w) of padded images (``keep_aspect``), else None.
     """
+
+    dtype = np.dtype(np.uint8)  # what it decodes to (files hold 8-bit levels)
 
     def __init__(self, paths: Sequence[str], image_size: int, grayscale: bool,
                  keep_aspect: bool = False, shape: tuple[int, int] | None = None,
@@ -118,7 +122,7 @@ class ImageFiles:
         if idx.size == 0:
             s = self.center_crop or None
             shape = (s, s) if s else self.shape
-            return np.zeros((0, *shape, self.channels), np.float32)
+            return np.zeros((0, *shape, self.channels), np.uint8)
         with ThreadPoolExecutor(max_workers=min(folder.DECODE_THREADS, idx.size)) as ex:
             return np.stack(list(ex.map(self._one, idx.tolist())))
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_jax.core.errors import ConfigError
-from ssm_jax.method import hash_masks, losses, masks
+from ssm_jax.method import hash_masks, losses, masks, pixels
 
 if TYPE_CHECKING:  # the device image has no ml_collections
     import ml_collections
@@ -198,7 +198,7 @@ def pass_masks(key: jax.Array, shape: tuple[int, int], cfg: ScoringConfig) -> ja
 def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
                 cfg: ScoringConfig, hw: jax.Array | None = None,
                 grids: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Scores one image [H, W, C] with R refinement passes.
+    """Scores one image [H, W, C] (uint8, or float in [0, 1]) with R refinement passes.
 
     ``grids`` [R, K*D, n, H, W]: each pass's masks, given instead of drawn from ``key``
     (pass r draws them from ``fold_in(key, r)``, or under the hash rule from the mask id
@@ -214,7 +214,7 @@ def score_image(restore_fn: RestoreFn, key: jax.Array, x: jax.Array,
     if hw is None:
         hw = jnp.array([h, w], jnp.int32)
     valid = valid_mask((h, w), hw)
-    x = x.astype(jnp.float32)
+    x = pixels.unit_float(x)  # uint8 from the files, or float in [0, 1]
 
     def pass_args(r):  # (key, masks) of pass r: drawn from the key, or given
         if grids is not None:

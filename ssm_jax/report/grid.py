@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ssm_jax.data.folder import unit_float
 from ssm_jax.report import overlays
 
 
@@ -70,7 +71,7 @@ def pixel_threshold(maps: np.ndarray, labels: np.ndarray, threshold: float | Non
 
 def _display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
     """An image [S, S, C] for imshow: greyscale squeezed (with its colour map), clipped."""
-    img = np.clip(np.nan_to_num(np.asarray(img, np.float32)), 0.0, 1.0)
+    img = np.clip(np.nan_to_num(unit_float(img)), 0.0, 1.0)  # uint8 or float
     if img.ndim == 3 and img.shape[-1] == 1:
         return img[..., 0], "gray"
     return img, ("gray" if img.ndim == 2 else None)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ssm_jax.core import storage
+from ssm_jax.data.folder import unit_float
 from ssm_jax.runs import rundir
 
 # Heat maps: 0 is the bottom of the colour scale, the decision threshold sits at its middle
@@ -64,8 +65,9 @@ def scale_note(vmin: float, vmax: float, what: str = "the threshold") -> str:
 
 
 def rgb(image: np.ndarray) -> np.ndarray:
-    """[S, S], [S, S, 1] or [S, S, 3] -> float32 [S, S, 3] in [0, 1] (NaN -> 0)."""
-    img = np.nan_to_num(np.asarray(image, np.float32))
+    """[S, S], [S, S, 1] or [S, S, 3] (uint8, or float in [0, 1]) -> float32 [S, S, 3] in
+    [0, 1] (NaN -> 0)."""
+    img = np.nan_to_num(unit_float(image))
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[-1] == 1:

@@ -66,7 +66,8 @@ def shape_buckets(sizes: np.ndarray, full: tuple[int, int],
 def score_images(score_fn, variables, mesh, images, batch_size: int, seed: int,
                  progress: str | None = None, sizes: np.ndarray | None = None,
                  bucket: int = 0, restored: bool = True) -> dict[str, np.ndarray]:
-    """Scores every image of [N, H, W, C] (or of a source that decodes them on demand,
+    """Scores every image of [N, H, W, C] (uint8, or float in [0, 1]; sent as they are,
+    scaled on the devices; or a source that decodes them on demand,
     ``ssm_jax.data.stream.ImageFiles``); returns numpy maps [N, H, W], scores [N],
     restoration MSEs [N] and, with ``restored``, restored images [N, H, W, C].
 
@@ -111,13 +112,14 @@ def place_batch(mesh, batch: np.ndarray, ids: np.ndarray, sizes: np.ndarray,
 
 
 def lower_scorer(score_fn, variables, mesh, batch_size: int, image_shape: tuple[int, ...],
-                 seed: int):
+                 seed: int, dtype=np.float32):
     """``score_fn`` lowered as :func:`score_images` lowers it for images of
-    ``image_shape`` (H, W, C) scored whole; ``variables`` may be abstract
-    (``jax.ShapeDtypeStruct`` with their sharding). For compiling ahead."""
+    ``image_shape`` (H, W, C) and ``dtype`` (uint8 from files, float32) scored whole;
+    ``variables`` may be abstract (``jax.ShapeDtypeStruct`` with their sharding). For
+    compiling ahead."""
     b = device_batch_size(batch_size)
     key = parallel.replicate(mesh, jax.random.PRNGKey(seed))
-    args = place_batch(mesh, np.zeros((b, *image_shape), np.float32), np.zeros(b, np.int32),
+    args = place_batch(mesh, np.zeros((b, *image_shape), dtype), np.zeros(b, np.int32),
                         np.tile(np.asarray(image_shape[:2], np.int32), (b, 1)))
     return score_fn.lower(variables, key, *args)
 

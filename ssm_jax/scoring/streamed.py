@@ -66,17 +66,29 @@ def as_float(images: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+def wire_dtype(images) -> np.dtype:
+    """What a set's batches are sent to the devices as: uint8 when its images are (files:
+    ``ImageFiles``, or a uint8 array; the scorer scales them, ``ssm_jax.method.pixels``),
+    else float32 in [0, 1]."""
+    dtype = getattr(images, "dtype", None)
+    if dtype is None and len(images):
+        dtype = np.asarray(images[0]).dtype
+    return np.dtype(np.uint8 if dtype == np.uint8 else np.float32)
+
+
 class _Rows:
     """grain random-access source: element ``j`` is the decoded ``(image, mask, index)`` of
-    position ``order[j]`` of the set, cut to the bucket's shape; a padding row (``real[j]``
-    False) is zeros, read from no file (its outputs are dropped)."""
+    position ``order[j]`` of the set, cut to the bucket's shape, as ``dtype``
+    (:func:`wire_dtype`); a padding row (``real[j]`` False) is zeros, read from no file
+    (its outputs are dropped)."""
 
     def __init__(self, images, masks, order: np.ndarray, real: np.ndarray,
                  shape: tuple[int, int], full: tuple[int, int], channels: int,
-                 decoded: set | None = None) -> None:
+                 decoded: set | None = None, dtype=np.float32) -> None:
         self.images, self.masks, self.order, self.real = images, masks, order, real
         self.shape, self.full, self.channels = shape, full, channels
         self.decoded = decoded  # positions read (set.add is atomic under the GIL)
+        self.dtype = np.dtype(dtype)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -88,13 +100,15 @@ class _Rows:
         i = int(self.order[int(j)])
         h, w = self.shape
         if not self.real[int(j)]:
-            out = {"image": np.zeros((h, w, self.channels), np.float32), "index": np.int64(i)}
+            out = {"image": np.zeros((h, w, self.channels), self.dtype), "index": np.int64(i)}
             if self.masks is not None:
                 out["mask"] = np.zeros(self.full, np.float32)
             return out
         if self.decoded is not None:
             self.decoded.add(i)
-        out = {"image": as_float(self.images[i])[:h, :w], "index": np.int64(i)}
+        a = np.asarray(self.images[i])
+        out = {"image": (a if self.dtype == np.uint8 else as_float(a))[:h, :w],
+               "index": np.int64(i)}
         if self.masks is not None:
             out["mask"] = np.asarray(self.masks[i], np.float32)
         return out
@@ -115,7 +129,7 @@ def host_batches(images, masks, members: np.ndarray, batch_size: int,
     order, flags = members[pos[:, rows]].reshape(-1), real[:, rows]
     per_host = flags.shape[1]
     ds = grain.MapDataset.source(_Rows(images, masks, order, flags.reshape(-1), shape, full,
-                                       channels, decoded))
+                                       channels, decoded, wire_dtype(images)))
     it = iter(ds.to_iter_dataset(grain.ReadOptions(
         num_threads=READ_THREADS, prefetch_buffer_size=max(PREFETCH_BATCHES * per_host, 2)))
         .batch(per_host, batch_fn=lambda xs: {k: np.stack([x[k] for x in xs]) for k in xs[0]}))

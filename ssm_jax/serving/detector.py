@@ -85,8 +85,10 @@ def scorer_lowered(cfg: ml_collections.ConfigDict):
                                                             sharding=replicated),
                              {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
     s = cfg.data.image_size
+    # Images read from files stay uint8; the generated set is float32.
+    dtype = np.uint8 if cfg.data.path else np.float32
     return batch_scoring.lower_scorer(score_fn, variables, mesh, cfg.eval.batch_size,
-                                      (s, s, train_step.channels(cfg)), cfg.eval.seed)
+                                      (s, s, train_step.channels(cfg)), cfg.eval.seed, dtype)
 
 
 def scorer_ahead(cfg: ml_collections.ConfigDict):
@@ -177,10 +179,10 @@ class Detector:
         return 1 if self.cfg.data.grayscale else 3
 
     def check_images(self, images: Any, sizes: Any = None) -> tuple[Any, np.ndarray]:
-        """float32 [B, H, W, C] in [0, 1] (uint8 is scaled) and valid sizes [B, 2]; one
-        DataError naming what is wrong otherwise. A source of image files
-        (``ssm_jax.data.stream.ImageFiles``) is passed through: it decodes at this run's
-        settings.
+        """[B, H, W, C] uint8 (kept: the scorer scales it on the device) or float32 in
+        [0, 1], and valid sizes [B, 2]; one DataError naming what is wrong otherwise. A
+        source of image files (``ssm_jax.data.stream.ImageFiles``) is passed through: it
+        decodes at this run's settings.
 
         Without ``data.keep_aspect`` images must be image_size square. With it, any
         H, W >= 16 goes: images are edge-padded to a multiple of 16 and scored on their
@@ -207,7 +209,8 @@ class Detector:
         if x.shape[-1] != self.channels:
             raise DataError(f"images have {x.shape[-1]} channel(s); this run was trained on "
                             f"{self.channels} (data.grayscale={self.cfg.data.grayscale})")
-        x = serving.unit_float_images(x)
+        if x.dtype != np.uint8:  # uint8 goes to the devices as it is: a quarter the bytes
+            x = serving.unit_float_images(x)
         size = int(self.cfg.data.image_size)
         if sizes is not None:
             sizes = np.asarray(sizes, np.int32).reshape(len(x), 2)

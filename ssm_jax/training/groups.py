@@ -181,7 +181,7 @@ def _group_step(cfgs, mesh: Mesh, lr_decay_steps, k: int | None) -> tuple:
             if len(variants) > 1:
                 def mask_fn(st, im):
                     return switched_masks(variants, idx, st, im)
-            one_model = train_step.make_per_device_step(cfg0, lr_decay_steps, mask_fn)
+            one_model = train_step.make_per_device_step(cfg0, lr_decay_steps, mask_fn, mesh)
             return one_model(state, first, images)
 
         def per_device(idx, states, firsts, images):

@@ -2,7 +2,10 @@
 
 The step is a per-device program (``jax.shard_map`` over the 1-D ``data`` mesh, which is
 what ``jax.pmap`` lowers to nowadays) with explicit collectives: gradients and metrics are
-``pmean``-ed and BatchNorm statistics are synchronized through ``axis_name``. Masks are
+``pmean``-ed and BatchNorm statistics are synchronized through ``axis_name`` (Flax's
+BatchNorm averages them itself, so its running averages come out the same on every device;
+``model.batchnorm_sync`` narrows that to each host or each device). Images arrive as
+uint8 (or float) and are scaled to [0, 1] inside the step (``method.pixels``). Masks are
 drawn inside the step, per example, from ``fold_in(step_key, global_example_index)``, so
 the same global batch gives the same masks (and loss) on 1 or N devices.
 """
@@ -18,13 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ssm_jax.config import loader
+from ssm_jax.core.errors import ConfigError
 from ssm_jax.core.parallel import DATA_AXIS
-from ssm_jax.method import conv_forms, losses, masks
+from ssm_jax.method import conv_forms, losses, masks, pixels
 from ssm_jax.method.model import SSMUNet
 
 
@@ -93,10 +98,45 @@ def channels(cfg: ml_collections.ConfigDict) -> int:
     return 1 if cfg.data.grayscale else 3
 
 
-def make_model(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> SSMUNet:
+def make_model(cfg: ml_collections.ConfigDict, axis_name: str | None = None,
+               axis_index_groups: tuple[tuple[int, ...], ...] | None = None) -> SSMUNet:
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     return SSMUNet(channels=channels(cfg), width=cfg.model.width,
-                   mask_input=cfg.model.mask_input, axis_name=axis_name, dtype=dtype)
+                   mask_input=cfg.model.mask_input, axis_name=axis_name,
+                   axis_index_groups=axis_index_groups, dtype=dtype)
+
+
+def host_groups(process_of_position: list[int]) -> tuple[tuple[int, ...], ...] | None:
+    """``axis_index_groups`` that split a mesh axis by process: the positions of each
+    process's devices, given the process of each position (None: one process holds all)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(process_of_position):
+        groups.setdefault(int(p), []).append(i)
+    if len(groups) == 1:
+        return None
+    if len({len(g) for g in groups.values()}) > 1:
+        raise ConfigError("model.batchnorm_sync=host needs the same number of devices on "
+                          f"every host; the data axis has {sorted(map(len, groups.values()))}")
+    return tuple(tuple(g) for g in groups.values())
+
+
+def batchnorm_sync(cfg: ml_collections.ConfigDict,
+                   mesh: Mesh | None) -> tuple[str | None, tuple[tuple[int, ...], ...] | None]:
+    """(BatchNorm's ``axis_name``, ``axis_index_groups``) for ``model.batchnorm_sync``:
+    the whole ``data`` axis (``all``), each host's positions on it (``host``; the whole
+    axis when one host holds it, as on one machine), or none (``device``)."""
+    sync = cfg.model.get("batchnorm_sync", "all")
+    if sync == "device":
+        return None, None
+    if sync != "host" or mesh is None:
+        return DATA_AXIS, None
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index(DATA_AXIS), -1)
+    rows = {tuple(d.process_index for d in row) for row in devices.reshape(
+        -1, devices.shape[-1])}
+    if len(rows) > 1:
+        raise ConfigError("model.batchnorm_sync=host: the hosts' devices are not laid out "
+                          "alike along the data axis of every model shard")
+    return DATA_AXIS, host_groups(list(rows.pop()))
 
 
 def lr_decay_steps(cfg: ml_collections.ConfigDict) -> list[int | None]:
@@ -188,7 +228,9 @@ def mask_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def loss_and_updates(model: nn.Module, cfg: ml_collections.ConfigDict, params, batch_stats,
                      images: jax.Array, mask_batch: jax.Array, train: bool):
-    """Restores all n masked copies of each image in one forward pass; returns the loss."""
+    """Restores all n masked copies of each image in one forward pass; returns the loss.
+    ``images``: uint8 levels or float in [0, 1]."""
+    images = pixels.unit_float(images)
     b, n, s, _ = mask_batch.shape
     c = images.shape[-1]
     flat_masks = mask_batch.reshape(b * n, s, s)
@@ -240,17 +282,23 @@ def note_nonfinite(first: jax.Array, step: jax.Array, finite: jax.Array) -> jax.
 
 
 def make_per_device_step(cfg: ml_collections.ConfigDict,
-                         lr_decay_steps: list[int | None] | None = None, mask_fn=None):
+                         lr_decay_steps: list[int | None] | None = None, mask_fn=None,
+                         mesh: Mesh | None = None):
     """The per-device body of the training step, ``(state, first_nonfinite,
     local_images) -> (state, first_nonfinite, metrics)``, to run inside ``shard_map`` over
-    ``data`` (``make_train_step``; vmapped over models by ``ssm_jax.training.groups``).
-    ``mask_fn(state, images)`` replaces ``draw_train_masks``.
+    ``data`` of ``mesh`` (``make_train_step``; vmapped over models by
+    ``ssm_jax.training.groups``). ``mask_fn(state, images)`` replaces ``draw_train_masks``.
 
     ``first_nonfinite`` (int32, ``NO_NONFINITE`` = none) is sticky: the first step whose
     loss or gradients were not finite. Non-finite gradients are what make the updated
     parameters overflow while the loss (computed before the update) is still finite, so
     the loop reads this one value instead of the parameters, and only now and then."""
-    model = make_model(cfg, axis_name=DATA_AXIS)
+    axis_name, groups = batchnorm_sync(cfg, mesh)
+    model = make_model(cfg, axis_name=axis_name, axis_index_groups=groups)
+    # Synchronized over the whole axis, Flax's BatchNorm pmeans the batch statistics
+    # before updating its running averages, which are then equal on every device already.
+    # Over less (a host, a device) they differ, and the replicated state keeps their mean.
+    average_stats = axis_name is None or groups is not None
     tx = make_optimizer(cfg, lr_decay_steps)
     schedule = lr_schedule(cfg, lr_decay_steps)
     if mask_fn is None:
@@ -268,7 +316,8 @@ def make_per_device_step(cfg: ml_collections.ConfigDict,
             state.params)
         grads = jax.lax.pmean(grads, DATA_AXIS)
         parts = jax.lax.pmean(parts, DATA_AXIS)
-        new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
+        if average_stats:
+            new_stats = jax.lax.pmean(new_stats, DATA_AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         parts["learning_rate"] = schedule(state.step)
@@ -320,7 +369,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     cfg = program_config(cfg, NOT_IN_TRAIN_STEP)
 
     def build():
-        per_device = make_per_device_step(cfg, lr_decay_steps)
+        per_device = make_per_device_step(cfg, lr_decay_steps, mesh=mesh)
 
         def one(state, images):
             state, _, metrics = per_device(state, jnp.int32(NO_NONFINITE), images)
@@ -348,7 +397,7 @@ def make_loop_step(cfg: ml_collections.ConfigDict, mesh: Mesh,
     cfg = program_config(cfg, NOT_IN_TRAIN_STEP)
 
     def build():
-        per_device = over_steps(make_per_device_step(cfg, lr_decay_steps), k)
+        per_device = over_steps(make_per_device_step(cfg, lr_decay_steps, mesh=mesh), k)
         images = P(DATA_AXIS) if k == 1 else P(None, DATA_AXIS)
         sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), images),
                                 out_specs=(P(), P(), P()), check_vma=False)

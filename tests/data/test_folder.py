@@ -45,9 +45,8 @@ def test_folder_reader_odd_sizes_and_modes(tmp_path, grayscale):
     with pytest.warns(UserWarning, match="skipped 1 non-image file.*good"):
         train = folder.load_split(tmp_path, "train", 32, grayscale)
     c = 1 if grayscale else 3
-    assert train.images.shape == (3, 32, 32, c) and train.images.dtype == np.float32
-    assert 0.0 <= train.images.min() and train.images.max() <= 1.0
-    assert train.images.std() > 0.05  # not blank
+    assert train.images.shape == (3, 32, 32, c) and train.images.dtype == np.uint8
+    assert folder.unit_float(train.images).std() > 0.05  # not blank
     assert train.masks is None and list(train.labels) == [0, 0, 0] and len(train) == 3
     assert [os.path.basename(p) for p in train.paths] == ["a.png", "b.png", "c.png"]
     test = folder.load_split(tmp_path, "test", 32, grayscale)
@@ -67,8 +66,8 @@ def test_folder_reader_16bit_palette_and_mask_01(tmp_path):
     pal.paste(1, (0, 0, W, H))
     pal.save(f"{tmp_path}/train/good/p.png")
     train = folder.load_split(tmp_path, "train", 16, True)
-    np.testing.assert_allclose(train.images[0], 128 / 255, atol=1e-6)  # fixed 1/257 scale
-    np.testing.assert_allclose(train.images[1], 1.0)
+    np.testing.assert_array_equal(train.images[0], 128)  # fixed 1/257 scale
+    np.testing.assert_array_equal(train.images[1], 255)
     _save(f"{tmp_path}/test/hole/h.png", np.zeros((H, W), np.uint8))
     mask = np.zeros((H, W), np.uint8)
     mask[H // 2:, W // 2:] = 1  # a 0/1 mask is read as binary too
@@ -203,7 +202,8 @@ def test_synthetic_deterministic(tmp_path):
     ours = {os.path.relpath(p, tmp_path): i for i, p in enumerate(test.paths)}
     for j, p in enumerate(ref.paths):
         i = ours[p.removeprefix("synthetic/")]
-        np.testing.assert_allclose(test.images[i], ref.images[j], atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(folder.unit_float(test.images[i]), ref.images[j],
+                                   atol=0.5 / 255 + 1e-6)
         np.testing.assert_array_equal(test.masks[i], ref.masks[j])
 
 
@@ -221,6 +221,7 @@ def test_pipeline_deterministic_resumable_sharded():
     a = take(pipeline.train_batches(x, 4, seed=0), 8)
     assert all(len(b) == 4 for b in a)
     assert next(pipeline.train_batches(x, 4, seed=0)).dtype == np.float32
+    assert next(pipeline.train_batches(x.astype(np.uint8), 4, seed=0)).dtype == np.uint8
     assert a == take(pipeline.train_batches(x, 4, seed=0), 8)
     assert a != take(pipeline.train_batches(x, 4, seed=1), 8)
     for s in (1, 3, 5):
@@ -260,3 +261,29 @@ def test_keep_aspect_loading_pads_and_records_sizes(wide_folder):
     i = int(np.flatnonzero(test.sizes[:, 0] == 32)[0])
     np.testing.assert_array_equal(test.images[i, 40], test.images[i, 31])
     assert test.masks[:, 72:].sum() == 0 and test.masks.sum() > 0
+
+
+def test_uint8_images_are_the_float_path_exactly(tmp_path):
+    """Decoded images stay uint8 (Pillow resizes in 8 bits): the float32 [0, 1] arrays this
+    reader gave before are exactly their unit_float, on the host and in the graph, and
+    the scoring masks' keys (content ids) are those of the float arrays."""
+    import jax
+
+    from ssm_jax.method import pixels
+
+    rng = np.random.default_rng(3)
+    for i, shape in enumerate([(37, 53, 3), (29, 70)]):  # shrinks and grows
+        _save(f"{tmp_path}/{i}.png", rng.integers(0, 256, shape, np.uint8))
+    for i, mode in enumerate(["RGB", "L"]):
+        path = f"{tmp_path}/{i}.png"
+        before = np.asarray(folder.resize(folder.open_image(path, mode), 32), np.float32) / 255.0
+        before = before[..., None] if before.ndim == 2 else before
+        now = folder.load_image(path, 32, mode == "L")
+        assert now.dtype == np.uint8 and len(np.unique(now)) > 50
+        np.testing.assert_array_equal(folder.unit_float(now), before)
+        np.testing.assert_array_equal(np.asarray(jax.jit(pixels.unit_float)(now)), before)
+        np.testing.assert_array_equal(folder.content_ids(now[None]),
+                                      folder.content_ids(before[None]))
+    levels = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(jax.jit(pixels.unit_float)(levels)),
+                                  levels.astype(np.float32) / 255.0)

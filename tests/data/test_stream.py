@@ -81,7 +81,7 @@ def test_streamed_batches_equal_in_memory(case, square_folder, aspect_folder):
     expected = _batches(mem, mem_cfg, 5)
     got = _batches(st, st_cfg, 5)
     for e, g in zip(expected, got):
-        assert e.shape == g.shape and e.dtype == g.dtype == np.float32
+        assert e.shape == g.shape and e.dtype == g.dtype == np.uint8
         np.testing.assert_array_equal(e, g)
     np.testing.assert_array_equal(_batches(st, st_cfg, 2, start_step=3)[1], expected[4])
     hosts = [_batches(st, st_cfg, 5, shard_index=i, shard_count=2) for i in range(2)]
