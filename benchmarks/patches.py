@@ -9,6 +9,10 @@ components.py uses it. See NOTES.md for the measured effect of each.
   gradient is a scatter-add) instead of broadcast + reshape and strided slicing (ssm_jax
   does those itself since issue 44; this patch was ``upsample_repeat`` before, the other
   way round). Same values, same params.
+* ``bn_stats_pmean``: the training step before issue 44 in its other part: BatchNorm's
+  running averages ``pmean``-ed over ``data`` after the step although Flax's BatchNorm
+  (``axis_name``) leaves them equal on every device already. ``gather_resize,bn_stats_pmean``
+  is the step before issue 44 (``benchmarks/ab.py --variants ",gather_resize,bn_stats_pmean"``).
 * ``median_network``: the 3x3 median of ``losses.median3x3`` by a 19 compare-exchange
   min/max network instead of ``jnp.median`` over 9 stacked views (a sort). Same values.
   (ssm_jax does this itself since issue 14.)
@@ -31,7 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PATCHES = ("gather_resize", "median_network", "sort_median", "conv_ssim",
+PATCHES = ("gather_resize", "bn_stats_pmean", "median_network", "sort_median", "conv_ssim",
            "upsample_then_1x1", "no_space_to_depth", "no_padded_out", "no_split_input",
            "space_to_depth", "relu_barrier")
 
@@ -91,6 +95,16 @@ def _patch_gather_resize() -> None:
 
     model.upsample_nearest = gather_upsample  # looked up when the model is traced
     model.downsample_nearest = gather_downsample
+
+
+def _patch_bn_stats_pmean() -> None:
+    from ssm_jax.core.parallel import DATA_AXIS
+    from ssm_jax.training import step
+
+    # One group holding the whole axis: the same BatchNorm, and the step then pmeans the
+    # running averages (it does for any groups).
+    step.batchnorm_sync = lambda cfg, mesh: (
+        DATA_AXIS, (tuple(range(mesh.shape[DATA_AXIS])),))
 
 
 def _patch_upsample_then_1x1() -> None:
@@ -171,7 +185,8 @@ def apply(names) -> list[str]:
     for name in names:
         if name not in PATCHES:
             raise SystemExit(f"unknown patch {name!r}; choose from {PATCHES}")
-        {"gather_resize": _patch_gather_resize, "median_network": _patch_median,
+        {"gather_resize": _patch_gather_resize, "bn_stats_pmean": _patch_bn_stats_pmean,
+         "median_network": _patch_median,
          "sort_median": lambda: _set_loss("median3x3", median3x3_sort),
          "conv_ssim": lambda: _set_loss("ssim", ssim_conv),
          "upsample_then_1x1": _patch_upsample_then_1x1,

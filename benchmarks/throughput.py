@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="global training batch")
     p.add_argument("--eval-batch", type=int, default=0, help="scoring batch (0: --batch)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--input-dtype", choices=("float32", "uint8"), default="float32",
+                   help="host batches: float32 in [0, 1] (the generated set) or uint8 (files)")
     p.add_argument("--device-count", type=int, default=1,
                    help="> 1: force that many host (CPU) devices via XLA_FLAGS")
     p.add_argument("--ks", default="2,4,8", help="mask cell sizes (training and scoring)")
@@ -151,13 +153,19 @@ def main(argv=None) -> dict:
                    "eval_batch": eval_batch, "dtype": args.dtype, "ks": list(ks),
                    "num_masks": n_masks, "channels": c, "refine_passes": args.refine_passes,
                    "repeats": args.repeats, "iters": args.iters,
-                   "patch": args.patch},
+                   "patch": args.patch, "input_dtype": args.input_dtype},
         "device": {"kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
                    "count": n_dev, "jax": jax.__version__},
     }
 
     def log(msg: str) -> None:
         print(msg, flush=True)
+
+    def host_images(n: int) -> np.ndarray:
+        """n random images as the host sends them (--input-dtype)."""
+        if args.input_dtype == "uint8":
+            return rng.integers(0, 256, (n, s, s, c), np.uint8)
+        return rng.uniform(size=(n, s, s, c)).astype(np.float32)
 
     host_state = train_step.init_state(cfg, jax.random.PRNGKey(0))
     variables = parallel.replicate(mesh, {"params": host_state.params,
@@ -172,8 +180,7 @@ def main(argv=None) -> dict:
     if "train" not in skip:
         step = train_step.make_train_step(cfg, mesh)
         state = parallel.replicate(mesh, host_state)
-        images = parallel.global_batch(mesh, rng.uniform(size=(args.batch, s, s, c))
-                                       .astype(np.float32))
+        images = parallel.global_batch(mesh, host_images(args.batch))
         t0 = time.perf_counter()
         compiled = step.lower(state, images).compile()
         result["train_compile_s"] = time.perf_counter() - t0
@@ -195,8 +202,7 @@ def main(argv=None) -> dict:
             f"{result['train_compile_s']:.1f}s, {step_flops / args.batch / 1e9:.2f} GFLOP/img)")
 
     key = parallel.replicate(mesh, jax.random.PRNGKey(0))
-    ev_images = parallel.global_batch(mesh, rng.uniform(size=(eval_batch, s, s, c))
-                                      .astype(np.float32))
+    ev_images = parallel.global_batch(mesh, host_images(eval_batch))
     ev_idx = parallel.global_batch(mesh, np.arange(eval_batch, dtype=np.int32))
     ev_sizes = parallel.global_batch(mesh, np.full((eval_batch, 2), s, np.int32))  # unpadded
     for name, passes in (("eval", 1), ("eval_refined", args.refine_passes)):
