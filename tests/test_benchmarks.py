@@ -31,6 +31,27 @@ def test_throughput_measures_every_part(capsys):
 
 
 @pytest.mark.slow
+def test_step_ab_times_each_variant(capsys):
+    """benchmarks/step_ab.py (tools/gpu_check.sh runs it): the resize A/B (the gather form
+    patched in while its variant is traced, restored after) and the steps-per-call A/B;
+    tiny settings, one round."""
+    from ssm_jax.method import model
+
+    upsample = model.upsample_nearest
+    result = _script("step_ab").main([
+        "--ab", "resize,steps", "--steps-per-call", "2", "--rounds", "1", "--iters", "1",
+        "--set", "data.image_size=16", "data.grayscale=true", "model.width=4",
+        "train.batch_size=2", "mask.ks=(4,8)", "eval.ks=(8,)"])
+    assert model.upsample_nearest is upsample
+    rows = result["abs"]["resize"]
+    assert set(rows) == {"repeat", "gather"}
+    assert all(r["img_per_s"] > 0 and r["flops_per_step"] > 0 for r in rows.values())
+    assert set(result["abs"]["steps"]) == {"1 per call", "2 per call"}
+    out = capsys.readouterr().out
+    assert "== resize on cpu" in out and out.splitlines()[-1].startswith("RESULT ")
+
+
+@pytest.mark.slow
 def test_layer_profile_times_every_class(capsys):
     """benchmarks/layer_profile.py reads the training step's thunk times from the profiler
     trace and ties them to forward, input-gradient and weight-gradient convolutions of
