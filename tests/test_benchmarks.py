@@ -171,7 +171,7 @@ def test_large_eval_sets_and_commands(tmp_path):
     for img, mask, label in zip(test.images, test.masks, test.labels):
         assert (mask.sum() > 0) == bool(label)
         if label:  # the square is the mask, and it is white
-            assert img[..., 0][mask > 0.5].min() == 1.0
+            assert folder.unit_float(img)[..., 0][mask > 0.5].min() == 1.0
     for kind in ("evaluate", "predict"):
         rest, overrides = cli.split_overrides(le.command_argv(args, kind, 6))
         assert cli.parser().parse_args(rest).command == kind
