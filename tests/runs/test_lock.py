@@ -424,9 +424,9 @@ def test_vanished_lock_file_is_taken_back(tmp_path, caplog):
                 assert json.loads(path.read_text())["token"] == lock.token
                 with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
                     workdir_lock.WorkdirLock(str(wd)).acquire()
-            # Another run's lock in its place: kept, and the heartbeat says so and stops.
-            path.unlink()
-            _write_lock(wd, age_s=0)
+            # Another run's lock in its place (renamed over ours, so that no heartbeat sees
+            # the file missing and takes it back first): kept; the heartbeat says so and stops.
+            os.replace(_write_lock(tmp_path / "other", age_s=0), path)
             t0 = time.time()
             while not any("taken by another run" in r.getMessage() for r in caplog.records):
                 assert time.time() - t0 < 10
