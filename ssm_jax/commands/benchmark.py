@@ -174,15 +174,11 @@ def check_record(workdir: str, new: dict) -> dict:
     """Compares a run's settings with those recorded in ``workdir``; returns the record to
     keep (the union of categories and seeds). Another config, or a category at another
     path, is a ConfigError (one line)."""
-    path = storage.join(workdir, RECORD_FILE)
-    if not storage.isfile(path):
-        return new
-    old = json.loads(storage.read_text(path))
     where = f"benchmark directory {workdir} was made"
-    changed = config_utils.diff(old.get("base_config", {}), new["base_config"])
-    if changed:
-        raise ConfigError(f"{where} with another config (config file + --config overrides): "
-                          f"{', '.join(list(changed)[:5])} (use a new --workdir)")
+    old = sweep.recorded(workdir, RECORD_FILE, new, f"{where} with another config (config "
+                         "file + --config overrides): ")
+    if old is None:
+        return new
     old_cats = {c[0]: c for c in old["categories"]}
     for c in new["categories"]:
         if c[0] in old_cats and old_cats[c[0]][1] != c[1]:

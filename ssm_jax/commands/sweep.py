@@ -128,20 +128,31 @@ def grid_record(config_path: str, base_overrides: Sequence[str],
             "cells": [[n, " ".join(o.split())] for n, o in cells], "seeds": list(seeds)}
 
 
+def recorded(workdir: str, name: str, new: dict, changed_prefix: str) -> dict | None:
+    """The record ``name`` in ``workdir`` (None where there is none), after checking that it
+    was made with ``new``'s resolved base config (the file's path or how overrides are
+    spelled do not count); otherwise a one-line ConfigError: ``changed_prefix``, then up to
+    5 changed keys."""
+    path = storage.join(workdir, name)
+    if not storage.isfile(path):
+        return None
+    old = json.loads(storage.read_text(path))
+    changed = config_utils.diff(old.get("base_config", {}), new["base_config"])
+    if changed:
+        raise ConfigError(f"{changed_prefix}{', '.join(list(changed)[:5])} "
+                          "(use a new --workdir)")
+    return old
+
+
 def check_grid(workdir: str, new: dict) -> dict:
     """Compares the grid with the one recorded in ``workdir``; returns the record to keep.
 
     A rerun may add cells or seeds; anything else raises ConfigError (one line)."""
-    path = storage.join(workdir, SWEEP_FILE)
-    if not storage.isfile(path):
-        return new
-    old = json.loads(storage.read_text(path))
     where = f"sweep directory {workdir} was made by a different grid"
-    # The resolved base config decides (the file's path or how overrides are spelled not).
-    changed = config_utils.diff(old.get("base_config", {}), new["base_config"])
-    if changed:
-        raise ConfigError(f"{where}: the base config (config file + --config overrides) "
-                          f"changed: {', '.join(list(changed)[:5])} (use a new --workdir)")
+    old = recorded(workdir, SWEEP_FILE, new, f"{where}: the base config (config file + "
+                   "--config overrides) changed: ")
+    if old is None:
+        return new
     old_cells, new_cells = dict(map(tuple, old["cells"])), dict(map(tuple, new["cells"]))
     if old["cells"] and new["cells"] and old["cells"][0][0] != new["cells"][0][0]:
         raise ConfigError(f"{where}: baseline cell {old['cells'][0][0]!r} -> "
