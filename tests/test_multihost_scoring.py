@@ -72,3 +72,20 @@ def test_two_processes_evaluate_and_predict_as_one(tiny_run, data, tmp_path):
     assert [r["anomalous"] for r in ra] == [r["anomalous"] for r in rb]
     reads = _reads(logs, "scoring")
     assert sorted(reads) == [0, 1] and sum(reads.values()) == 11 and max(reads.values()) < 11
+
+    # --overlays 3 with 11 images: each process keeps its own rows' best; together they
+    # draw exactly the overlays one process draws, those of the 3 highest scores.
+    out3, out4 = tmp_path / "p3", tmp_path / "p4"
+    launch(2, 1, [sys.executable, "-m", "ssm_jax", "predict", "--workdir", str(two),
+                  "--input", str(data / "test"), "--output", str(out3), "--overlays", "3"],
+           tmp_path / "pr3")
+    res = cli_runs.ssm("predict", "--workdir", one, "--input", data / "test", "--output", out4,
+                       "--overlays", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    drawn = sorted(str(p.relative_to(out3)) for p in out3.rglob("*_overlay.png"))
+    assert len(drawn) == 3
+    assert drawn == sorted(str(p.relative_to(out4)) for p in out4.rglob("*_overlay.png"))
+    top = sorted(ra, key=lambda r: -r["score"])[:3]
+    stems = {d.rsplit("_overlay.png", 1)[0].replace("/", "_") for d in drawn}
+    assert all(any(s.endswith(r["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]) for s in stems)
+               for r in top), (drawn, top)
