@@ -4,6 +4,7 @@ broken by a signature change is found here, not on a lent GPU)."""
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,3 +234,35 @@ def test_save_stall_measures_both_modes(tmp_path):
     (r,) = json.loads(out.read_text())["results"]
     assert r["write_s"] > 0 and r["stall_s"] > 0 and set(r["loop_s"]) == {
         "none", "blocking", "async"}
+
+
+def test_calibrate_bias_evaluates_the_products_rule(tmp_path, monkeypatch):
+    """benchmarks/calibrate_bias.py on a tiny cache of synthetic maps: its current rule's
+    threshold is calibration.fit_scored's, the exact rule flags its expected count in every
+    set, and tools/make_docs.py prints its section."""
+    import json
+
+    rng = np.random.default_rng(0)
+    maps = (rng.random((16, 16)) + rng.standard_t(4, (24, 16, 16))).astype(np.float32)
+    np.savez(tmp_path / "toy_x1.npz", map=maps, score=maps.max((1, 2)), mse=np.zeros(24))
+    out = tmp_path / "results" / "calibrate_bias.json"
+    result = _script("calibrate_bias").main([
+        "--cache", str(tmp_path), "--num-normals", "10", "--fpr", "0.1", "--sets", "4",
+        "--nested-sets", "2", "--pools", "1", "--out", str(out)])
+    (row,) = result["conditions"]
+    assert row["threshold_check_vs_fit_scored"] < 1e-4
+    n, exact = 10, row["rates"]["full_conformal"]
+    # q = (n - fpr (n + 1)) / (n - 1) at the interpolated order statistic: 1 or 2 flags a set
+    assert 1 / (n + 1) <= exact["mean_rate"] <= 2 / (n + 1) and exact["sets"] == 4
+    assert row["rates"]["nested"]["sets"] == 2 and set(result["synthetic_pools"]) == {
+        "gaussian", "lognormal", "kinds"}
+    spec = importlib.util.spec_from_file_location("make_docs",
+                                                  os.path.join(ROOT, "tools", "make_docs.py"))
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    (tmp_path / "benchmarks" / "results" / "calibrate_bias.json").write_text(
+        json.dumps(result))
+    monkeypatch.setattr(md, "ROOT", str(tmp_path))
+    page = md.calibrate_bias_section("benchmarks/results/calibrate_bias.json")
+    assert "| toy_x1 | 4 |" in page and "| kinds | 1 |" in page
