@@ -2,7 +2,7 @@
 write (issue 44, item 2), on a local folder and on a GCS emulator (fake-gcs-server).
 
     python benchmarks/save_stall.py [--width 32] [--saves 4] [--every 6] [--step-ms 150] \
-        [--rounds 3] [--where local,gcs] [--out benchmarks/results/save_stall.json]
+        [--rounds 3] [--where local,gcs] [--processes 1] [--out FILE]
 
 A loop steps a real train state (``train_step.init_state``'s structure at ``--width``,
 filled with random numbers: params, batch statistics and both Adam moments) through a
@@ -19,7 +19,14 @@ measured in ``save`` is the save's own:
 Modes alternate within each round (best of ``--rounds``: the machine is shared). Goal:
 ``stall_s`` <= 10% of ``write_s`` (``stall_ratio``). ``loop_s`` is the whole loop's time,
 against ``none`` (no saves): on a CPU the background write competes with the step for the
-cores, which an accelerator's step does not.
+cores, which an accelerator's step does not. ``background`` is the share of ``async``
+saves whose write was still under way when ``save`` returned.
+
+``--processes 2`` runs the same loop in 2 processes joined by ``jax.distributed`` (one CPU
+device each, gloo collectives, as ``launch/local_multiprocess.sh``), both saving into the
+same folder, with a cross-process all-reduce in every step: the saves' threads line up
+across the processes (orbax's barriers) while the step's collectives run. Each row is the
+slower process's figures; the result goes to ``save_stall_2proc.json`` unless ``--out``.
 """
 
 from __future__ import annotations
@@ -91,22 +98,29 @@ def make_state(width: int, seed: int = 0):
 
 
 def make_step(step_ms: float):
-    """A jitted update of every leaf plus matrix products that take about ``step_ms``."""
+    """A jitted update of every leaf plus matrix products that take about ``step_ms``, and
+    the mean of a vector sharded over all devices (an all-reduce across the processes).
+    Returns (step, its array arguments after the state)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
 
-    def body(state, x):
+    from ssm_jax.core import parallel
+
+    def body(state, x, v):
         for _ in range(4):
             x = jnp.tanh(x @ x) * 0.5
-        state = jax.tree.map(lambda a: a * 0.999 + 1e-3 if jnp.issubdtype(a.dtype, jnp.floating)
-                             else a + 1, state)
-        return state, x
+        one = jnp.mean(v)
+        state = jax.tree.map(lambda a: a * 0.999 + 1e-3 * one
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a + 1, state)
+        return state, x, v
 
     step = jax.jit(body, donate_argnums=(0,))
+    fn = jax.jit(lambda x: [x := jnp.tanh(x @ x) * 0.5 for _ in range(4)][-1])
     n = 64
-    x = jnp.ones((n, n), jnp.float32) * 0.01
-    while True:  # size the products to the wanted step time
-        fn = jax.jit(lambda x: [x := jnp.tanh(x @ x) * 0.5 for _ in range(4)][-1])
+    while True:  # size the products to the wanted step time (on this process's device)
+        x = jnp.ones((n, n), jnp.float32) * 0.01
         fn(x).block_until_ready()
         t = time.perf_counter()
         for _ in range(3):
@@ -115,20 +129,25 @@ def make_step(step_ms: float):
         if ms >= step_ms or n >= 4096:
             break
         n = int(n * min(2.0, max(1.1, (step_ms / max(ms, 1e-3)) ** (1 / 3))))
-        x = jnp.ones((n, n), jnp.float32) * 0.01
-    return step, x
+    if jax.process_count() > 1:  # every process steps the same shapes: process 0's
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+    mesh = parallel.data_mesh()
+    x = parallel.replicate(mesh, np.full((n, n), 0.01, np.float32))
+    v = parallel.global_batch(mesh, parallel.host_rows(np.ones(8 * jax.device_count(),
+                                                               np.float32)))
+    return step, (x, v)
 
 
-def one_loop(mode: str, folder: str, state, step, x, saves: int, every: int) -> dict:
+def one_loop(mode: str, folder: str, state, step, xs, saves: int, every: int) -> dict:
     import jax
 
     from ssm_jax.runs import checkpoints
 
     mngr = checkpoints.manager(folder, "checkpoints", 2)
-    stalls = []
+    stalls, background = [], []
     t0 = time.perf_counter()
     for s in range(1, saves * every + 1):
-        state, x = step(state, x)
+        state, *xs = step(state, *xs)
         if mode != "none" and s % every == 0:
             jax.block_until_ready(state)
             t = time.perf_counter()
@@ -136,15 +155,16 @@ def one_loop(mode: str, folder: str, state, step, x, saves: int, every: int) -> 
             if mode == "blocking":
                 checkpoints.wait(mngr)
             stalls.append(time.perf_counter() - t)
+            background.append(checkpoints.saving(mngr))
     jax.block_until_ready(state)
     loop_s = time.perf_counter() - t0
     t = time.perf_counter()
     checkpoints.close(mngr)
-    return {"mode": mode, "loop_s": loop_s, "save_s": stalls,
-            "final_wait_s": time.perf_counter() - t}, state, x
+    return {"mode": mode, "loop_s": loop_s, "save_s": stalls, "background": background,
+            "final_wait_s": time.perf_counter() - t}, state, xs
 
 
-def measure(where: str, base: str, args, state, step, x) -> dict:
+def measure(where: str, base: str, args, state, step, xs) -> dict:
     import jax
 
     rounds: dict[str, list] = {"none": [], "blocking": [], "async": []}
@@ -154,7 +174,7 @@ def measure(where: str, base: str, args, state, step, x) -> dict:
         for mode in order:
             n += 1
             folder = f"{base}/r{n}_{mode}"
-            out, state, x = one_loop(mode, folder, state, step, x, args.saves, args.every)
+            out, state, xs = one_loop(mode, folder, state, step, xs, args.saves, args.every)
             rounds[mode].append(out)
             print(f"  {where} round {r} {mode:8s} loop {out['loop_s']:.2f} s  saves "
                   + " ".join(f"{v:.3f}" for v in out["save_s"]), flush=True)
@@ -169,10 +189,114 @@ def measure(where: str, base: str, args, state, step, x) -> dict:
 
     write_s = median_save("blocking")
     stall_s = median_save("async")
+    in_background = [b for o in rounds["async"] for b in o["background"]]
     return {"where": where, "write_s": write_s, "stall_s": stall_s,
             "stall_ratio": stall_s / write_s, "worst_stall_s": min(max(o["save_s"])
                                                                    for o in rounds["async"]),
-            "loop_s": {m: best(m, "loop_s") for m in rounds}, "rounds": rounds}, state, x
+            "background": sum(in_background) / max(len(in_background), 1),
+            "loop_s": {m: best(m, "loop_s") for m in rounds}, "rounds": rounds}, state, xs
+
+
+def run_all(args, bases: dict[str, str]) -> dict:
+    """The measurements of every place in ``bases`` (where -> folder) in this process."""
+    import logging
+
+    import jax
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    state, nbytes = make_state(args.width)
+    step, xs = make_step(args.step_ms)
+    print(f"state {nbytes / 2**20:.1f} MiB (width {args.width}); step ~{args.step_ms:.0f} ms; "
+          f"a save every {args.every} steps; {jax.device_count()} device(s), "
+          f"{jax.process_count()} process(es)", flush=True)
+    results = []
+    for where, base in bases.items():
+        result, state, xs = measure(where, base, args, state, step, xs)
+        results.append(result)
+    return {"benchmark": "save_stall", "state_mib": nbytes / 2**20, "width": args.width,
+            "every": args.every, "saves": args.saves, "step_ms": args.step_ms,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "load_average": os.getloadavg(), "goal": "stall_s <= 0.1 * write_s",
+            "results": results}
+
+
+def folders(where: str, tmp: str) -> tuple[dict[str, str], list[subprocess.Popen]]:
+    """The folder to save into for each of ``--where`` (starting the GCS emulator for gcs),
+    and the emulators started."""
+    bases, procs = {}, []
+    for w in where.split(","):
+        if w == "local":
+            bases[w] = os.path.join(tmp, "local")
+        elif w == "gcs":
+            proc, bucket = start_gcs_emulator(os.path.join(tmp, "gcs.log"))
+            procs.append(proc)
+            bases[w] = f"{bucket}/save_stall"
+        else:
+            raise SystemExit(f"--where: local or gcs, not {w!r}")
+    return bases, procs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(args) -> dict:
+    """``args.processes`` processes of this script joined by jax.distributed (one CPU device
+    each), measuring together; each row is the slower process's figures."""
+    n = args.processes
+    with tempfile.TemporaryDirectory() as tmp:
+        bases, emulators = folders(args.where, tmp)
+        port = free_port()
+        common = ["--width", str(args.width), "--saves", str(args.saves), "--every",
+                  str(args.every), "--step-ms", str(args.step_ms), "--rounds",
+                  str(args.rounds), "--where", args.where, "--processes", str(n)]
+        procs, logs = [], []
+        for i in range(n):
+            env = dict(os.environ, SSM_COORDINATOR=f"localhost:{port}",
+                       SSM_NUM_PROCESSES=str(n), SSM_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                  + " --xla_force_host_platform_device_count=1").strip())
+            spec = json.dumps({"bases": bases, "out": os.path.join(tmp, f"p{i}.json")})
+            logs.append(os.path.join(tmp, f"p{i}.log"))
+            with open(logs[-1], "w") as log:  # process 0 prints here as it goes
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), *common, "--child", spec],
+                    env=env, stdout=None if i == 0 else log, stderr=subprocess.STDOUT))
+        deadline = time.time() + args.timeout_s
+        try:
+            # A process that fails makes the others stop (runtime.distributed's watchdog);
+            # the deadline catches processes that wait for each other for good.
+            codes = [proc.wait(timeout=max(deadline - time.time(), 1)) for proc in procs]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            for proc in procs + emulators:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if codes is None or any(codes):
+            for i, path in enumerate(logs[1:], 1):
+                print(f"--- process {i}:\n" + open(path).read()[-3000:], file=sys.stderr)
+            raise SystemExit(f"the {n} processes did not finish within {args.timeout_s} s"
+                             if codes is None else f"a process failed (exit statuses {codes})")
+        parts = []
+        for i in range(n):
+            with open(os.path.join(tmp, f"p{i}.json")) as f:
+                parts.append(json.load(f))
+    rows = []
+    for rs in zip(*(p["results"] for p in parts)):
+        write_s, stall_s = max(r["write_s"] for r in rs), max(r["stall_s"] for r in rs)
+        rows.append({"where": f"{rs[0]['where']}, {n} processes", "write_s": write_s,
+                     "stall_s": stall_s, "stall_ratio": stall_s / write_s,
+                     "worst_stall_s": max(r["worst_stall_s"] for r in rs),
+                     "background": min(r["background"] for r in rs),
+                     "loop_s": {m: max(r["loop_s"][m] for r in rs) for m in rs[0]["loop_s"]},
+                     "per_process": [{k: r[k] for k in ("write_s", "stall_s", "stall_ratio",
+                                                        "background")} for r in rs],
+                     "rounds": rs[0]["rounds"]})
+    return dict(parts[0], results=rows, load_average=os.getloadavg())
 
 
 def main(argv=None) -> int:
@@ -183,42 +307,42 @@ def main(argv=None) -> int:
     p.add_argument("--step-ms", type=float, default=150.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--where", default="local,gcs")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 "save_stall.json"))
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes joined by jax.distributed, one CPU device each")
+    p.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="with --processes > 1: give up (and fail) after this long")
+    p.add_argument("--out", default=None, help="default benchmarks/results/save_stall.json "
+                   "(save_stall_<N>proc.json with --processes N > 1)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one of run_processes' processes
     args = p.parse_args(argv)
-    import logging
+    if args.child:
+        from ssm_jax.runtime import distributed
 
-    import jax
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-    state, nbytes = make_state(args.width)
-    step, x = make_step(args.step_ms)
-    print(f"state {nbytes / 2**20:.1f} MiB (width {args.width}); step ~{args.step_ms:.0f} ms; "
-          f"a save every {args.every} steps; {jax.device_count()} device(s)", flush=True)
-    results, procs = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for where in args.where.split(","):
-            if where == "local":
-                base = os.path.join(tmp, "local")
-            elif where == "gcs":
-                proc, bucket = start_gcs_emulator(os.path.join(tmp, "gcs.log"))
-                procs.append(proc)
-                base = f"{bucket}/save_stall"
-            else:
-                raise SystemExit(f"--where: local or gcs, not {where!r}")
-            result, state, x = measure(where, base, args, state, step, x)
-            results.append(result)
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
-    out = {"benchmark": "save_stall", "state_mib": nbytes / 2**20, "width": args.width,
-           "every": args.every, "saves": args.saves, "step_ms": args.step_ms,
-           "devices": jax.device_count(), "load_average": os.getloadavg(),
-           "goal": "stall_s <= 0.1 * write_s", "results": results}
-    for r in results:
+        distributed.maybe_initialize()
+        spec = json.loads(args.child)
+        out = run_all(args, spec["bases"])
+        with open(spec["out"], "w") as f:
+            json.dump(out, f)
+        return 0
+    if args.out is None:
+        name = "save_stall.json" if args.processes == 1 else \
+            f"save_stall_{args.processes}proc.json"
+        args.out = os.path.join(ROOT, "benchmarks", "results", name)
+    if args.processes > 1:
+        out = run_processes(args)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            bases, emulators = folders(args.where, tmp)
+            try:
+                out = run_all(args, bases)
+            finally:
+                for proc in emulators:
+                    proc.terminate()
+                    proc.wait(timeout=10)
+    for r in out["results"]:
         print(f"{r['where']:6s} write {r['write_s']:.3f} s  stall {r['stall_s']:.4f} s  "
-              f"ratio {r['stall_ratio']:.3f}  loop s: " + " ".join(
-                  f"{m} {v:.2f}" for m, v in r["loop_s"].items()))
+              f"ratio {r['stall_ratio']:.3f}  in background {r['background']:.0%}  loop s: "
+              + " ".join(f"{m} {v:.2f}" for m, v in r["loop_s"].items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -50,7 +50,7 @@ README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json",
          "kolektor_duplicates.json", "calibrate_splits.json", "host_overhead.json",
-         "save_stall.json", "calibrate_bias.json"}
+         "save_stall.json", "save_stall_2proc.json", "calibrate_bias.json"}
 # The kolektor results scored before its test split lost its 8 duplicated images
 # (benchmarks/kolektor_duplicates.py): their rows carry this mark.
 DUPLICATES = f"{RESULTS}/kolektor_duplicates.json"
@@ -677,9 +677,12 @@ def save_stall_section(rel: str) -> str:
              f"{r['stall_ratio']:.3f}", f"{r['loop_s']['none']:.1f}",
              f"{r['loop_s']['blocking']:.1f}", f"{r['loop_s']['async']:.1f}"]
             for r in d["results"]]
-    return ("## Checkpoint saves against the loop (save_stall.json)\n\n"
+    n = d.get("processes", 1)
+    who = (f" in {n} processes joined by jax.distributed (one CPU device each, an all-reduce "
+           "in every step; each row is the slower process's figures)" if n > 1 else "")
+    return (f"## Checkpoint saves against the loop ({os.path.basename(rel)})\n\n"
             f"`benchmarks/save_stall.py`: a {d['state_mib']:.0f} MiB train state (width "
-            f"{d['width']}) saved every {d['every']} steps of about {d['step_ms']:.0f} ms; "
+            f"{d['width']}) saved every {d['every']} steps of about {d['step_ms']:.0f} ms{who}; "
             "the time the loop spends in a save when it waits for the write (the write "
             "time) and when the write goes on in the background (the stall); load average "
             f"{d['load_average'][0]:.1f}. Goal: {d['goal']}.\n\n"
@@ -696,7 +699,8 @@ def speed_page() -> str:
     for rel in sorted(glob.glob(os.path.join(ROOT, RESULTS, "large_eval*.json"))):
         out.append(large_eval_section(os.path.relpath(rel, ROOT)))
     for name, section in (("host_overhead.json", host_overhead_section),
-                          ("save_stall.json", save_stall_section)):
+                          ("save_stall.json", save_stall_section),
+                          ("save_stall_2proc.json", save_stall_section)):
         if exists(f"{RESULTS}/{name}"):
             out.append(section(f"{RESULTS}/{name}"))
     out.append(other_files("speed"))

@@ -13,6 +13,14 @@ step restores (then the config, not the files, may be at fault): one error.
 The workdir may be a URL (``gs://bucket/run``): orbax gets it as an ``epath.Path``
 (:func:`ssm_jax.core.storage.as_path`), never through ``os.path.abspath``, which would
 turn it into a local folder ``./gs:/bucket/run``.
+
+Saves are written in a thread of their own (:func:`save`), with one process or several.
+Several processes line up in orbax's barriers through JAX's coordination service (its
+key-value store, as ``ssm_jax.core.parallel.barrier`` does), never through device
+collectives: a collective run from that thread beside the training step's own would
+interleave differently on each process and hang them. Each manager's barriers carry its
+folder in their names, so the saves of several managers (``checkpoints/`` and ``best/``,
+the runs of a group) may be written at the same time.
 """
 
 from __future__ import annotations
@@ -45,14 +53,35 @@ _BARRIERS = 0  # barrier names must be unique per process lifetime
 INFERENCE_FIELDS = ("step", "params", "batch_stats")
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, except that a save written in its thread (:class:`_Saving`) never
+    asks about pre-emption: JAX's pre-emption sync takes the step last passed to
+    ``reached_preemption`` as where this process is, and the loop asks at every step; the
+    save's own (older) step, asked later from the thread, would set it back."""
+
+    def reached_preemption(self, step: int) -> bool:
+        if isinstance(threading.current_thread(), _Saving):
+            return False
+        return super().reached_preemption(step)
+
+
 def manager(workdir: str, name: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
     """An orbax manager of ``workdir/name`` keeping ``keep`` steps. Its saves run in a
-    thread of their own (:func:`save`), where each waits until it is written."""
+    thread of their own (:func:`save`), where each waits until it is written; its
+    barriers go through JAX's coordination service (module docstring)."""
     _filter_disk_full_echoes()
+    folder = storage.join(workdir, name)
+    if create:  # orbax's own create=True refuses active_processes: each process makes it
+        storage.makedirs(folder)
+    # Naming every process as active sends orbax's barriers to the coordination service
+    # (multihost.sync_global_processes) instead of sync_global_devices.
+    processes = ocp.options.MultiprocessingOptions(
+        active_processes=set(range(jax.process_count())),
+        barrier_sync_key_prefix=f"ssm_jax:{folder}")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(storage.as_path(storage.join(workdir, name)), options=options)
+        max_to_keep=keep, create=False, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True, multiprocessing_options=processes)
+    return _Manager(storage.as_path(folder), options=options)
 
 
 def inference_part(state: Any) -> dict:
@@ -91,10 +120,10 @@ _device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None = None) -> None:
     """Saves state (+ JSON metadata) at ``step`` in the background: the state is copied on
     its devices (so the next step may donate it) and a thread of ``mngr``'s own copies it
-    to the host and writes it while training goes on (one process; several processes
-    save before this returns). :func:`wait` waits for it (the next
-    save and :func:`close` wait first), so saves of one manager never overlap and every
-    process saves in the same order.
+    to the host and writes it while training goes on, with one process or several (whose
+    threads line up through the coordination service, see the module docstring).
+    :func:`wait` waits for it (the next save and :func:`close` wait first), so saves of
+    one manager never overlap and every process saves in the same order.
 
     A step that already exists (written just before a crash that lost the step's other
     checkpoint) is replaced: the resumed run recomputes it bit for bit.
@@ -110,13 +139,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, extra: dict | None 
         state = _device_copy(state)
     job = _Saving(mngr, step, state, dict(extra or {}))
     _SAVING[mngr] = job
-    if jax.process_count() > 1:
-        # Orbax lines the processes up with device collectives (sync_global_devices),
-        # which must not run beside the step's own: several processes save in the loop's
-        # thread, as before (the error, if any, still comes at the wait).
-        job.run()
-    else:
-        job.start()
+    job.start()
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -125,11 +148,17 @@ def wait(mngr: ocp.CheckpointManager) -> None:
     job = _SAVING.pop(mngr, None)
     if job is None:
         return
-    if job.ident is not None:  # started (one process); else it ran in save()
-        job.join()
+    job.join()
     if job.error is not None:
         with _disk_full_is_one_line(mngr, job.step):
             raise job.error
+
+
+def saving(mngr: ocp.CheckpointManager) -> bool:
+    """Whether a save of ``mngr`` is still being written (benchmarks/save_stall.py: that
+    :func:`save` returned before the write ended)."""
+    job = _SAVING.get(mngr)
+    return job is not None and job.is_alive()
 
 
 def close(mngr: ocp.CheckpointManager) -> None:
