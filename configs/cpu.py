@@ -24,6 +24,10 @@ of 4-16 lower magnetic_tile's image AUROC (-0.032, interval excluding 0) and cha
 nothing on kolektor at 64 px, so mask.ks stays; 800 against 400 steps: +0.010 pixel
 AUROC on magnetic_tile, no difference on kolektor.
 
+Fourth round (docs/results.md, `ssm-jax benchmark`, 3 seeds, deduplicated kolektor): 1000
+against 400 steps, paired by seed: magnetic_tile pixel AUROC +0.013 [+0.002, +0.024], image
+AUROC +0.033 [-0.001, +0.067]; kolektor no difference (every interval holds 0). 1000 stays.
+
 Still far from the paper's figures on these sets: see README, Results.
 """
 
