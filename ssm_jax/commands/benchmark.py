@@ -307,6 +307,8 @@ def plot_chart(path: str, rows: Sequence[dict], order: Sequence[str]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ssm_jax.report import curves
+
     stats = summary(rows, order)
     x = np.arange(len(stats))
     width = 0.8 / len(sweep.METRICS)
@@ -323,8 +325,4 @@ def plot_chart(path: str, rows: Sequence[dict], order: Sequence[str]) -> None:
     ax.legend(fontsize=7, ncol=len(sweep.METRICS), loc="lower center",
               bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
-    try:
-        with rundir.atomic_open(path, "wb", fsync=False) as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    curves.save_png(fig, path, dpi=100)

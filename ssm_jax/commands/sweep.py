@@ -425,6 +425,8 @@ def plot_summary(path: str, rows: Sequence[dict], summary: Sequence[dict],
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ssm_jax.report import curves
+
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4),
                              squeeze=False)
     for ax, metric in zip(axes[0], METRICS):
@@ -446,8 +448,4 @@ def plot_summary(path: str, rows: Sequence[dict], summary: Sequence[dict],
         ax.grid(alpha=0.3)
     fig.suptitle("mean and 95% t interval over seeds (dots: seeds)", fontsize=9)
     fig.tight_layout()
-    try:
-        with rundir.atomic_open(path, "wb", fsync=False) as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    curves.save_png(fig, path, dpi=100)

@@ -4,7 +4,8 @@ histogram.
 The curves are :mod:`ssm_jax.scoring.metrics`' exact curves (the ones its AUROC and AUPRO
 integrate), thinned for drawing to the points where either axis has moved by about
 ``1 / CURVE_POINTS`` (a test set's pixel ROC has millions of points). matplotlib is
-imported by the caller (Agg back end); figures are returned, not saved.
+imported by the caller (Agg back end); figures are returned, and :func:`save_png` writes
+one (the report's, the drift check's, sweep's and benchmark's charts).
 """
 
 from __future__ import annotations
@@ -14,10 +15,23 @@ from typing import Any
 
 import numpy as np
 
+from ssm_jax.runs import rundir
 from ssm_jax.scoring import metrics
 
 CURVE_POINTS = 200
 PRO_FPR_LIMIT = 0.3
+
+
+def save_png(fig: Any, path: str, dpi: int = 80) -> None:
+    """Writes ``fig`` to ``path`` as PNG atomically (a local path or a URL), then closes it,
+    also when writing fails."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with rundir.atomic_open(path, "wb", fsync=False) as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def thin(x: np.ndarray, y: np.ndarray, points: int = CURVE_POINTS,

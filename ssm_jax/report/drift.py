@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ssm_jax.core import storage
+from ssm_jax.report import curves
 from ssm_jax.runs import rundir
 from ssm_jax.scoring import drift as drift_lib
 
@@ -70,14 +71,7 @@ def _insert(path: str, section: str, marker: str) -> None:
 def add_to_report(out_dir: str, check: dict, scores: np.ndarray,
                   normal_scores: np.ndarray | None, threshold: float) -> None:
     """Writes drift.png and drift.json into ``out_dir`` and the section into its pages."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(scores, normal_scores, threshold)
-    try:
-        with rundir.atomic_open(os.path.join(out_dir, FIGURE), "wb", fsync=False) as f:
-            fig.savefig(f, format="png", dpi=80)
-    finally:
-        plt.close(fig)
+    curves.save_png(figure(scores, normal_scores, threshold), os.path.join(out_dir, FIGURE))
     rundir.write_json(os.path.join(out_dir, RESULT), check)
     text = html.escape(_summary(check))
     _insert(os.path.join(out_dir, "index.html"),

@@ -101,7 +101,6 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     storage.makedirs(eval_dir)
     scores = np.asarray(out["score"], np.float64).reshape(-1)
@@ -138,11 +137,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     notes: list[str] = []
 
     def save(fig: Any, name: str, title: str) -> None:
-        try:
-            with rundir.atomic_open(os.path.join(eval_dir, name), "wb", fsync=False) as f:
-                fig.savefig(f, format="png", dpi=80)
-        finally:
-            plt.close(fig)
+        curves.save_png(fig, os.path.join(eval_dir, name))
         figures.append((title, name))
 
     def caption(i: int) -> str:
