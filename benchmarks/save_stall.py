@@ -46,6 +46,12 @@ sys.path.insert(0, ROOT)
 BUCKET = "ssm-jax-bench"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_gcs_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
     """A fake-gcs-server (the test extra's binary; as tests/conftest.py starts it) with a
     bucket; sets STORAGE_EMULATOR_HOST. Returns (process, gs:// URL of the bucket)."""
@@ -55,9 +61,7 @@ def start_gcs_emulator(log_path: str) -> tuple[subprocess.Popen, str]:
                                                            os.uname().machine)
     binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server",
                           "bin", f"fake-gcs-server-{sys.platform}-{machine}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "w")
     proc = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port",
@@ -234,12 +238,6 @@ def folders(where: str, tmp: str) -> tuple[dict[str, str], list[subprocess.Popen
         else:
             raise SystemExit(f"--where: local or gcs, not {w!r}")
     return bases, procs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_processes(args) -> dict:
