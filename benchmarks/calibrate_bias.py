@@ -118,7 +118,10 @@ def quantile_at(x: np.ndarray, pos: float) -> float:
 
 
 def calibrate_quantile(n: int, fpr: float) -> float:
-    return min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)  # commands.calibrate's
+    """The quantile ``ssm-jax calibrate --fpr`` asks of n normals."""
+    from ssm_jax.scoring import metrics
+
+    return metrics.quantile_for_fpr(n, fpr)
 
 
 def nested_shift(loo: np.ndarray, l2o: dict, fpr: float) -> int:

@@ -137,7 +137,7 @@ def one_condition(name: str, workdir: str, brightness: float, args, tmp: str,
     import ml_collections
 
     from ssm_jax.data import folder
-    from ssm_jax.scoring import calibration
+    from ssm_jax.scoring import calibration, metrics
     from ssm_jax.serving.detector import Detector
 
     det = Detector.load(workdir)
@@ -161,7 +161,7 @@ def one_condition(name: str, workdir: str, brightness: float, args, tmp: str,
     num, n, fpr = len(paths), args.num_normals, args.fpr
     if num - n < 1:
         raise SystemExit(f"{name}: {num} test normals, fewer than --num-normals + 1")
-    q = min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)  # commands.calibrate's
+    q = metrics.quantile_for_fpr(n, fpr)  # commands.calibrate's
     cfg = ml_collections.ConfigDict(det.cfg.to_dict())
     cfg.eval.threshold_quantile = q
 

@@ -134,7 +134,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
     """Re-fits and saves the run's calibration on the images under ``normals``; returns a
     summary (new and previous threshold, number of images, source, history length)."""
     from ssm_jax.data import folder
-    from ssm_jax.scoring import calibration
+    from ssm_jax.scoring import calibration, metrics
     from ssm_jax.serving.detector import Detector
 
     if not 0.0 < fpr < 1.0:
@@ -149,7 +149,7 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
                               cfg.data.keep_aspect)  # decoded as they are scored
     n = len(images)
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.eval.threshold_quantile = min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)
+    cfg.eval.threshold_quantile = metrics.quantile_for_fpr(n, fpr)
     det = Detector.from_config(cfg, workdir, read_calibration=False)
     before = calibration.current(workdir)
     det.calibrate(images, progress="scoring normals")

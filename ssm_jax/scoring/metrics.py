@@ -307,6 +307,14 @@ def threshold_expected_fpr(num_normals: int, quantile: float) -> float | None:
     return float((n - (n - 1) * quantile) / (n + 1))
 
 
+def quantile_for_fpr(num_normals: int, fpr: float) -> float:
+    """The quantile whose threshold :func:`threshold_expected_fpr` expects to flag ``fpr``
+    of new normal images: q = (n - fpr (n + 1)) / (n - 1), clipped to [0, 1] (``ssm-jax
+    calibrate --fpr``)."""
+    n = int(num_normals)
+    return min(max((n - fpr * (n + 1)) / max(n - 1, 1), 0.0), 1.0)
+
+
 def threshold_sample_check(num_normals: int, quantile: float) -> dict:
     """Whether ``num_normals`` held-out normals can support ``quantile``: fields for
     metrics.json and a one-line warning (None when enough)."""

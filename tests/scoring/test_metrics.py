@@ -247,3 +247,14 @@ def test_metrics_ignore_padded_pixels():
     assert got2["aupro"] == pytest.approx(got["aupro"])
     no_sizes = metrics.compute_all(labels, maps.max(axis=(1, 2)), gt, spoiled)
     assert no_sizes["pixel_auroc"] != pytest.approx(got["pixel_auroc"])
+
+
+def test_quantile_for_fpr_is_the_inverse_of_the_expected_rate():
+    """``calibrate --fpr``'s quantile: its threshold is expected to flag exactly ``fpr`` of
+    new normals where that is reachable, and clips to [0, 1] where it is not."""
+    for n, fpr in ((50, 0.02), (200, 0.01), (20, 0.05)):
+        q = metrics.quantile_for_fpr(n, fpr)
+        assert 0.0 < q < 1.0
+        assert metrics.threshold_expected_fpr(n, q) == pytest.approx(fpr, abs=1e-12)
+    assert metrics.quantile_for_fpr(10, 0.001) == 1.0  # below 1 / (n + 1): not reachable
+    assert metrics.quantile_for_fpr(10, 0.99) == 0.0
