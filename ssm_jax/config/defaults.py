@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.image_score_fusion = "none"  # none | mse
     c.eval.map_normalization = "none"  # none | val_zscore (per-pixel, by val normals)
     c.eval.threshold_quantile = 0.99
+    # conformal: with map statistics, each image's threshold is the quantile of the normals'
+    # scores with it among their statistics (exact rate; ssm_jax.method.conformal);
+    # quantile: one threshold for every image (flags too few where normals come in kinds).
+    c.eval.threshold_rule = "conformal"
     c.eval.num_overlays = 8
     # Images of a test set that get overlay and thumbnail files in evaluate's report (a
     # fixed random sample plus the hardest cases); every image keeps its per_image.csv row.

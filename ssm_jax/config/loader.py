@@ -56,7 +56,10 @@ GROUP_MAY_DIFFER = ("seed", *MASK_DRAW_KEYS, "eval.", "data.path", "data.layout"
 # Keys a saved threshold / map statistics depend on (besides the checkpoint step).
 SCORING_KEYS = ("eval.", "data.image_size", "data.path", "data.layout", "data.keep_aspect",
                 "data.val_fraction", "seed")
-SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays", "eval.report_images")
+# threshold_rule decides how a calibration is used, not what it holds: a calibration saved
+# before the key existed (or under the other rule) stays valid.
+SCORING_IGNORED = ("eval.batch_size", "eval.num_overlays", "eval.report_images",
+                   "eval.threshold_rule")
 
 
 def matches(key: str, group: Sequence[str]) -> bool:
@@ -292,6 +295,11 @@ def _validate_eval(cfg: ml_collections.ConfigDict) -> None:
     if e.image_score_fusion not in ("none", "mse"):
         raise ConfigError(f"eval.image_score_fusion must be none or mse, got "
                           f"{e.image_score_fusion!r}")
+    from ssm_jax.method.conformal import THRESHOLD_RULES
+
+    if e.get("threshold_rule", "conformal") not in THRESHOLD_RULES:
+        raise ConfigError(f"eval.threshold_rule must be one of {THRESHOLD_RULES}, got "
+                          f"{e.threshold_rule!r}")
     if e.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
     if not 0.0 <= e.threshold_quantile <= 1.0:

@@ -130,13 +130,14 @@ def _utc_now() -> datetime.datetime:
 def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: float | None,
          stats: dict[str, np.ndarray] | None, num_images: int | None,
          source: str = VALIDATION, normal_scores: np.ndarray | None = None,
-         fpr: float | None = None) -> dict | None:
+         fpr: float | None = None, conformal=None) -> dict | None:
     """Writes ``threshold.json`` and ``map_stats.npz`` (atomically) for checkpoint ``step``
     and the settings of ``cfg``, so later loads need not recalibrate, and keeps a copy in
     the history (module docstring). ``source``: where the normal images came from;
     ``normal_scores``: their image scores (the drift check's reference); ``fpr``: the
-    false-positive rate asked (``ssm-jax calibrate``). Returns the
-    record written (None without a threshold)."""
+    false-positive rate asked (``ssm-jax calibrate``); ``conformal``: the normals kept for
+    per-image thresholds (:class:`ssm_jax.scoring.image_thresholds.Conformal`), written
+    beside the statistics. Returns the record written (None without a threshold)."""
     fingerprint = scoring_fingerprint(cfg, step)
     if threshold is None:
         if stats is not None:
@@ -147,7 +148,8 @@ def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: flo
     record = {"threshold": float(threshold), "quantile": float(cfg.eval.threshold_quantile),
               "num_val_images": num_images, "checkpoint_step": step, "scoring": fingerprint,
               "source": source, "created": now.isoformat(timespec="seconds"), "id": cid,
-              "mask_rule": str(cfg.eval.get("mask_rule", "threefry")), "fpr": fpr}
+              "mask_rule": str(cfg.eval.get("mask_rule", "threefry")), "fpr": fpr,
+              "threshold_rule": "conformal" if conformal is not None else "quantile"}
     if normal_scores is not None:
         record["normal_scores"] = [float(v) for v in np.asarray(normal_scores).reshape(-1)]
     entry = f"{HISTORY_DIR}/{cid}"
@@ -155,6 +157,11 @@ def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: flo
     if stats is not None:
         record["map_stats"] = f"{entry}/{MAP_STATS_FILE}"
         save_map_stats(workdir, stats, fingerprint, record["map_stats"])
+    if conformal is not None:
+        from ssm_jax.scoring import image_thresholds
+
+        record["conformal_maps"] = f"{entry}/{image_thresholds.CONFORMAL_FILE}"
+        image_thresholds.save(workdir, record["conformal_maps"], conformal, fingerprint)
     if stats is not None:  # the top-level copy, for readers of earlier versions
         save_map_stats(workdir, stats, fingerprint)
     rundir.write_json(rundir.path(workdir, THRESHOLD_FILE), record)  # now in force
@@ -234,6 +241,19 @@ def load_record(workdir: str, cfg: ml_collections.ConfigDict,
         if stats is None:
             return None, None
     return saved, stats
+
+
+def load_conformal(workdir: str, record: dict, cfg: ml_collections.ConfigDict,
+                   sc: scoring.ScoringConfig):
+    """The per-image thresholds' normals kept with ``record``
+    (:class:`ssm_jax.scoring.image_thresholds.Conformal`), or None: not kept (a calibration
+    of an earlier version, or under ``eval.threshold_rule = quantile``) or unreadable."""
+    from ssm_jax.scoring import image_thresholds
+
+    if not record.get("conformal_maps"):
+        return None
+    return image_thresholds.load(workdir, record["conformal_maps"], record["scoring"], cfg, sc,
+                                 float(record.get("quantile", cfg.eval.threshold_quantile)))
 
 
 def load(workdir: str, cfg: ml_collections.ConfigDict,

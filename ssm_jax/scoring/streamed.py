@@ -56,6 +56,7 @@ class Scored:
     image: np.ndarray
     mask: np.ndarray | None = None
     restored: np.ndarray | None = None
+    threshold: np.ndarray | None = None  # [k] each row's threshold (set by the Detector)
 
 
 def as_float(images: np.ndarray) -> np.ndarray:

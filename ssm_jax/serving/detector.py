@@ -33,7 +33,7 @@ from ssm_jax.method import scoring
 from ssm_jax.runs import checkpoints, rundir
 from ssm_jax.runtime import compile_ahead
 from ssm_jax.scoring import batch as batch_scoring
-from ssm_jax.scoring import calibration, streamed
+from ssm_jax.scoring import calibration, image_thresholds, streamed
 
 # Re-exported: these lived here before the batch engine and calibration had modules.
 from ssm_jax.scoring.batch import (  # noqa: F401
@@ -144,6 +144,9 @@ class Detector:
     # The calibration normals' maps (as scored, statistics applied), when asked to keep them.
     calibration_maps: np.ndarray | None = None
     calibration_sizes: np.ndarray | None = None
+    # The normals behind per-image thresholds (eval.threshold_rule = conformal), or None:
+    # every image is decided against ``threshold``.
+    conformal: image_thresholds.Conformal | None = None
 
     @classmethod
     def load(cls, workdir: str, overrides: Sequence[str] = (),
@@ -260,29 +263,59 @@ class Detector:
             progress=progress, skip=skip)
         for b in batches:
             if calibration.needs_stats(self.cfg):
-                o = calibration.apply_map_stats({"map": b.map, "score": b.score, "mse": b.mse},
-                                                self.stats, self.sc, b.sizes)
-                b.map, b.score = o["map"], o["score"]
+                o = self._decide({"map": b.map, "score": b.score, "mse": b.mse}, b.sizes)
+                b.map, b.score, b.threshold = o["map"], o["score"], o["thresholds"]
+            elif self.threshold is not None:
+                b.threshold = np.full(len(b.score), self.threshold, np.float64)
             yield b
+
+    def _decide(self, raw: dict[str, np.ndarray], sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """The map statistics applied to raw outputs, and each image's threshold
+        (``thresholds`` [B]: per image under the conformal rule, else ``threshold``)."""
+        out = calibration.apply_map_stats(raw, {k: v for k, v in self.stats.items()
+                                                if k != "fusion"}, self.sc, sizes)
+        before_fusion = out["score"]
+        if "fusion" in self.stats:
+            out = calibration.apply_map_stats(out, {"fusion": self.stats["fusion"]}, self.sc,
+                                              sizes)
+        out["thresholds"] = self.thresholds_of(raw["map"], sizes, before_fusion, raw["mse"])
+        return out
+
+    def thresholds_of(self, raw_maps: np.ndarray, sizes: np.ndarray, scores: np.ndarray,
+                      mse: np.ndarray) -> np.ndarray | None:
+        """[B] threshold of each image (None without a calibration): the conformal one
+        (:mod:`ssm_jax.scoring.image_thresholds`) from its raw map, valid sizes, score
+        after the map statistics and before fusion, and MSE; else ``threshold``."""
+        if self.conformal is not None:
+            return self.conformal.thresholds(raw_maps, sizes, scores, mse)
+        if self.threshold is None:
+            return None
+        return np.full(len(raw_maps), self.threshold, np.float64)
 
     def score(self, images: Any, sizes: Any = None,
               progress: str | None = None) -> dict[str, np.ndarray]:
         """Image scores [B] (``scores``) and anomaly maps [B, H, W] (``maps``) of a batch,
-        with the run's map statistics applied; also ``mse`` and ``restored``."""
+        with the run's map statistics applied; also ``mse``, ``restored`` and each image's
+        threshold (``thresholds`` [B], None without a calibration)."""
         x, sizes = self.check_images(images, sizes)
         out = self._raw_scores(x, sizes, progress)
         if calibration.needs_stats(self.cfg):
             self.require_calibration()
-            out = calibration.apply_map_stats(out, self.stats, self.sc, sizes)
+            out = self._decide(out, sizes)
+        else:
+            out["thresholds"] = self.thresholds_of(out["map"], sizes, out["score"], out["mse"])
         return {"scores": out["score"], "maps": out["map"], "mse": out["mse"],
-                "restored": out["restored"], "sizes": sizes}
+                "restored": out["restored"], "sizes": sizes, "thresholds": out["thresholds"]}
 
     def predict(self, images: Any, sizes: Any = None,
                 progress: str | None = None) -> dict[str, np.ndarray]:
-        """:meth:`score` plus ``anomalous`` [B] (score > threshold) and ``threshold``."""
+        """:meth:`score` plus ``anomalous`` [B] (score above the image's own threshold,
+        ``thresholds`` [B]) and ``threshold``: the one calibrated threshold (the quantile of
+        the normals' leave-one-out scores), which every image is decided against unless
+        ``eval.threshold_rule = conformal`` gives each its own."""
         self.require_calibration()
         out = self.score(images, sizes, progress)
-        out["anomalous"] = out["scores"] > self.threshold
+        out["anomalous"] = out["scores"] > out["thresholds"]
         out["threshold"] = self.threshold
         return out
 
@@ -295,7 +328,9 @@ class Detector:
         kept: dict = {}
         self.threshold, self.stats, self.calibration_scores = calibration.calibrate_with_scores(
             self.cfg, self.sc, self.score_fn, self.variables, self.mesh, x, progress,
-            val_sizes=sizes, keep=kept if keep_maps else None)
+            val_sizes=sizes, keep=kept)
+        self.conformal = (image_thresholds.from_outputs(self.cfg, self.sc, kept, sizes)
+                          if kept else None)
         if keep_maps:
             maps = kept["map"]
             if self.stats is not None and "mean" in self.stats:
@@ -326,7 +361,7 @@ class Detector:
         self.calibration_record = calibration.save(
             self.workdir, self.cfg, self.step, self.threshold, self.stats,
             self.num_calibration_images, source=source, normal_scores=self.calibration_scores,
-            fpr=fpr)
+            fpr=fpr, conformal=self.conformal)
 
     @property
     def expected_rate(self) -> float:
@@ -355,6 +390,17 @@ class Detector:
         record, stats = calibration.load_record(self.workdir, self.cfg, self.step)
         if record is None:
             return None, None
+        self.conformal = None
+        if image_thresholds.per_image(self.cfg):
+            self.conformal = calibration.load_conformal(self.workdir, record, self.cfg, self.sc)
+            if self.conformal is None:
+                if not calibration.is_site(record):  # redone on the validation split
+                    return None, None
+                log.warning("the calibration of %s on %s kept no normals for per-image "
+                            "thresholds (eval.threshold_rule=conformal): every image is "
+                            "decided against its one threshold, which flags fewer normals "
+                            "than asked where normals come in kinds; run ssm-jax calibrate "
+                            "again to get them", record.get("created"), record.get("source"))
         self.num_calibration_images = record.get("num_val_images")
         self.calibration_record = record
         scores = record.get("normal_scores")
