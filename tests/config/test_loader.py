@@ -89,6 +89,7 @@ def test_json_roundtrip():
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
     ("eval.threshold_quantile=1.5", "eval.threshold_quantile must be in"),
     ("eval.border=mirror", "eval.border must be one of"),
+    ("eval.threshold_rule=exact", "eval.threshold_rule must be one of"),
     ("train.lr_decay_factor=2.0", "train.lr_decay_factor must be in"),
     ("train.eval_every=0", "train.eval_every must be >= 1"),
 ])
