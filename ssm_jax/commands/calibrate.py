@@ -161,4 +161,5 @@ def calibrate(cfg: ml_collections.ConfigDict, workdir: str, normals: str,
             "source": source, "created": record.get("created"),
             "previous_threshold": None if before is None else before.get("threshold"),
             "previous_source": None if before is None else before.get("source"),
+            "per_image": det.conformal is not None,
             "history": len(calibration.history(workdir))}

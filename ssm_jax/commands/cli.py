@@ -253,7 +253,9 @@ def parser() -> argparse.ArgumentParser:
         "probability fpr, from\nthe new normals' scores (map statistics re-fitted too). The "
         "previous calibration stays in\nWORKDIR/calibrations/; the new one is used by every "
         "later evaluate, predict and\nexport. Needs at least ceil(1/fpr) images (50 at 0.02) "
-        "of the training images' channel\ncount and aspect ratio.",
+        "of the training images' channel\ncount and aspect ratio. With map statistics "
+        "(val_zscore) the normals are kept, and each\nnew image gets its own threshold "
+        "(eval.threshold_rule=conformal).",
         epilog(SCORING_OVERRIDES,
                "ssm-jax calibrate --workdir runs/quickstart --normals new_normals/ --fpr 0.02"),
         workdir=WORKDIR_HELP)
@@ -350,7 +352,9 @@ def run(argv: Sequence[str]) -> int:
             res = calibrate.calibrate(cfg, args.workdir, args.normals, args.fpr)
             print(f"threshold {res['threshold']:.6g} at fpr {res['fpr']:g} from "
                   f"{res['num_images']} image(s) in {res['source']} (was "
-                  f"{res['previous_threshold']}; {res['history']} calibration(s) kept)")
+                  f"{res['previous_threshold']}; {res['history']} calibration(s) kept)"
+                  + ("; each image is decided against its own threshold from these normals "
+                     "(eval.threshold_rule=conformal)" if res["per_image"] else ""))
         elif args.command in ("sweep", "benchmark"):
             from ssm_jax.commands import benchmark, sweep
             if one_process:

@@ -245,3 +245,32 @@ def test_evaluate_beside_calibrate_keeps_the_site_calibration(run, tmp_path):
     assert now["id"] == site["id"] and now["source"] == site["source"], now
     assert [r["id"] for r in calibration.history(str(wd))][-1] == site["id"]
     assert not (wd / calibration.CALIBRATION_LOCK).exists()
+
+
+def test_calibrate_with_map_statistics_keeps_the_normals(run, tiny_run, tmp_path, capsys):
+    """Under val_zscore, ``calibrate`` keeps the new normals' raw maps with the calibration,
+    says each image gets its own threshold, and a later Detector decides with them."""
+    from ssm_jax.data.synthetic import make_synthetic
+    from ssm_jax.runs import rundir
+    from ssm_jax.scoring import calibration
+    from ssm_jax.serving.detector import Detector
+
+    _, normals, _ = run
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_run[0], wd)
+    zscore = "--config.eval.map_normalization=val_zscore"
+    res = ssm("calibrate", "--workdir", wd, "--normals", normals, "--fpr", "0.2", zscore)
+    assert res.returncode == 0, res.stderr
+    assert "each image is decided against its own threshold" in capsys.readouterr().out
+    now = calibration.current(str(wd))
+    assert now["threshold_rule"] == "conformal"
+    with np.load(rundir.path(str(wd), now["conformal_maps"])) as z:
+        assert z["maps"].shape == (12, 32, 32) and z["mse"].shape == (12,)
+    det = Detector.load(str(wd), eval={"map_normalization": "val_zscore"})
+    assert det.conformal is not None and len(det.conformal.maps) == 12
+    assert det.conformal.quantile == pytest.approx(now["quantile"])
+    _, test = make_synthetic(32, True, num_train=1, num_test_good=3, num_test_anomalous=3,
+                             seed=9)
+    out = det.predict(test.images)
+    assert np.ptp(out["thresholds"]) > 0
+    np.testing.assert_array_equal(out["anomalous"], out["scores"] > out["thresholds"])
