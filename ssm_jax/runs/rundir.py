@@ -10,6 +10,8 @@ A training run directory (``ssm-jax train --workdir DIR``) holds::
     eval/metrics.json    ``ssm-jax evaluate``'s metrics and report (EVAL_DIR, METRICS_FILE)
     threshold.json       calibrated threshold (THRESHOLD_FILE)
     map_stats.npz        map / fusion statistics of the held-out normals (MAP_STATS_FILE)
+    calibrations/<id>/   every calibration: threshold.json, map_stats.npz and, for
+                         per-image thresholds, the normals' raw maps (conformal_maps.npz)
     events.out.tfevents* TensorBoard scalars
 
 A sweep directory holds ``sweep.json``, ``results.csv``, ``summary.csv``, ``summary.png``
