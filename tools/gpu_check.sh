@@ -17,7 +17,9 @@
 #          vmapped against unrolled, each against the 4 run one after another;
 #   bench  the benchmark block: `ssm-jax benchmark`'s categories as one vmapped group
 #          against one after another (benchmarks/benchmark_groups.py; BENCH_AB=0 skips it);
-#   tests  pytest tests/method/test_{model,scoring,losses,masks}.py with the time left;
+#   conformal  benchmarks/conformal_cost.py: the per-image (conformal) thresholds' time per
+#          image for 50-1000 calibration normals at 128-256 px (eval.threshold_rule);
+#   tests  pytest tests/method/test_{model,scoring,losses,masks,conformal}.py with the time left;
 #   throughput, ahead (not run unless named in PARTS): benchmarks/throughput.py over
 #          BATCHES x DTYPES; compile-ahead on against off (the quickstart's cold
 #          `train --evaluate`).
@@ -34,7 +36,7 @@
 #   carry ["tools/wheels", "tools/device_data"], timeout_s 600.
 #
 # Options: --smoke (tiny sizes on CPU, a few minutes: checks the script itself).
-# Environment: PARTS="paper step group bench tests" DEADLINE=560 PAPER_S=220 STEP_S=140
+# Environment: PARTS="paper step group bench conformal tests" DEADLINE=560 PAPER_S=220 STEP_S=140
 #   GROUP_S=100 BENCH_AB_TIMEOUT=150 TEST_S=90; for throughput: BATCHES="32 128"
 #   DTYPES="float32 bfloat16" SIZE=128 WIDTH=64.
 set -uo pipefail
@@ -48,7 +50,7 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/s
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}"
 export PYTHONUNBUFFERED=1
 
-PARTS=${PARTS:-"paper step group bench tests"}
+PARTS=${PARTS:-"paper step group bench conformal tests"}
 [[ "${BENCH_AB:-1}" == 0 ]] && PARTS="${PARTS//bench/}"
 if [[ $SMOKE == 1 ]]; then
   export JAX_PLATFORMS=cpu
@@ -66,6 +68,8 @@ if [[ $SMOKE == 1 ]]; then
   BENCH_AB_ARGS=(--config configs/quickstart.py --categories 2 --steps 4 --rounds 1 --num-train 12
     --set data.image_size=32 model.width=4 train.batch_size=4 "mask.ks=(4,8)" "eval.ks=(8,)")
   TESTS=(tests/method/test_masks.py)
+  CONFORMAL_ARGS=(--normals 20 --sizes 32 --batch 4)
+  CONFORMAL_S=${CONFORMAL_S:-200}
 else
   DEADLINE=${DEADLINE:-560}
   PAPER_S=${PAPER_S:-220}; STEP_S=${STEP_S:-140}; GROUP_S=${GROUP_S:-100}; TEST_S=${TEST_S:-90}
@@ -77,7 +81,9 @@ else
   GROUP_ARGS=(--config configs/cpu.py --models 4 --steps 20)
   BENCH_AB_ARGS=(--config configs/cpu.py --categories 4 --steps 200 --rounds 1 --num-train 80)
   TESTS=(tests/method/test_model.py tests/method/test_scoring.py tests/method/test_losses.py
-         tests/method/test_masks.py)
+         tests/method/test_masks.py tests/method/test_conformal.py)
+  CONFORMAL_ARGS=(--normals 50,200,1000 --sizes 128,256 --batch 32)
+  CONFORMAL_S=${CONFORMAL_S:-45}
 fi
 
 # --- wheels the machine lacks (grain, clu, ml_collections, ...), into a private folder ----
@@ -187,6 +193,12 @@ if want ahead; then
   done
 fi
 
+if want conformal; then
+  budget conformal "$CONFORMAL_S" 20
+  (( CAP > 0 )) && run_part conformal "$CAP" "$OUT_DIR/conformal.log" \
+    python benchmarks/conformal_cost.py "${CONFORMAL_ARGS[@]}"
+fi
+
 test_rc=0
 if want tests; then
   budget tests "$TEST_S"
@@ -200,7 +212,7 @@ fi
 
 echo
 echo "== summary on $CARD (${SECONDS} s of $DEADLINE)"
-for p in paper step group bench tests; do
+for p in paper step group bench conformal tests; do
   want "$p" && echo "$p: ${STATUS[$p]:-not run}"
 done
 if [[ -f "$OUT_DIR/paper.log" ]]; then
@@ -218,6 +230,10 @@ fi
 if [[ -f "$OUT_DIR/bench_groups.log" ]]; then
   echo "-- bench (ssm-jax benchmark: categories as one group vs one after another)"
   tail -6 "$OUT_DIR/bench_groups.log"
+fi
+if [[ -f "$OUT_DIR/conformal.log" ]]; then
+  echo "-- conformal (per-image thresholds, ms per image)"
+  grep '^{"normals"' "$OUT_DIR/conformal.log"
 fi
 for f in "$OUT_DIR"/throughput_*.log; do
   [[ -f $f ]] && { echo "-- $(basename "$f" .log)"; grep -v '^RESULT ' "$f" | tail -4; }
