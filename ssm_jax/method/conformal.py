@@ -42,7 +42,6 @@ class Reference(NamedTuple):
 
     centre: jax.Array  # [H, W] the normals' per-pixel mean (valid pixels), taken out below
     dev: jax.Array  # [n, H, W] maps minus centre, 0 outside each map's valid part
-    valid: jax.Array  # [n, H, W] float 1/0
     s1: jax.Array  # [H, W] sum of dev over the normals
     s2: jax.Array  # [H, W] sum of dev ** 2
     count: jax.Array  # [H, W] valid normals per pixel
@@ -67,7 +66,7 @@ def reference(maps: np.ndarray, sizes: np.ndarray, mse: np.ndarray,
     centre = (m * v).sum(0) / np.maximum(count, 1)
     dev = (m - centre) * v
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
-    return Reference(centre=f32(centre), dev=f32(dev), valid=f32(v), s1=f32(dev.sum(0)),
+    return Reference(centre=f32(centre), dev=f32(dev), s1=f32(dev.sum(0)),
                      s2=f32((dev * dev).sum(0)), count=f32(count),
                      g1=f32((m * v).sum()), g2=f32((m * m * v).sum()), gc=f32(v.sum()),
                      mse=f32(mse), scores=f32(scores),
@@ -93,10 +92,14 @@ def normal_scores_with(ref: Reference, new_map: jax.Array, new_valid: jax.Array,
     other normals and the new image (``new_map`` [H, W] raw, ``new_valid`` [H, W] 1/0, in
     the normals' frame): ``normalization.standardize_leave_one_out`` of the augmented set,
     its first n rows."""
+    hh, ww = ref.centre.shape
+    # Each normal's valid part from its size (not kept as a second n x H x W array).
+    valid = ((jnp.arange(hh)[None, :, None] < ref.sizes[:, 0, None, None])
+             & (jnp.arange(ww)[None, None, :] < ref.sizes[:, 1, None, None])).astype(jnp.float32)
     d_new = (new_map - ref.centre) * new_valid
     s1 = ref.s1 - ref.dev + d_new
     s2 = ref.s2 - ref.dev * ref.dev + d_new * d_new
-    count = ref.count - ref.valid + new_valid
+    count = ref.count - valid + new_valid
     raw_new = new_map * new_valid
     gc = ref.gc + new_valid.sum()
     g_mean = (ref.g1 + raw_new.sum()) / gc
@@ -108,7 +111,7 @@ def normal_scores_with(ref: Reference, new_map: jax.Array, new_valid: jax.Array,
     std = jnp.where(ok, jnp.sqrt(jnp.maximum(s2 / c - mean_dev ** 2, 0.0)), g_std)
     floor = FLOOR_FRACTION * std.mean(axis=(1, 2), keepdims=True) + 1e-12
     z = (ref.dev + ref.centre - mean) / (std + floor)
-    return jax.vmap(lambda m, v: scoring.image_score(m, rule, topk_fraction, v))(z, ref.valid)
+    return jax.vmap(lambda m, v: scoring.image_score(m, rule, topk_fraction, v))(z, valid)
 
 
 def thresholds(ref: Reference, new_maps: jax.Array, new_valid: jax.Array, new_scores: jax.Array,
