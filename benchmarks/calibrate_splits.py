@@ -2,34 +2,44 @@
 
     python benchmarks/calibrate_splits.py --run magnetic_tile=RUN [--run kolektor=RUN2] \
         [--brightness 1.0,1.5] [--fpr 0.02] [--num-normals 50] [--splits 200] \
-        [--out benchmarks/results/calibrate_splits.json]
+        [--real-splits 2] [--out benchmarks/results/calibrate_splits.json]
 
 For each run (a data set's trained run) and each brightness factor, the data set's test
 normals (``DIR/test/good``, times the factor, clipped to 0-255, as benchmarks/
 calibrate_shift.py makes them) are scored once. Each split then draws ``--num-normals``
 of them as the new normals that ``ssm-jax calibrate --fpr`` would get and keeps the others
-as held-out normals: the threshold and map statistics are fitted on the first by the
-product's own code (``ssm_jax.scoring.calibration.fit_scored``, the quantile that
-``commands.calibrate`` asks for), the second are scored with them
-(``calibration.apply_map_stats``, as ``predict`` scores new images), and the held-out
-normals above the threshold are counted. Scoring once is exact, not an approximation: an
-image's scoring masks come from its pixels, so its raw map is the same whichever set it is
-scored in; split 0 of each run's first brightness is also run through the real ``ssm-jax
-calibrate`` and ``Detector.predict`` on a copy of the run, and their threshold and scores
-are compared.
+as held-out normals, and counts the held-out normals the product flags under both
+``eval.threshold_rule`` values:
+
+* ``conformal`` (the default): each held-out image against its own threshold
+  (``calibration.fit_scored`` on the new normals, then ``image_thresholds.from_outputs``
+  and ``.thresholds`` of the held-out raw maps, as ``Detector.predict`` decides);
+* ``quantile`` (the rule before): every held-out image against the one threshold of
+  ``fit_scored``.
+
+The held-out scores are ``predict``'s (``calibration.apply_map_stats``). Scoring once is
+exact, not an approximation: an image's scoring masks come from its pixels, so its raw map
+is the same whichever set it is scored in. The first ``--real-splits`` splits of every
+condition also go through the real ``ssm-jax calibrate`` (a subprocess, on a copy of the
+run) and ``Detector.predict`` (``anomalous``, under both rules), and the flags, thresholds
+and scores are compared with the ones above.
 
 Expected: for exchangeable normal scores the mean rate is the asked ``--fpr``. One split's
 count of m held-out normals is beta-binomial (the threshold's true rate is
 Beta(n + 1 - j, j), j = 1 + (n - 1) q the interpolated order statistic); its 95% interval
 for the mean of S splits (independent splits: conservative, since the splits here share
 one pool of normals) is printed beside a Monte-Carlo one that draws exchangeable scores for
-the same pool and the same splits (``--null-draws`` pools).
+the same pool and the same splits (``--null-draws`` pools). ``--conformal-splits K``: the
+exact full-conformal reference (all n + 1 standardized leave-one-out together, by
+``normalization.standardize_leave_one_out``) on the first K splits, its flags compared
+image by image with the conformal rule's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -88,10 +98,39 @@ def null_interval(num: int, n: int, q: float, picks: list[np.ndarray], draws: in
     return [float(v) for v in np.quantile(means, [0.025, 0.975])]
 
 
+RULES = ("conformal", "quantile")
+
+
+def decide(cfg, sc, cal: dict, cal_sizes: np.ndarray, held: dict,
+           held_sizes: np.ndarray) -> dict:
+    """The product's decisions on the held-out normals (raw outputs ``held``) from a
+    calibration on ``cal``: ``calibration.fit_scored``, the held-out scores as ``predict``
+    makes them, and per rule the thresholds [m] and flags [m] (``Detector._decide``)."""
+    from ssm_jax.scoring import calibration, image_thresholds
+
+    threshold, stats, _ = calibration.fit_scored(cfg, sc, cal, cal_sizes)
+    out = held
+    if stats and "mean" in stats:
+        out = calibration.apply_map_stats(held, {k: v for k, v in stats.items()
+                                                 if k != "fusion"}, sc, held_sizes)
+    before_fusion = out["score"]
+    if stats and "fusion" in stats:
+        out = calibration.apply_map_stats(out, {"fusion": stats["fusion"]}, sc, held_sizes)
+    scores = np.asarray(out["score"], np.float64)
+    one = np.full(len(scores), float(threshold))
+    conf = image_thresholds.from_outputs(cfg, sc, cal, cal_sizes)
+    per_image = one if conf is None else conf.thresholds(held["map"], held_sizes,
+                                                         before_fusion, held["mse"])
+    return {"threshold": float(threshold), "scores": scores,
+            "thresholds": {"conformal": per_image, "quantile": one},
+            "flags": {"conformal": scores > per_image, "quantile": scores > one}}
+
+
 def real_calibrate(workdir: str, tmp: str, paths: list[str], pick: np.ndarray, n: int,
-                   fpr: float, images: np.ndarray) -> tuple[float, np.ndarray]:
+                   fpr: float, images: np.ndarray) -> dict:
     """Split ``pick`` through the real command: ``ssm-jax calibrate`` on a copy of the run
-    with the split's new normals, then ``Detector.predict`` of the held-out ones."""
+    with the split's new normals, then ``Detector.predict`` of the held-out ones under
+    each ``eval.threshold_rule`` (its ``anomalous``, ``thresholds``, ``scores``)."""
     from ssm_jax.serving.detector import Detector
 
     wd, new = os.path.join(tmp, "run"), os.path.join(tmp, "new")
@@ -104,40 +143,56 @@ def real_calibrate(workdir: str, tmp: str, paths: list[str], pick: np.ndarray, n
                          text=True, cwd=ROOT)
     if res.returncode:
         raise SystemExit(res.stderr[-2000:])
-    det = Detector.load(wd)
-    scores = det.predict(images[np.sort(pick[n:])])["scores"]
+    out = {}
+    for rule in RULES:
+        det = Detector.load(wd, eval={"threshold_rule": rule})
+        p = det.predict(images[np.sort(pick[n:])])
+        out[rule] = {"threshold": float(p["threshold"]),
+                     "thresholds": np.asarray(p["thresholds"], np.float64),
+                     "scores": np.asarray(p["scores"], np.float64),
+                     "anomalous": np.asarray(p["anomalous"], bool)}
     shutil.rmtree(wd)
     shutil.rmtree(new)
-    return float(det.threshold), np.asarray(scores, np.float64)
+    return out
 
 
-def full_conformal_rate(raw: dict, sizes: np.ndarray, picks: list[np.ndarray], n: int,
-                        q: float, sc) -> float:
-    """Mean rate over ``picks`` of the exact (full conformal) rule: a held-out normal h is
-    flagged when its score, against the statistics of the n calibration normals, exceeds
-    the q quantile of the calibration normals' scores against the statistics of the others
-    *and h* (all n + 1 scored leave-one-out together; n + 1 standardizations per image)."""
+def compare_real(real: dict, short: dict) -> dict:
+    """How far the real command's decisions are from :func:`decide`'s (one split)."""
+    return {"threshold_difference": abs(real["quantile"]["threshold"] - short["threshold"]),
+            "max_abs_score_difference": max(
+                float(np.abs(real[r]["scores"] - short["scores"]).max()) for r in RULES),
+            "max_abs_threshold_difference": {
+                r: float(np.abs(real[r]["thresholds"] - short["thresholds"][r]).max())
+                for r in RULES},
+            "flags_differ": {r: int((real[r]["anomalous"] != short["flags"][r]).sum())
+                             for r in RULES},
+            "flagged_real": {r: int(real[r]["anomalous"].sum()) for r in RULES}}
+
+
+def full_conformal_flags(raw: dict, sizes: np.ndarray, pick: np.ndarray, n: int, q: float,
+                         sc) -> np.ndarray:
+    """Flags [m] of the held-out normals of one split (sorted) under the exact (full
+    conformal) rule, computed from the definition: a held-out normal h is flagged when its
+    score, against the statistics of the n calibration normals, exceeds the q quantile of
+    the calibration normals' scores against the statistics of the others *and h* (all
+    n + 1 scored leave-one-out together; n + 1 standardizations per image)."""
     from ssm_jax.method import normalization, scoring
 
-    rates = []
-    for pick in picks:
-        cal, flagged = pick[:n], 0
-        for h in pick[n:]:
-            idx = np.append(cal, h)
-            s = np.asarray(scoring.image_scores(
-                normalization.standardize_leave_one_out(raw["map"][idx], sizes[idx]),
-                sc.image_score, sc.topk_fraction, sizes[idx]))
-            flagged += int(s[-1] > np.quantile(s[:-1], q))
-        rates.append(flagged / (len(pick) - n))
-    return float(np.mean(rates))
+    cal, flags = pick[:n], []
+    for h in np.sort(pick[n:]):
+        idx = np.append(cal, h)
+        s = np.asarray(scoring.image_scores(
+            normalization.standardize_leave_one_out(raw["map"][idx], sizes[idx]),
+            sc.image_score, sc.topk_fraction, sizes[idx]))
+        flags.append(bool(s[-1] > np.quantile(s[:-1], q)))
+    return np.asarray(flags)
 
 
-def one_condition(name: str, workdir: str, brightness: float, args, tmp: str,
-                  real_check: bool) -> dict:
+def one_condition(name: str, workdir: str, brightness: float, args, tmp: str) -> dict:
     import ml_collections
 
     from ssm_jax.data import folder
-    from ssm_jax.scoring import calibration, metrics
+    from ssm_jax.scoring import metrics
     from ssm_jax.serving.detector import Detector
 
     det = Detector.load(workdir)
@@ -164,55 +219,68 @@ def one_condition(name: str, workdir: str, brightness: float, args, tmp: str,
     q = metrics.quantile_for_fpr(n, fpr)  # commands.calibrate's
     cfg = ml_collections.ConfigDict(det.cfg.to_dict())
     cfg.eval.threshold_quantile = q
+    cfg.eval.threshold_rule = "conformal"  # decide() gives both rules' flags
 
     def part(idx):
         return {k: raw[k][idx] for k in ("map", "score", "mse")}, sizes[idx]
 
-    picks, flagged, thresholds = [], [], []
+    picks, thresholds, checks = [], [], []
+    flags: dict[str, list[np.ndarray]] = {r: [] for r in RULES}
+    t0 = time.time()
+    log = logging.getLogger("ssm_jax")
     for split in range(args.splits):
         pick = np.random.default_rng(split).permutation(num)
         cal, held = pick[:n], np.sort(pick[n:])
-        out, sz = part(cal)
-        threshold, stats, _ = calibration.fit_scored(cfg, det.sc, out, sz)
-        out, sz = part(held)
-        scores = (calibration.apply_map_stats(out, stats, det.sc, sz)["score"]
-                  if stats else out["score"])
+        level = log.level
+        if split:  # fit_scored's few-normals warning: once per condition, not per split
+            log.setLevel(logging.ERROR)
+        try:
+            d = decide(cfg, det.sc, *part(cal), *part(held))
+        finally:
+            log.setLevel(level)
         picks.append(pick)
-        flagged.append(int((np.asarray(scores) > threshold).sum()))
-        thresholds.append(float(threshold))
-        if split == 0 and real_check:
-            real_t, real_scores = real_calibrate(workdir, tmp, paths, pick, n, fpr, images)
-            check = {"threshold_shortcut": float(threshold), "threshold_real": real_t,
-                     "max_abs_score_difference": float(np.abs(real_scores - scores).max()),
-                     "flagged_shortcut": flagged[0],
-                     "flagged_real": int((real_scores > real_t).sum())}
+        thresholds.append(d["threshold"])
+        for r in RULES:
+            flags[r].append(d["flags"][r])
+        if split < args.real_splits:
+            real = real_calibrate(workdir, tmp, paths, pick, n, fpr, images)
+            checks.append({"split": split, **compare_real(real, d)})
+    decide_s = time.time() - t0
     m = num - n
-    rates = np.asarray(flagged) / m
+    bb = beta_binomial_interval(n, m, q, args.splits)
+    rules = {}
+    for r in RULES:
+        counts = [int(f.sum()) for f in flags[r]]
+        rate = float(np.mean(counts)) / m
+        rules[r] = {"mean_rate": rate, "flagged_per_split": counts,
+                    "within_interval": bool(bb["interval_95"][0] <= rate
+                                            <= bb["interval_95"][1])}
     result = {"data": name, "run": {"checkpoint_step": det.step,
                                     "train_steps": det.cfg.train.steps,
                                     "image_size": det.cfg.data.image_size,
                                     "width": det.cfg.model.width,
-                                    "map_normalization": det.cfg.eval.map_normalization},
+                                    "map_normalization": det.cfg.eval.map_normalization,
+                                    "image_score_fusion": det.cfg.eval.image_score_fusion},
               "brightness": brightness, "test_normals": num, "new_normals": n,
               "held_out_normals": m, "asked_fpr": fpr, "quantile": q, "splits": args.splits,
-              "mean_rate": float(rates.mean()),
-              "beta_binomial": beta_binomial_interval(n, m, q, args.splits),
+              "rules": rules, "beta_binomial": bb,
               "null_interval_95_same_splits": null_interval(num, n, q, picks, args.null_draws),
-              "flagged_per_split": flagged,
-              "threshold_mean": float(np.mean(thresholds)), "scoring_seconds": score_s}
+              "threshold_mean": float(np.mean(thresholds)), "scoring_seconds": score_s,
+              "deciding_seconds": decide_s}
     if args.conformal_splits and det.cfg.eval.map_normalization == "val_zscore":
         k = min(args.conformal_splits, args.splits)
-        result["full_conformal"] = {
-            "splits": k, "mean_rate": full_conformal_rate(raw, sizes, picks[:k], n, q, det.sc),
-            "mean_rate_calibrate_same_splits": float(np.mean(rates[:k])),
-            "beta_binomial": beta_binomial_interval(n, m, q, k)}
-    bb = result["beta_binomial"]["interval_95"]
-    result["within_interval"] = bool(bb[0] <= result["mean_rate"] <= bb[1])
-    if real_check:
-        result["real_command_check"] = check
-    print(f"{name} x{brightness}: mean rate {result['mean_rate']:.4f} over {args.splits} splits "
-          f"(expected {result['beta_binomial']['expected_rate']:.4f}, 95% "
-          f"[{bb[0]:.4f}, {bb[1]:.4f}]; same-pool null "
+        exact = [full_conformal_flags(raw, sizes, picks[i], n, q, det.sc) for i in range(k)]
+        result["exact_reference"] = {
+            "splits": k, "mean_rate": float(np.mean([f.mean() for f in exact])),
+            "conformal_mean_rate_same_splits": float(np.mean(
+                [f.mean() for f in flags["conformal"][:k]])),
+            "flags_differ": int(sum((a != b).sum() for a, b in zip(exact, flags["conformal"])))}
+    if checks:
+        result["real_command_checks"] = checks
+    print(f"{name} x{brightness}: " + "; ".join(
+        f"{r} {rules[r]['mean_rate']:.4f}" for r in RULES)
+          + f" over {args.splits} splits (expected {bb['expected_rate']:.4f}, 95% "
+          f"[{bb['interval_95'][0]:.4f}, {bb['interval_95'][1]:.4f}]; same-pool null "
           f"{result['null_interval_95_same_splits']})", flush=True)
     return result
 
@@ -225,7 +293,9 @@ def main() -> None:
     ap.add_argument("--num-normals", type=int, default=50)
     ap.add_argument("--splits", type=int, default=200)
     ap.add_argument("--null-draws", type=int, default=2000)
-    ap.add_argument("--no-real-check", action="store_true")
+    ap.add_argument("--real-splits", type=int, default=2,
+                    help="splits of every condition also run through ssm-jax calibrate and "
+                         "Detector.predict (0: none)")
     ap.add_argument("--conformal-splits", type=int, default=0,
                     help="also the exact full-conformal rule's rate on this many splits")
     ap.add_argument("--cache", default=None, help="keep the scored maps here (reruns)")
@@ -238,12 +308,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.run:
             name, workdir = spec.split("=", 1)
-            for i, b in enumerate(float(v) for v in args.brightness.split(",")):
-                # The real command once per run (its first brightness): minutes each.
-                rows.append(one_condition(name, workdir, b, args, tmp,
-                                          i == 0 and not args.no_real_check))
+            for b in (float(v) for v in args.brightness.split(",")):
+                rows.append(one_condition(name, workdir, b, args, tmp))
     result = {"conditions": rows, "train_command": args.train_command,
-              "all_within_interval": all(r["within_interval"] for r in rows),
+              "rule_in_force": "conformal",
+              "all_within_interval": {r: all(c["rules"][r]["within_interval"] for c in rows)
+                                      for r in RULES},
               "load_average": os.getloadavg()[0],
               "command": "python benchmarks/calibrate_splits.py " + " ".join(
                   f"{a.split('=', 1)[0]}=RUN" if prev == "--run" else

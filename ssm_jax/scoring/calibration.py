@@ -340,12 +340,17 @@ def fit_scored(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig,
     come in kinds (magnetic_tile: about 1.5-1.7% at an asked 2%), and the asked rate where
     they do not (benchmarks/calibrate_bias.py: independent heavy-tailed pixels show no
     bias; the n - 1 against n count and the std floor explain little; median / IQR
-    statistics and a nested leave-two-out correction do not remove it). No exportable
+    statistics and a nested leave-two-out correction do not remove it). No single
     threshold can be exact here (a calibration normal's score would need the new image
-    among its statistics); the exact rule (full conformal: the normals scored again with
-    each new image among their statistics) costs n + 1 standardizations per new image and
-    gives no single threshold to export, so it is measured (benchmarks/calibrate_splits.py),
-    not used.
+    among its statistics), so the threshold returned here is the rule only under
+    ``eval.threshold_rule = quantile``. The default, ``conformal``, is the exact rule (full
+    conformal: the normals scored again with each new image among their statistics): each
+    new image gets its own threshold (:mod:`ssm_jax.scoring.image_thresholds`,
+    :mod:`ssm_jax.method.conformal`; O(n H W) per image, in JAX and in exported graphs),
+    which flags the promised rate on average where this one falls short
+    (tests/scoring/test_calibration.py; figures for both rules on magnetic_tile and
+    kolektor, with and without a brightness shift, in benchmarks/results/
+    calibrate_splits.json and calibrate_bias.json, printed in docs/results.md).
     """
     from ssm_jax.scoring import metrics as metrics_lib
 
