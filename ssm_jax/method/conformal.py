@@ -78,6 +78,7 @@ def _fusion_leave_one_out(s: jax.Array, mse: jax.Array) -> jax.Array:
     n = s.shape[0]
 
     def z(a):
+        a = a - a.mean()  # shift-free; float32 sums of squares of raw MSEs (~1e-2) cancel
         t1, t2 = a.sum(), (a * a).sum()
         mean = (t1 - a) / (n - 1)
         std = jnp.sqrt(jnp.maximum((t2 - a * a) / (n - 1) - mean * mean, 0.0)) + 1e-12

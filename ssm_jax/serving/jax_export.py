@@ -7,11 +7,16 @@ leaves a half-written file) holding:
   (StableHLO; lowered for CPU and CUDA by default; the batch dimension symbolic). It
   takes the weights, images [B, H, W, C] in [0, 1] and each image's content id (the key
   of its masks, as in :func:`ssm_jax.serving.detector.content_ids`) and returns image scores,
-  anomaly maps (map statistics applied), restoration MSEs and the decisions against the
-  threshold, which is baked in with the statistics;
+  anomaly maps (map statistics applied), restoration MSEs, each image's threshold
+  (``thresholds``) and the decisions (``anomalous`` = score above it). The threshold is
+  baked in with the statistics; under ``eval.threshold_rule = conformal`` with map
+  statistics or fusion (``Detector.conformal``), the calibration normals' reference arrays
+  (:class:`ssm_jax.method.conformal.Reference`) are baked in too and each image's threshold
+  is computed in the graph exactly as ``Detector.predict`` computes it; otherwise every
+  image's threshold is the one calibrated threshold;
 * ``weights.npz``: the model variables as a flat list (the order the function expects);
 * ``meta.json``: what the function needs and was made with (image shape, channels, k
-  set, threshold, versions).
+  set, threshold, ``threshold_rule`` as applied, number of calibration normals, versions).
 
 :mod:`ssm_jax.serving.exported` loads it with jax and numpy only.
 """
@@ -32,7 +37,7 @@ from ssm_jax.config import loader as config_utils
 from ssm_jax.core import parallel, storage
 from ssm_jax.core.errors import ConfigError, ExportError, MissingDependency
 from ssm_jax.core.version import __version__
-from ssm_jax.method import normalization, scoring
+from ssm_jax.method import conformal, normalization, scoring
 from ssm_jax.serving.detector import Detector
 from ssm_jax.training import step as train_step
 
@@ -60,9 +65,52 @@ def export_shape(det: Detector, image_shape: Sequence[int] | None) -> tuple[int,
     return h, w
 
 
+def threshold_rule(det: Detector) -> str:
+    """The rule an export applies: ``conformal`` where each image gets its own threshold
+    (``Detector.conformal``), else ``quantile`` (the one threshold for every image)."""
+    return "conformal" if det.conformal is not None else "quantile"
+
+
+def num_calibration_images(det: Detector) -> int | None:
+    """How many normals the threshold was calibrated on (those baked in, under conformal)."""
+    if det.conformal is not None:
+        return len(det.conformal.maps)
+    n = det.num_calibration_images
+    return None if n is None else int(n)
+
+
+def image_thresholds_fn(det: Detector, shape: tuple[int, int]):
+    """(raw maps [B, H, W] at ``shape``, scores before fusion [B], mse [B]) -> thresholds
+    [B]: :meth:`Detector.thresholds_of` as a JAX function of one export shape, the
+    calibration normals' :class:`~ssm_jax.method.conformal.Reference` as constants."""
+    conf = det.conformal
+    if conf is None:
+        threshold = np.float32(det.threshold)
+        return lambda maps, scores, mse: jnp.full(scores.shape, threshold, jnp.float32)
+    ref = conf.ref
+    frame = conf.shape
+    # conformal.to_frame for images of the export shape: crop or zero-pad (static), the
+    # padding invalid.
+    hh, ww = min(shape[0], frame[0]), min(shape[1], frame[1])
+    valid = np.zeros(frame, np.float32)
+    valid[:hh, :ww] = 1.0
+
+    def thresholds(maps, scores, mse):
+        maps = maps[:, :hh, :ww]
+        if (hh, ww) != tuple(frame):
+            maps = jnp.pad(maps, ((0, 0), (0, frame[0] - hh), (0, frame[1] - ww)))
+        v = jnp.broadcast_to(jnp.asarray(valid), maps.shape)
+        return conformal.thresholds(ref, maps, v, scores.astype(jnp.float32),
+                                    mse.astype(jnp.float32), float(conf.quantile), conf.rule,
+                                    float(conf.topk_fraction), conf.standardized, conf.fused)
+
+    return thresholds
+
+
 def scoring_function(det: Detector, shape: tuple[int, int], masks_given: bool = False):
-    """(weights list, images [B, H, W, C], ids [B]) -> scores, maps, mse, anomalous: the
-    Detector's scoring on one device, its statistics and threshold as constants.
+    """(weights list, images [B, H, W, C], ids [B]) -> scores, maps, mse, thresholds,
+    anomalous: the Detector's scoring on one device, its statistics and threshold (each
+    image's own under the conformal rule: :func:`image_thresholds_fn`) as constants.
     ``masks_given``: the third argument is each image's scoring masks [B, R, K*D, n, H, W]
     (scoring.pass_masks) instead of its id (the ONNX export: jax.random does not convert)."""
     model = train_step.make_model(det.cfg)
@@ -75,7 +123,7 @@ def scoring_function(det: Detector, shape: tuple[int, int], masks_given: bool = 
         mean = jnp.asarray(normalization.to_shape(stats["mean"], shape))
         scale = jnp.asarray(normalization.to_shape(stats["scale"], shape))
     fusion = np.asarray(stats["fusion"], np.float32) if "fusion" in stats else None
-    threshold = np.float32(det.threshold)
+    thresholds_of = image_thresholds_fn(det, shape)
 
     def score(weights, images, ids):
         variables = jax.tree.unflatten(treedef, weights)
@@ -89,10 +137,13 @@ def scoring_function(det: Detector, shape: tuple[int, int], masks_given: bool = 
         if mean is not None:
             maps = (maps - mean) / scale
             scores = scoring.image_scores(maps, sc.image_score, sc.topk_fraction)
+        # As Detector._decide: the conformal threshold takes the raw map and the score
+        # after the statistics, before the fusion.
+        thresholds = thresholds_of(out["map"], scores, out["mse"])
         if fusion is not None:
             scores = (scores - fusion[0]) / fusion[1] + (out["mse"] - fusion[2]) / fusion[3]
-        return {"scores": scores, "maps": maps, "mse": out["mse"],
-                "anomalous": scores > threshold}
+        return {"scores": scores, "maps": maps, "mse": out["mse"], "thresholds": thresholds,
+                "anomalous": scores > thresholds}
 
     return score
 
@@ -102,8 +153,9 @@ def export_detector(det: Detector, output: str,
                     image_shape: Sequence[int] | None = None) -> dict:
     """Writes the artifact for ``det`` to ``output``; returns its metadata.
 
-    The threshold (and map statistics) are those saved by ``evaluate`` for these
-    settings, else calibrated now on the run's held-out normals.
+    The threshold (and map statistics, and under the conformal rule the calibration
+    normals) are those saved by ``evaluate`` or ``calibrate`` for these settings, else
+    calibrated now on the run's held-out normals.
     """
     from jax import export as jax_export
 
@@ -133,6 +185,8 @@ def export_detector(det: Detector, output: str,
         "refine_passes": det.sc.refine_passes, "image_score": det.sc.image_score,
         "threshold": float(det.threshold), "threshold_quantile":
             float(det.cfg.eval.threshold_quantile),
+        "threshold_rule": threshold_rule(det),
+        "num_calibration_images": num_calibration_images(det),
         "map_normalization": det.cfg.eval.map_normalization,
         "image_score_fusion": det.cfg.eval.image_score_fusion,
         "batch_size": int(det.cfg.eval.batch_size), "seed": int(det.cfg.eval.seed),

@@ -62,7 +62,7 @@ from ssm_jax.serving.detector import Detector
 FORMAT = "ssm_jax.onnx_detector"  # = ssm_jax.serving.onnx_serving.FORMAT (not imported: jax-free)
 FORMAT_VERSION = 1
 INPUTS = ("images", "masks")
-OUTPUTS = ("scores", "maps", "mse", "anomalous")
+OUTPUTS = ("scores", "maps", "mse", "thresholds", "anomalous")
 META_KEY = "ssm_jax"  # metadata_props key holding the meta JSON
 OPSET = 21
 
