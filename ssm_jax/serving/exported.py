@@ -3,14 +3,16 @@
     from ssm_jax.serving import exported as serving
     m = serving.load("detector.ssm")
     out = m.score(images)   # float32 [B, H, W, C] in [0, 1] at the exported size
-    out["scores"], out["maps"], out["anomalous"]
+    out["scores"], out["maps"], out["thresholds"], out["anomalous"]
 
 This module imports nothing beyond jax, numpy and the standard library (and
 ``ssm_jax.core.errors``, which imports nothing): flax, optax, orbax, grain, clu, ml_collections
 and TensorFlow need not be installed. jax's export deserializer needs the small
 ``flatbuffers`` package (a missing one is reported in one line). Scores equal the trained
 run's ``Detector`` scores to float tolerance: each image's masks are keyed by the CRC-32
-of its pixels, as there.
+of its pixels, as there. ``anomalous`` is ``scores > thresholds``, each image's threshold
+computed in the exported function as the ``Detector`` computes it (``meta["threshold_rule"]``:
+``conformal``, the calibration normals baked in, or ``quantile``, the one threshold).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ class ExportedDetector(ExportedImages):
     _weights: list
 
     def score(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B] and ``anomalous`` [B] (scores
-        above the exported threshold). Images go through in chunks of ``batch_size``
-        (default: the run's eval.batch_size), the last one padded, so one compilation
-        serves any number of images."""
+        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B], ``thresholds`` [B] (each
+        image's threshold) and ``anomalous`` [B] (score above it). Images go through in
+        chunks of ``batch_size`` (default: the run's eval.batch_size), the last one
+        padded, so one compilation serves any number of images."""
         x = self.check_images(images)
         ids = content_ids(x)
         bs = int(batch_size or self.meta.get("batch_size", 32))
@@ -63,7 +65,8 @@ class ExportedDetector(ExportedImages):
                 ib = np.concatenate([ib, np.repeat(ib[-1:], bs - real, 0)])
             out = self._call(self._weights, xb, ib)
             parts.append({k: np.asarray(v)[:real] for k, v in out.items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self.with_thresholds({k: np.concatenate([p[k] for p in parts])
+                                     for k in parts[0]})
 
 
 def _read(path: str) -> tuple[dict, bytes, list[np.ndarray]]:

@@ -5,12 +5,20 @@ numpy alone (:mod:`ssm_jax.serving.onnx_serving`).
 once its scoring masks are drawn: the restoration passes over the masks (all k, all mask
 draws, and the progressive refinement passes with their quantile or threshold rule), the
 composites, the MS-GMS anomaly map, the Gaussian smoothing, the map statistics
-(``val_zscore``) and MSE fusion of the held-out normals, the image score and the decision
-against the calibrated threshold (both baked in). Inputs: ``images`` [B, H, W, C] float32
-in [0, 1] and ``masks`` [B, R, K*D, n, H, W] float32 (1 = visible; R refinement passes,
-K*D = len(eval.ks) x eval.mask_draws, n = mask.num_masks). Outputs: ``scores`` [B],
-``maps`` [B, H, W], ``mse`` [B], ``anomalous`` [B] (bool). B is fixed at export
-(``--batch-size``, default eval.batch_size); the loader pads the last chunk.
+(``val_zscore``) and MSE fusion of the held-out normals, the image score, each image's
+threshold and the decision against it. Under ``eval.threshold_rule = conformal`` with map
+statistics or fusion, each image's threshold is computed in the graph as
+``Detector.predict`` computes it (:mod:`ssm_jax.method.conformal`, the same JAX function
+converted: running per-pixel sums with the image among the calibration normals, the
+floor, their top-k or max image scores over valid pixels, the leave-one-out fusion, a
+linear-interpolated quantile over a sort; one image at a time in an ONNX Loop), the
+normals' reference arrays baked in like the weights; otherwise it is the one calibrated
+threshold (baked in). Inputs: ``images`` [B, H, W, C] float32 in [0, 1] and ``masks``
+[B, R, K*D, n, H, W] float32 (1 = visible; R refinement passes, K*D = len(eval.ks) x
+eval.mask_draws, n = mask.num_masks). Outputs: ``scores`` [B], ``maps`` [B, H, W],
+``mse`` [B], ``thresholds`` [B], ``anomalous`` [B] (bool: scores > thresholds). B is
+fixed at export (``--batch-size``, default eval.batch_size); the loader pads the last
+chunk.
 
 **Not in the graph: drawing the masks.** They are an input, drawn by the loader in numpy
 (:func:`ssm_jax.serving.onnx_serving.draw_masks`), keyed by each image's content id. Under
@@ -167,8 +175,9 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
                 batch_size: int | None = None) -> dict:
     """Writes the ONNX scorer of ``det`` to ``output`` (atomically); returns its metadata.
 
-    The threshold (and map statistics) are those saved by ``evaluate`` for these settings,
-    else calibrated now on the run's held-out normals.
+    The threshold (and map statistics, and under the conformal rule the calibration
+    normals) are those saved by ``evaluate`` or ``calibrate`` for these settings, else
+    calibrated now on the run's held-out normals.
     """
     from ssm_jax.serving import jax_export as export
 
@@ -222,6 +231,8 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
             jax.random.key_data(jax.random.PRNGKey(det.cfg.eval.seed)))],
         "threshold": float(det.threshold),
         "threshold_quantile": float(det.cfg.eval.threshold_quantile),
+        "threshold_rule": export.threshold_rule(det),
+        "num_calibration_images": export.num_calibration_images(det),
         "map_normalization": det.cfg.eval.map_normalization,
         "image_score_fusion": det.cfg.eval.image_score_fusion,
         "checkpoint_step": det.step, "workdir": storage.resolve(det.workdir),

@@ -4,7 +4,13 @@ numpy only: no jax, no flax.
     from ssm_jax.serving import onnx_serving
     m = onnx_serving.load("detector.onnx")
     out = m.score(images)   # float32 [B, H, W, C] in [0, 1] (or uint8) at the exported size
-    out["scores"], out["maps"], out["anomalous"]
+    out["scores"], out["maps"], out["thresholds"], out["anomalous"]
+
+``anomalous`` is ``scores > thresholds``: each image's own threshold where the model was
+exported under ``eval.threshold_rule = conformal`` with map statistics or fusion
+(``meta["threshold_rule"]``; computed in the graph as the Detector computes it), else the
+one calibrated threshold for every image (``meta["threshold"]``, also what models of
+earlier versions, which have no ``thresholds`` output, are given here).
 
 The ONNX graph holds the whole scorer except drawing the scoring masks (see
 :mod:`ssm_jax.serving.onnx_export`): :func:`draw_masks` draws them here, keyed by each
@@ -148,7 +154,21 @@ class ExportedImages:
 
     @property
     def threshold(self) -> float:
+        """The one calibrated threshold (each image's own is in ``score()["thresholds"]``
+        under the conformal rule)."""
         return float(self.meta["threshold"])
+
+    @property
+    def threshold_rule(self) -> str:
+        """``conformal`` (a threshold per image, computed in the graph) or ``quantile``."""
+        return str(self.meta.get("threshold_rule", "quantile"))
+
+    def with_thresholds(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``out`` with ``thresholds`` [B]: the one threshold for every image where the
+        graph (of an earlier version) does not give them."""
+        if "thresholds" not in out:
+            out["thresholds"] = np.full(len(out["scores"]), self.threshold, np.float32)
+        return out
 
     def check_images(self, images: Any) -> np.ndarray:
         """float32 [B, H, W, C] in [0, 1] (uint8 is scaled); one DataError otherwise."""
@@ -171,10 +191,10 @@ class OnnxDetector(ExportedImages):
     session: Any
 
     def score(self, images: Any, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B], ``anomalous`` [B] (score above
-        the exported threshold). ``masks`` [B, R, K*D, n, H, W] (1 = visible): default
-        :func:`draw_masks`. Images go through in chunks of the exported batch size, the
-        last one padded."""
+        """``scores`` [B], ``maps`` [B, H, W], ``mse`` [B], ``thresholds`` [B] (each
+        image's threshold) and ``anomalous`` [B] (score above it). ``masks``
+        [B, R, K*D, n, H, W] (1 = visible): default :func:`draw_masks`. Images go through
+        in chunks of the exported batch size, the last one padded."""
         x = self.check_images(images)
         per_image = tuple(int(v) for v in self.meta["masks_shape"])
         if masks is None:
@@ -193,7 +213,8 @@ class OnnxDetector(ExportedImages):
                 mb = np.concatenate([mb, np.repeat(mb[-1:], bs - real, 0)])
             out = self.session.run(list(self.meta["outputs"]), {"images": xb, "masks": mb})
             parts.append({k: np.asarray(v)[:real] for k, v in zip(self.meta["outputs"], out)})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self.with_thresholds({k: np.concatenate([p[k] for p in parts])
+                                     for k in parts[0]})
 
 
 def load(path: str, providers: list[str] | None = None) -> OnnxDetector:

@@ -124,23 +124,53 @@ def test_export_matches_detector(exported, workdir, images):
         np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(out["maps"], ref["maps"], rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(out["anomalous"], ref["anomalous"])
+        # No map statistics: one threshold for every image, whatever eval.threshold_rule.
+        np.testing.assert_allclose(out["thresholds"], m.threshold, rtol=1e-6)
+    assert m.meta["threshold_rule"] == "quantile" == m.threshold_rule
+    assert m.meta["num_calibration_images"] >= 1
     with pytest.raises(DataError, match=r"\[B, 32, 32, 1\]"):
         m.score(images[:, :16, :16])
     assert not [f for f in os.listdir(os.path.dirname(exported)) if ".tmp" in f]
 
 
 @pytest.mark.slow
-def test_export_with_map_statistics(workdir, images, tmp_path):
+@pytest.mark.parametrize("fusion,rule", [("mse", "conformal"), ("none", "conformal"),
+                                         ("mse", "quantile")])
+def test_export_with_map_statistics(workdir, images, tmp_path, fusion, rule):
+    """val_zscore maps (and the MSE fusion): the artifact's scores, maps, each image's
+    threshold and decisions are the Detector's; under the conformal rule the thresholds are
+    computed in the exported function (they differ between images and from the nominal
+    one), under quantile they are the one threshold."""
     det = Detector.load(workdir, eval={"map_normalization": "val_zscore",
-                                       "image_score_fusion": "mse"},
+                                       "image_score_fusion": fusion, "threshold_rule": rule},
                         data={"val_fraction": 0.25})  # >= 3 normals for the statistics
     path = str(tmp_path / "z.ssm")
     meta = export.export_detector(det, path, platforms=("cpu",))
     assert meta["map_normalization"] == "val_zscore" and det.stats is not None
-    out = serving.load(path).score(images)
+    assert meta["threshold_rule"] == rule
+    assert meta["num_calibration_images"] == det.num_calibration_images >= 3
+    m = serving.load(path)
+    out = m.score(images, batch_size=3)  # a padded last chunk: thresholds stay per image
     ref = det.predict(images)
     np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["maps"], ref["maps"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["thresholds"], ref["thresholds"], rtol=1e-4, atol=1e-4)
+    clear = np.abs(ref["scores"] - ref["thresholds"]) > 1e-3
+    assert clear.sum() >= len(images) - 1
+    np.testing.assert_array_equal(out["anomalous"][clear], ref["anomalous"][clear])
+    np.testing.assert_array_equal(out["anomalous"], out["scores"] > out["thresholds"])
+    if rule == "quantile":
+        assert det.conformal is None
+        np.testing.assert_allclose(out["thresholds"], m.threshold, rtol=1e-6)
+        return
+    # The graph's thresholds are not the nominal one: they differ from it and between
+    # images by far more than the float tolerance.
+    assert det.conformal is not None and m.threshold_rule == "conformal"
+    assert np.ptp(out["thresholds"]) > 0.05
+    assert np.abs(out["thresholds"] - m.threshold).max() > 0.05
+    # Where the two rules decide differently, the artifact decides as the Detector does.
+    differ = clear & ((ref["scores"] > m.threshold) != ref["anomalous"])
+    np.testing.assert_array_equal(out["anomalous"][differ], ref["anomalous"][differ])
 
 
 JAX_ONLY = r"""
