@@ -1,6 +1,7 @@
-"""``ssm-jax export --format onnx`` and ``ssm_jax.serving.onnx_serving``: onnxruntime's scores and
-maps equal the Detector's, with the loader's own masks (the hash rule) and given ones, in a
-process that imports neither jax nor flax; errors in one line."""
+"""``ssm-jax export --format onnx`` and ``ssm_jax.serving.onnx_serving``: onnxruntime's scores,
+maps, per-image thresholds (the conformal rule, computed in the graph) and decisions equal
+the Detector's, with the loader's own masks (the hash rule) and given ones, in a process
+that imports neither jax nor flax; errors in one line."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Refinement (2 passes), per-pixel map statistics and the MSE fusion: every part of the
-# scorer in the graph. val_fraction 0.25: the 3 held-out normals val_zscore needs.
+# scorer in the graph, and each image's threshold under eval.threshold_rule=conformal (the
+# default). val_fraction 0.25: the 3 held-out normals val_zscore needs.
 OVERRIDES = ["eval.refine_passes=2", "eval.map_normalization=val_zscore",
              "eval.image_score_fusion=mse", "data.val_fraction=0.25"]
 
@@ -39,7 +41,8 @@ loaded = sorted(k for k in sys.modules if k.split(".")[0] in ("jax", "jaxlib", "
 np.savez(sys.argv[3], **{"given_" + k: v for k, v in given.items()},
          **{"own_" + k: v for k, v in own.items()}, alone_scores=alone["scores"],
          own_masks=onnx_serving.draw_masks(m.meta, data["images"]))
-print(json.dumps({"loaded": loaded, "threshold": m.threshold}))
+print(json.dumps({"loaded": loaded, "threshold": m.threshold, "rule": m.threshold_rule,
+                  "n": m.meta["num_calibration_images"]}))
 """
 
 
@@ -83,9 +86,19 @@ def test_onnxruntime_equals_detector_without_jax(exported):
     scale = float(np.abs(ref["maps"]).max())
     np.testing.assert_allclose(out["given_maps"], ref["maps"], rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(out["given_mse"], ref["mse"], rtol=1e-4, atol=1e-7)
-    clear = np.abs(ref["scores"] - det.threshold) > 1e-3
-    assert clear.any()
+    # Each image's threshold, computed in the graph from the calibration normals baked in:
+    # the Detector's, and not the nominal one (it differs between images and from it).
+    assert info["rule"] == "conformal" and det.conformal is not None
+    assert info["n"] == len(det.conformal.maps) >= 3
+    np.testing.assert_allclose(out["given_thresholds"], ref["thresholds"], rtol=1e-4,
+                               atol=1e-4)
+    assert np.ptp(out["given_thresholds"]) > 0.05
+    assert np.abs(out["given_thresholds"] - det.threshold).max() > 0.05
+    clear = np.abs(ref["scores"] - ref["thresholds"]) > 1e-3
+    assert clear.sum() >= len(images) - 1
     np.testing.assert_array_equal(out["given_anomalous"][clear], ref["anomalous"][clear])
+    np.testing.assert_array_equal(out["given_anomalous"],
+                                  out["given_scores"] > out["given_thresholds"])
     # The loader's own masks (the hash rule, drawn in numpy): the Detector's, bit for bit,
     # so its scores and maps are the Detector's; the same for an image alone as in a batch.
     own = out["own_masks"]
@@ -94,6 +107,7 @@ def test_onnxruntime_equals_detector_without_jax(exported):
     np.testing.assert_array_equal(own, masks)
     np.testing.assert_allclose(out["own_scores"], ref["scores"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["own_maps"], ref["maps"], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(out["own_thresholds"], ref["thresholds"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["alone_scores"], out["own_scores"][3:4], rtol=1e-5)
 
 
