@@ -55,6 +55,23 @@ def test_fused_thresholds_fuse_the_augmented_set_leave_one_out():
     np.testing.assert_allclose(float(got[0]), np.quantile(fused[:n], 0.7), rtol=1e-4)
 
 
+def test_fusion_keeps_float32_precision_for_mses_far_from_zero():
+    """Restoration MSEs sit far from 0 against their spread (0.05 +- 0.001): the fusion's
+    sums of squares must not cancel in float32 (they did by ~3e-4 in the threshold, enough
+    for an exported graph that sums in another order to decide an image differently)."""
+    rng = np.random.default_rng(2)
+    n = 20
+    mse = (0.05 + 1e-3 * rng.standard_normal(n + 1)).astype(np.float32)
+    s = (5 + rng.standard_normal(n + 1)).astype(np.float32)
+    ref = conformal.reference(np.zeros((n, 4, 4), np.float32), np.tile([4, 4], (n, 1)),
+                              mse[:n], s[:n])
+    got = conformal.thresholds(ref, jnp.zeros((1, 4, 4)), jnp.ones((1, 4, 4)),
+                               jnp.asarray(s[n:]), jnp.asarray(mse[n:]), 0.9, "max", 0.0,
+                               False, True)
+    want = np.quantile(normalization.fuse_leave_one_out(s, mse)[:n], 0.9)
+    assert abs(float(got[0]) - want) < 1e-5
+
+
 def test_to_frame_crops_and_pads_with_invalid_padding():
     maps = np.arange(2 * 6 * 8, dtype=np.float32).reshape(2, 6, 8)
     out, valid = conformal.to_frame(maps, np.array([[6, 8], [4, 8]]), (8, 6))
