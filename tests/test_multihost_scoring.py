@@ -15,6 +15,8 @@ from conftest import launch
 
 pytestmark = pytest.mark.slow  # two-process evaluate and predict
 
+# Per-pixel statistics of >= 3 held-out normals (the shared run holds 24 training images).
+NORM = ("--config.eval.map_normalization=val_zscore", "--config.data.val_fraction=0.25")
 KEYS = ("image_auroc", "f1_max", "pixel_auroc", "aupro", "pixel_f1_max", "threshold")
 
 
@@ -74,18 +76,28 @@ def test_two_processes_evaluate_and_predict_as_one(tiny_run, data, tmp_path):
     assert sorted(reads) == [0, 1] and sum(reads.values()) == 11 and max(reads.values()) < 11
 
     # --overlays 3 with 11 images: each process keeps its own rows' best; together they
-    # draw exactly the overlays one process draws, those of the 3 highest scores.
+    # draw exactly the overlays one process draws, those of the 3 highest scores. With
+    # per-pixel statistics each image has its own threshold (eval.threshold_rule =
+    # conformal), computed by the process that scored it and gathered with its score.
     out3, out4 = tmp_path / "p3", tmp_path / "p4"
     launch(2, 1, [sys.executable, "-m", "ssm_jax", "predict", "--workdir", str(two),
-                  "--input", str(data / "test"), "--output", str(out3), "--overlays", "3"],
-           tmp_path / "pr3")
+                  "--input", str(data / "test"), "--output", str(out3), "--overlays", "3",
+                  *NORM], tmp_path / "pr3")
     res = cli_runs.ssm("predict", "--workdir", one, "--input", data / "test", "--output", out4,
-                       "--overlays", "3")
+                       "--overlays", "3", *NORM)
     assert res.returncode == 0, res.stderr[-3000:]
+    rc = json.loads((out3 / "scores.json").read_text())
+    rd = json.loads((out4 / "scores.json").read_text())
+    assert [r["path"] for r in rc] == [r["path"] for r in rd]
+    for k in ("score", "threshold"):
+        np.testing.assert_allclose([r[k] for r in rc], [r[k] for r in rd], rtol=1e-5,
+                                   atol=1e-6)
+    assert len({r["threshold"] for r in rc}) == len(rc)  # each image its own
+    assert all(r["anomalous"] == (r["score"] > r["threshold"]) for r in rc)
     drawn = sorted(str(p.relative_to(out3)) for p in out3.rglob("*_overlay.png"))
     assert len(drawn) == 3
     assert drawn == sorted(str(p.relative_to(out4)) for p in out4.rglob("*_overlay.png"))
-    top = sorted(ra, key=lambda r: -r["score"])[:3]
+    top = sorted(rd, key=lambda r: -r["score"])[:3]
     stems = {d.rsplit("_overlay.png", 1)[0].replace("/", "_") for d in drawn}
     assert all(any(s.endswith(r["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]) for s in stems)
                for r in top), (drawn, top)

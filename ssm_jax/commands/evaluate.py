@@ -6,15 +6,17 @@ metrics, the drift check of the test normals against the calibration normals,
 :mod:`ssm_jax.scoring.batch` and :mod:`ssm_jax.scoring.calibration`).
 
 Sets of any size: of a folder, only the validation files of the training split are read
-(``data.folder.validation_indices``), and the test split is read as it is scored, each host its
-rows of every batch (:mod:`ssm_jax.scoring.streamed`). What is kept: the image scores
-(N floats, gathered from every host), the pixel metrics' fixed-size accumulator
-(``ssm_jax.scoring.pixel_metrics``, summed over hosts; where that module is missing, every
-map, and the exact computation), the validation maps (for the threshold, the statistics
-and the pixel thresholds' range) and the report's images: a fixed random sample of
-``eval.report_images`` (kept while scoring on one host) and the hardest cases, known only
-at the end and scored again then (a few images; with several hosts the whole report set
-is, so that no maps cross hosts). ``per_image.csv`` has every image.
+(``data.folder.validation_indices``), and the test split is read as it is scored, each host
+its rows of every batch (:mod:`ssm_jax.scoring.streamed`). What is kept: the image scores
+and each image's threshold (N floats each, gathered from every host; the thresholds differ
+under ``eval.threshold_rule = conformal``, and every decision is against the image's own),
+the pixel metrics' fixed-size accumulator (``ssm_jax.scoring.pixel_metrics``, summed over
+hosts; where that module is missing, every map, and the exact computation), the
+validation maps (for the threshold, the statistics and the pixel thresholds' range) and
+the report's images: a fixed random sample of ``eval.report_images`` (kept while scoring
+on one host) and the hardest cases, known only at the end and scored again then (a few
+images; with several hosts the whole report set is, so that no maps cross hosts).
+``per_image.csv`` has every image.
 
 A killed ``evaluate`` does not resume: rerunning it costs what the killed run cost, its
 result (metrics.json, the report) is written only at the end and atomically, so the
@@ -128,12 +130,14 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     acc = _pixel_accumulator(det, test)
     exact = test.masks is not None and acc is None  # fallback: every map kept
     panels: dict[int, dict] = {}
-    index, scores, all_maps, all_masks = [], [], [], []
+    index, scores, own, all_maps, all_masks = [], [], [], [], []
     for b in det.score_batches(test.images, test.sizes, masks=test.masks,
                                restored=(lambda idx: in_sample[idx]) if keep_all else False,
                                progress="scoring test"):
         index.append(b.index)
         scores.append(b.score)
+        if b.threshold is not None:
+            own.append(b.threshold)
         if acc is not None:
             acc.update(b.map, b.mask, b.sizes)
         elif exact:
@@ -148,6 +152,14 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
     score = streamed.gather_rows(np.concatenate(scores) if scores else np.zeros(0, np.float32),
                                  index, n)
+    # Each test image's own threshold (eval.threshold_rule = conformal; else every image's
+    # is the one threshold), which decides it; the nominal one draws the report's lines.
+    thresholds = None
+    if threshold is not None:
+        thresholds = streamed.gather_rows(
+            np.concatenate(own) if own else np.full(len(index), threshold, np.float64),
+            index, n)
+    per_image = det.conformal is not None
     test_seconds = time.time() - t1
     result = metrics_lib.compute_all(labels, score, None, None)
     pixel_curves = None
@@ -164,7 +176,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         "num_images": n, "seconds": test_seconds, "total_seconds": time.time() - t0,
         "images_per_second": n / max(test_seconds, 1e-9),
         "checkpoint_step": det.step, "refine_passes": det.sc.refine_passes,
-        "threshold": threshold, "map_normalization": cfg.eval.map_normalization,
+        "threshold": threshold, "threshold_rule": "conformal" if per_image else "quantile",
+        "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     check = None
     normal = labels != 1
@@ -177,14 +190,16 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             "source", calibration.VALIDATION)
         # The test normals against the calibration normals (anomalies are known here).
         check = drift.check(score[normal], threshold, det.expected_rate,
-                            det.calibration_scores)
+                            det.calibration_scores,
+                            thresholds=thresholds[normal] if per_image else None)
         result["drift"] = {k: v for k, v in check.items() if k != "threshold"}
         if check["warning"]:
             log.warning("drift: %s", check["warning"])
         result.update({f"test_{k}": v for k, v in
-                       metrics_lib.detection_rates(labels, score, threshold).items()})
+                       metrics_lib.detection_rates(labels, score, thresholds).items()})
     # The report's images: the sample's panels kept while scoring, the hardest cases (known
-    # only now) scored again (a few images; every process takes part).
+    # only now) scored again (a few images; every process takes part; their maps are
+    # shown, their decisions are those above).
     from ssm_jax.report import grid
 
     hardest = grid.hardest(labels, score, cfg.eval.num_overlays)
@@ -209,7 +224,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                                              "restored": view.restored},
                             result, threshold, cfg.eval.num_overlays,
                             shown=None if len(shown) == n else shown,
-                            pixel_curves=pixel_curves)
+                            pixel_curves=pixel_curves,
+                            thresholds=thresholds if per_image else None)
         if check is not None:
             drift_report.add_to_report(eval_dir, check, score[normal],
                                        det.calibration_scores, threshold)

@@ -1,16 +1,23 @@
 """Scoring new images with a trained run: scores, decisions, heat-map overlays.
 
 The input folder is read as it is scored (:mod:`ssm_jax.scoring.streamed`), so a folder of
-any size needs the memory of a few batches. As each batch finishes, its rows (path, score)
-are written to ``OUTPUT/partial/`` as one small file, atomically: a killed run loses at
-most the batches in flight. Run again with the same ``--output``, it reads those rows
-back, scores only the rest and ends with the same files as an uninterrupted run
-(``partial/run.json`` records the checkpoint, scoring settings, threshold, input list and
-overlay mode the rows belong to; if any of them changed, the rows are dropped and
-everything is scored again). At the end ``scores.csv``, ``scores.json``, ``per_image.csv`` and
-``index.html`` are written (atomically) and ``partial/`` is removed. A full disk stops
-the run with one line (``ssm-jax: error: the disk is full ...``); the rows written stay
-whole, and the same command continues once space is freed.
+any size needs the memory of a few batches. As each batch finishes, its rows (path, score,
+the image's own threshold) are written to ``OUTPUT/partial/`` as one small file,
+atomically: a killed run loses at most the batches in flight. Run again with the same
+``--output``, it reads those rows back, scores only the rest and ends with the same files
+as an uninterrupted run (``partial/run.json`` records the checkpoint, scoring settings,
+threshold and threshold rule, input list and overlay mode the rows belong to; if any of
+them changed, the rows are dropped and everything is scored again). At the end
+``scores.csv``, ``scores.json``, ``per_image.csv`` and ``index.html`` are written
+(atomically) and ``partial/`` is removed. A full disk stops the run with one line
+(``ssm-jax: error: the disk is full ...``); the rows written stay whole, and the same
+command continues once space is freed.
+
+Decisions: an image is anomalous when its score is above its own threshold, which is the
+one calibrated threshold for every image unless ``eval.threshold_rule = conformal`` (the
+default) gives each its own (:mod:`ssm_jax.scoring.image_thresholds`); the ``threshold``
+column says which. The overlays' colour scale stays anchored to the one (nominal)
+threshold, so that one page has one scale.
 
 Overlays: ``--overlays N`` (default :data:`DEFAULT_OVERLAYS`) draws ``<name>_overlay.png``
 and a thumbnail for the N highest-scoring images, drawn at the end from a buffer of each
@@ -70,19 +77,28 @@ def _input_paths(path: str) -> list[str]:
     return paths
 
 
+def _threshold_rule(det: Detector) -> str:
+    """The rule that decides the images: ``conformal`` (each image its own threshold) when
+    the detector holds the calibration normals for it, else ``quantile`` (one threshold)."""
+    return "conformal" if det.conformal is not None else "quantile"
+
+
 def _run_key(det: Detector, paths: list[str], every: bool) -> dict:
-    """What the partial rows depend on: checkpoint, scoring settings, threshold, inputs,
-    and whether each batch's overlays were written with its rows (``--overlays all``)."""
+    """What the partial rows depend on: checkpoint, scoring settings, threshold and the
+    rule in force (the rows' thresholds come from it), inputs, and whether each batch's
+    overlays were written with its rows (``--overlays all``)."""
     from ssm_jax.scoring import calibration
 
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return {"scoring": calibration.scoring_fingerprint(det.cfg, det.step),
-            "threshold": det.threshold, "inputs": digest, "num_inputs": len(paths),
-            "overlays_with_rows": every}
+            "threshold": det.threshold, "threshold_rule": _threshold_rule(det),
+            "inputs": digest, "num_inputs": len(paths), "overlays_with_rows": every}
 
 
-def _read_partial(output_dir: str, key: dict, paths: list[str]) -> dict[int, float]:
-    """{input index: score} of the rows a previous run of the same key finished."""
+def _read_partial(output_dir: str, key: dict,
+                  paths: list[str]) -> dict[int, tuple[float, float]]:
+    """{input index: (score, threshold)} of the rows a previous run of the same key
+    finished (a row without a readable threshold is scored again)."""
     part = storage.join(output_dir, PARTIAL_DIR)
     if not storage.isdir(part):
         return {}
@@ -92,16 +108,19 @@ def _read_partial(output_dir: str, key: dict, paths: list[str]) -> dict[int, flo
         saved = None
     if saved != key:
         log.warning("predict: %s holds rows of another run (checkpoint, settings, threshold "
-                    "or inputs differ); scoring every image again", part)
+                    "or its rule, or inputs differ); scoring every image again", part)
         return {}
     where = {p: i for i, p in enumerate(paths)}
-    done: dict[int, float] = {}
+    done: dict[int, tuple[float, float]] = {}
     for name in sorted(storage.listdir(part)):
         if not name.endswith(".csv"):
             continue  # run.json, or a temporary file of a write cut short
         for row in csv.DictReader(io.StringIO(storage.read_text(storage.join(part, name)))):
             if row.get("path") in where:
-                done[where[row["path"]]] = float(row["score"])
+                try:
+                    done[where[row["path"]]] = (float(row["score"]), float(row["threshold"]))
+                except (KeyError, TypeError, ValueError):
+                    continue
     return done
 
 
@@ -114,25 +133,31 @@ def _agree(done: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(done.astype(np.int32))) > 0
 
 
-def _batch_rows(b, per_host: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, scores) of every host's real rows of one global batch."""
+def _batch_rows(b, per_host: int,
+                threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, scores, thresholds) of every host's real rows of one global batch (each
+    row's own threshold; ``threshold`` where the batch carries none)."""
+    own = (np.full(len(b.index), threshold, np.float64) if b.threshold is None
+           else np.asarray(b.threshold, np.float64))
     if jax.process_count() == 1:
-        return b.index, np.asarray(b.score, np.float64)
+        return b.index, np.asarray(b.score, np.float64), own
     from jax.experimental import multihost_utils
 
-    mine = np.full((per_host, 2), -1.0)
-    mine[:len(b.index), 0], mine[:len(b.index), 1] = b.index, b.score
+    mine = np.full((per_host, 3), -1.0)
+    k = len(b.index)
+    mine[:k, 0], mine[:k, 1], mine[:k, 2] = b.index, b.score, own
     every = np.asarray(multihost_utils.process_allgather(mine, tiled=True))
     every = every[every[:, 0] >= 0]
-    return every[:, 0].astype(np.int64), every[:, 1]
+    return every[:, 0].astype(np.int64), every[:, 1], every[:, 2]
 
 
-def _rows_csv(paths: list[str], index: np.ndarray, scores: np.ndarray) -> str:
+def _rows_csv(paths: list[str], index: np.ndarray, scores: np.ndarray,
+              thresholds: np.ndarray) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "score"])
-    for i, s in zip(index, scores):
-        w.writerow([paths[int(i)], repr(float(np.float32(s)))])
+    w.writerow(["path", "score", "threshold"])
+    for i, s, t in zip(index, scores, thresholds):
+        w.writerow([paths[int(i)], repr(float(np.float32(s))), repr(float(t))])
     return buf.getvalue()
 
 
@@ -152,10 +177,13 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     files = stream.files_for(paths, cfg.data.image_size, cfg.data.grayscale,
                              cfg.data.keep_aspect)
     # Threshold and statistics: those evaluate saved for these settings, else calibrated
-    # on the run's held-out normal training images now.
+    # on the run's held-out normal training images now. Each image is decided against its
+    # own threshold (the same for all but under eval.threshold_rule = conformal); the
+    # nominal one anchors the heat scale (one colour scale for the page).
     det = Detector.from_config(cfg, workdir)
     det.require_calibration()
     threshold = det.threshold
+    per_image = det.conformal is not None
     n = len(paths)
     every = overlays is None or n <= overlays
     is_dir = storage.isdir(input_path)
@@ -176,9 +204,9 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
     if main:
         storage.makedirs(part)
         rundir.write_json(storage.join(part, "run.json"), key)
-    scores = np.full(n, np.nan)
-    for i, s in done.items():
-        scores[i] = s
+    scores, thresholds = np.full(n, np.nan), np.full(n, np.nan)
+    for i, (s, t) in done.items():
+        scores[i], thresholds[i] = s, t
     per_host = batch_scoring.device_batch_size(cfg.eval.batch_size) // jax.process_count()
     top: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # this host's best rows: image, map
     for b in det.score_batches(files, skip=skip, progress="scoring"):
@@ -188,8 +216,8 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
                                             [c[1] for c in crop],
                                             [stems[i] for i in b.index], vmin, vmax,
                                             overlay_dir="", thumb_dir=overlay_files.IMAGES_DIR)
-        index, batch_scores = _batch_rows(b, per_host)
-        scores[index] = batch_scores
+        index, batch_scores, batch_thresholds = _batch_rows(b, per_host, threshold)
+        scores[index], thresholds[index] = batch_scores, batch_thresholds
         if not every and overlays:  # a bounded buffer: this host's highest scores so far
             for r, i in enumerate(b.index):
                 top[int(i)] = (crop[r][0].copy(), crop[r][1].copy())
@@ -198,10 +226,11 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
                 top = {i: top[i] for i in best}
         if main and len(index):
             rundir.atomic_write(storage.join(part, f"rows-{int(index.min()):09d}.csv"),
-                                _rows_csv(paths, index, batch_scores))
-    # Scores as the scorer gives them (float32), read back or not.
+                                _rows_csv(paths, index, batch_scores, batch_thresholds))
+    # Scores as the scorer gives them (float32), read back or not; each decided against
+    # its own threshold (float64, as Detector.predict compares them).
     scores = scores.astype(np.float32)
-    anomalous = scores > threshold
+    anomalous = scores > thresholds
     shown = np.arange(n) if every else np.argsort(-scores, kind="stable")[:overlays]
     if not every and len(shown):  # the highest scores' overlays
         # Each host draws its own rows among them (its buffer holds them); rows read back
@@ -222,12 +251,14 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
                     [m[:h, :w] for m, (h, w) in zip(again["maps"], valid)],
                     [stems[i] for i in again_idx], vmin, vmax, overlay_dir="",
                     thumb_dir=overlay_files.IMAGES_DIR)
-    # Drift: the scored images (their part below the threshold) against the calibration's.
-    check = drift.check(scores, threshold, det.expected_rate, det.calibration_scores)
+    # Drift: the scored images (the share above their thresholds; their part below the
+    # nominal threshold) against the calibration's.
+    check = drift.check(scores, threshold, det.expected_rate, det.calibration_scores,
+                        thresholds=thresholds if per_image else None)
     if check["warning"]:
         log.warning("drift: %s", check["warning"])
-    rows = [{"path": p, "score": float(s), "threshold": threshold,
-             "anomalous": bool(a)} for p, s, a in zip(paths, scores, anomalous)]
+    rows = [{"path": p, "score": float(s), "threshold": float(t), "anomalous": bool(a)}
+            for p, s, t, a in zip(paths, scores, thresholds, anomalous)]
     if main:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -240,7 +271,8 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, input_path: str,
             files_rel[int(i)] = (f"{stems[i]}_overlay.png",
                                  f"{overlay_files.IMAGES_DIR}/{stems[i]}_thumb.png")
         report.write_predict_page(output_dir, paths, names, scores, threshold, files_rel,
-                                  vmin, vmax, shown=len(shown))
+                                  vmin, vmax, shown=len(shown),
+                                  thresholds=thresholds if per_image else None)
         drift_report.add_to_report(output_dir, check, scores, det.calibration_scores,
                                    threshold)
         storage.rmtree(part)  # finished: the rows are in scores.csv

@@ -40,10 +40,13 @@ def _write_page(path: str, text: str) -> None:
 def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str],
                          images: np.ndarray, maps: np.ndarray, scores: np.ndarray,
                          threshold: float | None, sizes: np.ndarray | None = None,
-                         title: str = "ssm_jax predictions") -> list[dict[str, Any]]:
+                         title: str = "ssm_jax predictions",
+                         thresholds: np.ndarray | None = None) -> list[dict[str, Any]]:
     """``ssm-jax predict``'s report: ``<name>_overlay.png`` per image in ``out_dir``,
     thumbnails in ``out_dir/images``, ``per_image.csv`` and ``index.html`` (the evaluation
-    report's per-image section without the ground-truth columns). Returns the rows."""
+    report's per-image section without the ground-truth columns). ``threshold``: the one
+    (nominal) threshold, the heat scale's anchor; ``thresholds``: each image's own
+    (``eval.threshold_rule = conformal``), which decides it, or None. Returns the rows."""
     vmin, vmax = overlays.heat_scale(threshold, maps)  # the threshold at a fixed colour
     if sizes is None:
         crops_i, crops_m = list(images), list(maps)
@@ -55,35 +58,49 @@ def write_predict_report(out_dir: str, paths: Sequence[str], names: Sequence[str
                                            overlays.unique_stems(names), vmin, vmax,
                                            overlay_dir="", thumb_dir=overlays.IMAGES_DIR)
     return write_predict_page(out_dir, paths, names, scores, threshold, files_rel, vmin,
-                              vmax, title=title)
+                              vmax, title=title, thresholds=thresholds)
 
 
 def write_predict_page(out_dir: str, paths: Sequence[str], names: Sequence[str],
                        scores: np.ndarray, threshold: float | None,
                        files_rel: Sequence[tuple[str, str]], vmin: float, vmax: float,
                        title: str = "ssm_jax predictions",
-                       shown: int | None = None) -> list[dict[str, Any]]:
+                       shown: int | None = None,
+                       thresholds: np.ndarray | None = None) -> list[dict[str, Any]]:
     """``per_image.csv`` and ``index.html`` of ``ssm-jax predict`` for images whose overlay
     and thumbnail files (``files_rel``, relative to ``out_dir``; ("", "") for an image
-    without) are written already; ``shown``: how many have them, when not all. Returns
-    the rows."""
-    rows = tables.per_image_rows([str(n) for n in names], paths, scores, threshold, files_rel)
+    without) are written already; ``shown``: how many have them, when not all;
+    ``thresholds``: each image's own threshold (else every image's is ``threshold``).
+    Returns the rows."""
+    own = threshold if thresholds is None else thresholds
+    rows = tables.per_image_rows([str(n) for n in names], paths, scores, own, files_rel)
     tables.write_rows_csv(os.path.join(out_dir, tables.PER_IMAGE_CSV), rows)
-    thr = "none" if threshold is None else f"{threshold:.4g}"
     drawn = "" if shown is None or shown == len(rows) else (
         f" Overlays of the {shown} highest-scoring images (--overlays).")
+    anchor = "the threshold" if thresholds is None else "the nominal threshold"
     page = [_head(title),
-            f"<h1>{html.escape(title)}</h1>\n<p>{len(rows)} image(s); threshold {thr}; "
-            f"{overlays.scale_note(vmin, vmax)}.{html.escape(drawn)}</p>\n",
+            f"<h1>{html.escape(title)}</h1>\n<p>{len(rows)} image(s); "
+            f"{html.escape(_thresholds_text(threshold, thresholds))}; "
+            f"{overlays.scale_note(vmin, vmax, anchor)}."
+            f"{html.escape(drawn)}</p>\n",
             tables.rows_summary_html(rows, False), tables.rows_table_html(rows, False),
             "</body></html>\n"]
     _write_page(os.path.join(out_dir, "index.html"), "".join(page))
     return rows
 
 
+def _thresholds_text(threshold: float | None, thresholds: np.ndarray | None) -> str:
+    """The page's words for the threshold(s) (the nominal one named beside per-image ones)."""
+    if thresholds is None:
+        return tables.threshold_text(threshold)
+    nominal = "" if threshold is None else f" (nominal threshold {threshold:.4g})"
+    return tables.threshold_text(np.asarray(thresholds, np.float64)) + nominal
+
+
 def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
                  threshold: float | None, num_overlays: int, shown: np.ndarray | None = None,
-                 pixel_curves: tuple | None = None) -> str:
+                 pixel_curves: tuple | None = None,
+                 thresholds: np.ndarray | None = None) -> str:
     """Writes overlays, ``grid.png``, ``hardest.png`` (misses and false alarms; both
     classes needed), ``roc.png``, ``pro.png``, ``scores_hist.png``, each shown image's
     overlay and thumbnail (``images/``), ``per_image.csv`` (every image) and
@@ -97,7 +114,11 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     bounded set of a large test set: sorted indices), they hold the shown images only, in
     that order; the sample grid is drawn from them, the hardest cases must be among them,
     and the pixel curves come from ``pixel_curves`` ((roc, pro) as
-    :func:`curves.pixel_points` gives them) when given."""
+    :func:`curves.pixel_points` gives them) when given.
+
+    ``threshold`` is the one (nominal) threshold: the pixel threshold, the heat scale and
+    the histogram's line; ``thresholds`` [n]: each image's own
+    (``eval.threshold_rule = conformal``), which decides its row, or None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +181,9 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     for i, rel in zip(shown, shown_rel):
         files_rel[int(i)] = rel
     files = ["/".join(str(p).replace(os.sep, "/").split("/")[-2:]) for p in test_set.paths]
-    rows = tables.per_image_rows(files, test_set.paths, scores, threshold, files_rel, labels,
+    decide = threshold if thresholds is None else thresholds
+    own = tables.image_thresholds(decide, n)
+    rows = tables.per_image_rows(files, test_set.paths, scores, decide, files_rel, labels,
                                  test_set.defect_types)
     tables.write_rows_csv(os.path.join(eval_dir, tables.PER_IMAGE_CSV), rows)
     if not whole:
@@ -179,7 +202,7 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     worst = grid.hardest(labels, scores, num_overlays)  # empty without both classes
     if len(worst):
         def verdict(i: int) -> str:  # the outcome per_image.csv gives the image
-            decision = tables.flagged(scores[i], threshold)
+            decision = tables.flagged(scores[i], own[int(i)])
             return "" if decision is None else \
                 f", {tables.OUTCOMES[(bool(labels[i] == 1), decision)]}"
 
@@ -218,8 +241,9 @@ def write_report(eval_dir: str, test_set: Any, out: dict, result: dict,
     caps = [f"{caption(i)}, score {scores[i]:.4g}" for i in idx]
     has_json = storage.isfile(os.path.join(eval_dir, rundir.METRICS_FILE))
     esc = html.escape
-    head = (f"{n} test images ({int((labels == 1).sum())} anomalous); pixel threshold "
-            f"{pix_thr:.4g}; {scale_note}.")
+    head = (f"{n} test images ({int((labels == 1).sum())} anomalous); "
+            + ("" if thresholds is None else _thresholds_text(threshold, thresholds) + "; ")
+            + f"pixel threshold {pix_thr:.4g}; {scale_note}.")
     parts = [_head("ssm_jax evaluation"), "<h1>Evaluation</h1>\n", f"<p>{esc(head)}</p>\n",
              tables.rows_summary_html(rows, True), tables.metrics_table_html(result)]
     if has_json:

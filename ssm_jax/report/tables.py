@@ -1,4 +1,4 @@
-"""The per-image results of a report: one row per image (score, margin to the threshold,
+"""The per-image results of a report: one row per image (score, margin to its threshold,
 decision and, with ground truth, whether it was right), misclassified images first; the
 same rows as ``per_image.csv`` and as the page's HTML table; and the metric table's value
 format. Pure Python + numpy.
@@ -31,25 +31,53 @@ def flagged(score: float, threshold: float | None) -> bool | None:
     return bool(score > threshold)
 
 
+def image_thresholds(threshold: float | np.ndarray | None, n: int) -> list[float | None]:
+    """Each of ``n`` images' threshold from one threshold (every image's) or an array [n]
+    (per-image thresholds, ``eval.threshold_rule = conformal``); None where not finite."""
+    if threshold is None:
+        return [None] * n
+    t = np.asarray(threshold, np.float64)
+    t = np.full(n, float(t)) if t.ndim == 0 else t.reshape(-1)
+    if t.size != n:
+        raise ValueError(f"{t.size} thresholds for {n} images")
+    return [float(v) if math.isfinite(v) else None for v in t]
+
+
+def threshold_text(threshold: float | np.ndarray | None) -> str:
+    """How a page names the threshold: ``threshold X``, or for an array (each image its own:
+    ``eval.threshold_rule = conformal``) ``per-image thresholds (conformal), median X``."""
+    if threshold is None:
+        return "threshold none"
+    t = np.asarray(threshold, np.float64)
+    if t.ndim == 0:
+        return f"threshold {float(t):.4g}"
+    t = t[np.isfinite(t)]
+    median = f"median {float(np.median(t)):.4g}" if t.size else "none finite"
+    return f"per-image thresholds (conformal), {median}"
+
+
 def per_image_rows(files: Sequence[str], paths: Sequence[str], scores: np.ndarray,
-                   threshold: float | None, files_rel: Sequence[tuple[str, str]],
+                   threshold: float | np.ndarray | None, files_rel: Sequence[tuple[str, str]],
                    labels: np.ndarray | None = None,
                    defect_types: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per image, in report order: false positives (highest score first), false
     negatives (lowest score first: the worst misses), then every other image by score,
-    highest first. ``labels`` None: no ground-truth columns (``predict``)."""
+    highest first. ``threshold``: every image's, or an array of each image's own
+    (:func:`image_thresholds`); ``labels`` None: no ground-truth columns (``predict``)."""
     scores = np.asarray(scores, np.float64).reshape(-1)
-    has_thr = threshold is not None and math.isfinite(threshold)
+    own = image_thresholds(threshold, len(scores))
     rows = []
     for i, (file, path, score, (ovl, thumb)) in enumerate(zip(files, paths, scores, files_rel)):
-        decision = flagged(score, threshold)
+        thr = own[i]
+        has_thr = thr is not None
+        decision = flagged(score, thr)
         row: dict[str, Any] = {"rank": 0, "file": file}
         if labels is not None:
             truth = bool(labels[i] == 1)
             row["defect_type"] = defect_types[i] if defect_types is not None else ""
             row["truth"] = "anomalous" if truth else "normal"
-        row.update({"score": float(score), "threshold": float(threshold) if has_thr else None,
-                    "margin": float(score - threshold) if has_thr else None,
+        row.update({"score": float(score), "threshold": thr,
+                    "margin": float(score - thr) if has_thr else None,
                     "decision": "n/a" if decision is None else
                     ("anomalous" if decision else "normal")})
         if labels is not None:
@@ -97,21 +125,26 @@ def rows_summary_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
     per-image table (misclassified rows come first there)."""
     n = len(rows)
     link = f"<a href='#per-image'>every image ({n} rows)</a>"
-    if not rows or rows[0]["threshold"] is None:
+    thresholds = [r["threshold"] for r in rows if r["threshold"] is not None]
+    if not thresholds:
         return (f"<p class='summary'><b>Per-image results</b>: {link}, by score (no "
                 f"threshold: no decisions).</p>\n")
+    if len(set(thresholds)) == 1:
+        above, at = (f"the threshold {thresholds[0]:.4g}",) * 2
+    else:  # each image decided against its own threshold
+        median = f"{float(np.median(thresholds)):.4g}"
+        above = f"its own threshold; per-image thresholds, median {median}"
+        at = f"per-image thresholds (median {median})"
     if not has_truth:
         flagged = sum(r["decision"] == "anomalous" for r in rows)
         return (f"<p class='summary'><b>Per-image results</b>: {link}; <a href='#img-1'>"
-                f"{flagged} flagged anomalous</a> (score above the threshold "
-                f"{rows[0]['threshold']:.4g}), listed first.</p>\n")
+                f"{flagged} flagged anomalous</a> (score above {above}), listed first.</p>\n")
     c = mistakes(rows)
     wrong = c["false positive"] + c["false negative"]
     what = (f"<a href='#img-1'>{wrong} misclassified: {c['false positive']} false "
             f"positive(s) (normal, flagged), {c['false negative']} false negative(s) "
             f"(anomalous, missed)</a>, listed first" if wrong else "none misclassified")
-    return (f"<p class='summary'><b>Per-image results</b>: {link} at the threshold "
-            f"{rows[0]['threshold']:.4g}; {what}. Also in "
+    return (f"<p class='summary'><b>Per-image results</b>: {link} at {at}; {what}. Also in "
             f"<a href='{PER_IMAGE_CSV}'>{PER_IMAGE_CSV}</a>.</p>\n")
 
 
@@ -119,7 +152,9 @@ def rows_table_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
     """The per-image section: a table, one row per image, each linking to its overlay."""
     esc = html.escape
     head = ["#", "image", "overlay", "file"] + (["defect type", "truth"] if has_truth else [])
-    head += ["score", "score - threshold", "decision"] + (["result"] if has_truth else [])
+    per_image = len({r["threshold"] for r in rows}) > 1
+    head += ["score"] + (["threshold"] if per_image else []) + ["score - threshold", "decision"]
+    head += ["result"] if has_truth else []
     out = ["<h2 id='per-image'>Per-image results</h2>\n",
            f"<p>Misclassified images first (false positives by score, highest first; then "
            f"false negatives, lowest first), then by score. Click an image for its overlay. "
@@ -142,8 +177,10 @@ def rows_table_html(rows: list[dict[str, Any]], has_truth: bool) -> str:
             cells = [str(r["rank"]), "", "", file]
         if has_truth:
             cells += [esc(str(r["defect_type"])), esc(r["truth"])]
-        cells += [f"{r['score']:.4g}", "" if r["margin"] is None else f"{r['margin']:+.4g}",
-                  esc(r["decision"])]
+        cells.append(f"{r['score']:.4g}")
+        if per_image:
+            cells.append("" if r["threshold"] is None else f"{r['threshold']:.4g}")
+        cells += ["" if r["margin"] is None else f"{r['margin']:+.4g}", esc(r["decision"])]
         if has_truth:
             cells.append(esc(r["outcome"]))
         out.append(f"<tr id='img-{r['rank']}' class='{cls}'>"

@@ -12,12 +12,16 @@ Two tests, each at ``alpha`` (default 0.01, so about 1 false warning in 100 chec
   against that beta-binomial law (a plain binomial test ignores the spread and warns in a
   third or more of checks without any drift, e.g. 50 normals at 2%); without them, a
   binomial test (``count_test`` says which). The 95% Clopper-Pearson interval of the
-  share is reported beside the expected rate.
+  share is reported beside the expected rate. Under ``eval.threshold_rule = conformal``
+  each image has its own threshold (``thresholds``) with the same promise, and the count
+  is of the images above their own.
 * **the normal-ish part of the distribution** (``scipy.stats.ks_2samp``): the scored
   images' scores at or below the threshold against the calibration normals' at or below
   it. Truncating both at the same point compares like with like (under no drift, both
   are the normal score distribution below the threshold), while most anomalies, which
   score above it, are left out, so a set with defects does not read as drift by itself.
+  The cut is the one nominal threshold even with per-image ones: the calibration normals
+  have no threshold of their own to cut at.
 
 A warning is one line naming the failed test(s) and the fix (``ssm-jax calibrate`` on
 new normal images). Needs at least ``MIN_IMAGES`` scored images (fewer: no verdict).
@@ -35,26 +39,40 @@ ALPHA = 0.01
 
 
 def check(scores: Any, threshold: float, expected_rate: float,
-          normal_scores: Any | None = None, alpha: float = ALPHA) -> dict:
+          normal_scores: Any | None = None, alpha: float = ALPHA,
+          thresholds: Any | None = None) -> dict:
     """The drift check of ``scores`` against a threshold calibrated at ``expected_rate``
-    (and, when given, the calibration normals' own ``normal_scores``).
+    (and, when given, the calibration normals' own ``normal_scores``). ``thresholds``: each
+    scored image's own threshold (the same length as ``scores``; per-image thresholds of
+    ``eval.threshold_rule = conformal``), which the count above uses instead of
+    ``threshold``; the comparison below the threshold keeps ``threshold``.
 
     Returns JSON-ready fields: ``n``, ``above``, ``share_above``, ``expected_rate``,
     ``share_interval`` (95%), ``binomial_p`` (the count test's p), ``count_test``
     (``"beta-binomial"`` or ``"binomial"``, module docstring), ``ks_statistic``, ``ks_p``,
-    ``drift`` (bool) and ``warning`` (one line, or None).
+    ``drift`` (bool) and ``warning`` (one line, or None); with ``thresholds``,
+    ``per_image_thresholds`` (True) and ``threshold_median``.
     """
     from scipy import stats
 
     s = np.asarray(scores, np.float64).reshape(-1)
+    own = None
+    if thresholds is not None:
+        own = np.asarray(thresholds, np.float64).reshape(-1)
+        if own.shape != s.shape:
+            raise ValueError(f"{own.size} thresholds for {s.size} scores")
+        own = own[np.isfinite(s)]
     s = s[np.isfinite(s)]
     out: dict[str, Any] = {"n": int(s.size), "threshold": float(threshold),
                            "expected_rate": float(expected_rate), "alpha": float(alpha),
                            "drift": False, "warning": None}
+    if own is not None:
+        out.update({"per_image_thresholds": True,
+                    "threshold_median": float(np.median(own)) if own.size else None})
     if s.size < MIN_IMAGES:
         out["note"] = f"fewer than {MIN_IMAGES} scored images: no drift verdict"
         return out
-    above = int((s > threshold).sum())
+    above = int((s > (threshold if own is None else own)).sum())
     rate = min(max(float(expected_rate), 1e-9), 1 - 1e-9)
     bt = stats.binomtest(above, int(s.size), rate)
     ci = bt.proportion_ci(confidence_level=0.95)
@@ -76,7 +94,8 @@ def check(scores: Any, threshold: float, expected_rate: float,
     reasons = []
     if pvalue < alpha:
         direction = "more" if above / s.size > rate else "fewer"
-        reasons.append(f"{above}/{s.size} images above the threshold ({above / s.size:.1%}, "
+        which = "the threshold" if own is None else "their own thresholds"
+        reasons.append(f"{above}/{s.size} images above {which} ({above / s.size:.1%}, "
                        f"95% interval {ci.low:.1%}-{ci.high:.1%}): {direction} than the "
                        f"calibrated {rate:.1%} ({test} p={pvalue:.2g})")
     if ref is not None:

@@ -333,13 +333,18 @@ def threshold_sample_check(num_normals: int, quantile: float) -> dict:
             "threshold_warning": warning}
 
 
-def detection_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """FPR on normals, recall on anomalies and precision at ``score > threshold``.
+def detection_rates(labels: np.ndarray, scores: np.ndarray,
+                    threshold: float | np.ndarray) -> dict:
+    """FPR on normals, recall on anomalies and precision at ``score > threshold``:
+    one threshold, or an array of each image's own (``eval.threshold_rule = conformal``).
 
     A rate with an empty denominator (no normals / no anomalies / nothing flagged) is None.
     """
     y, s = _as_1d(labels, scores)
-    pred = s > threshold
+    t = np.asarray(threshold, np.float64)
+    if t.ndim and t.shape != (s.size,):
+        raise ValueError(f"{t.size} thresholds for {s.size} scores")
+    pred = s > t.reshape(-1) if t.ndim else s > float(t)
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     n_neg, n_pos = int((~y).sum()), int(y.sum())
     return {"fpr": fp / n_neg if n_neg else None,

@@ -1,6 +1,7 @@
 """``ssm-jax predict`` on a folder read as it is scored: rows kept as batches finish, a real
 process killed (SIGKILL) mid-run resumes with the same --output and ends with the files of an
-uninterrupted run; --overlays bounds the overlay files."""
+uninterrupted run (each row's own threshold included: eval.threshold_rule = conformal under
+per-pixel statistics); --overlays bounds the overlay files."""
 
 import csv
 import json
@@ -17,6 +18,9 @@ import pytest
 pytestmark = pytest.mark.slow  # a real process killed and resumed
 
 N = 48
+# Per-pixel statistics (>= 3 held-out normals): each image gets its own threshold, which the
+# rows read back must keep.
+NORM = ("--config.eval.map_normalization=val_zscore", "--config.data.val_fraction=0.25")
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +51,12 @@ def _outputs(out):
 def test_killed_predict_resumes_to_the_uninterrupted_result(tiny_run, images, tmp_path):
     wd = tiny_run[0]
     whole = tmp_path / "whole"
-    _predict(wd, images, whole, "--overlays=5")
+    _predict(wd, images, whole, "--overlays=5", *NORM)
     out = tmp_path / "killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "ssm_jax", "predict", "--workdir", str(wd),
                              "--input", str(images), "--output", str(out), "--overlays=5",
-                             "--config.eval.batch_size=2"], env=env,
+                             "--config.eval.batch_size=2", *NORM], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     part = out / "partial"
     deadline = time.time() + 600
@@ -66,19 +70,21 @@ def test_killed_predict_resumes_to_the_uninterrupted_result(tiny_run, images, tm
     proc.stderr.close()
     kept = [p for p in os.listdir(part) if p.endswith(".csv")]
     assert kept and not (out / "scores.csv").exists()  # killed mid-run
-    finished = set()
-    for name in kept:  # every kept file is whole rows
+    finished = {}
+    for name in kept:  # every kept file is whole rows, each with its own threshold
         with open(part / name) as f:
             rows = list(csv.DictReader(f))
         assert rows and all(float(r["score"]) == float(r["score"]) for r in rows)
-        finished |= {r["path"] for r in rows}
-    assert 0 < len(finished) < N
-    res = _predict(wd, images, out, "--overlays=5")
+        finished |= {r["path"]: float(r["threshold"]) for r in rows}
+    assert 0 < len(finished) < N and len(set(finished.values())) == len(finished)
+    res = _predict(wd, images, out, "--overlays=5", *NORM)
     assert f"{len(finished)} of {N} image(s) already scored" in res.stderr
     assert not part.exists()
     a, b = _outputs(whole), _outputs(out)
     assert [r["path"] for r in a[0]] == [r["path"] for r in b[0]] and len(a[0]) == N
-    assert a[0] == b[0]  # scores, threshold, decisions: identical
+    assert a[0] == b[0]  # scores, thresholds, decisions: identical
+    assert all(r["threshold"] == finished[r["path"]] for r in b[0] if r["path"] in finished)
+    assert all(r["anomalous"] == (r["score"] > r["threshold"]) for r in b[0])
     assert a[1] == b[1]  # per_image.csv
     assert a[2] == b[2] and len(a[2]) == 5  # the 5 highest-scoring images' overlays
     top = sorted(a[1], key=lambda r: -float(r["score"]))[:5]  # their rows link them

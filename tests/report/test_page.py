@@ -196,6 +196,33 @@ def test_predict_report_has_no_ground_truth(tmp_path):
         assert (tmp_path / ref).is_file(), ref
 
 
+def test_per_image_thresholds_decide_rows(tmp_path):
+    rng = np.random.default_rng(4)
+    images = rng.random((4, 16, 16, 1)).astype(np.float32)
+    maps = rng.random((4, 16, 16)).astype(np.float32)
+    scores = np.array([0.5, 0.5, 0.9, 0.1])
+    own = np.array([0.4, 0.6, 1.0, 0.05])  # each image its own: 0 and 3 flagged
+    names = ["a", "b", "c", "d"]
+    rows = report.write_predict_report(str(tmp_path), [f"in/{n}.png" for n in names], names,
+                                       images, maps, scores, 0.6, thresholds=own)
+    by = {r["file"]: r for r in rows}
+    assert [by[n]["threshold"] for n in names] == own.tolist()
+    assert [by[n]["decision"] for n in names] == ["anomalous", "normal", "normal", "anomalous"]
+    assert by["c"]["margin"] == pytest.approx(-0.1)
+    page = (tmp_path / "index.html").read_text()
+    assert "per-image thresholds (conformal), median 0.5 (nominal threshold 0.6)" in page
+    assert "the nominal threshold is green" in page and "2 flagged anomalous" in page
+    assert "<th>threshold</th>" in page
+    # The evaluation report: rows and the hardest cases' verdicts from each image's own.
+    ts, out = _set(6)
+    own = np.where(ts.labels == 1, 1e9, -1e9)  # every normal flagged, every anomaly missed
+    report.write_report(str(tmp_path / "ev"), ts, out, {}, threshold=0.5, num_overlays=2,
+                        thresholds=own)
+    csv_rows = _rows_csv(tmp_path / "ev" / "per_image.csv")
+    assert {r["outcome"] for r in csv_rows} == {"false positive", "false negative"}
+    assert "per-image thresholds (conformal)" in (tmp_path / "ev" / "index.html").read_text()
+
+
 def _extreme_set(n=4, s=16):
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * (n // 2), np.int32)

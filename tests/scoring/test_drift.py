@@ -33,3 +33,19 @@ def test_without_calibration_scores_a_binomial_test():
     check = drift.check(rng.normal(size=200) + 3.0, 1.0, 0.05)
     assert check["count_test"] == "binomial" and check["drift"] and "ks_p" not in check
     assert drift.check(np.zeros(5), 1.0, 0.05)["note"]
+
+
+def test_per_image_thresholds_count_each_image_against_its_own():
+    rng = np.random.default_rng(2)
+    ref, s = rng.normal(size=200), rng.normal(size=300)
+    nominal = float(np.quantile(ref, 0.95))
+    own = np.where(np.arange(300) % 2 == 0, 10.0, -10.0)  # half can never be above theirs
+    check = drift.check(s, nominal, 0.05, ref, thresholds=own)
+    assert check["above"] == 150 and check["drift"] and check["per_image_thresholds"]
+    assert "above their own thresholds" in check["warning"]
+    assert check["threshold"] == nominal and check["threshold_median"] == 0.0
+    # The comparison below the threshold keeps the nominal one: the same as without.
+    plain = drift.check(s, nominal, 0.05, ref)
+    assert plain["above"] != 150 and check["ks_statistic"] == plain["ks_statistic"]
+    with np.testing.assert_raises(ValueError):
+        drift.check(s, nominal, 0.05, ref, thresholds=own[:10])

@@ -224,6 +224,12 @@ def test_threshold_and_detection_rates():
     assert r == pytest.approx({"fpr": 2 / 4, "recall": 2 / 3, "precision": 2 / 4})
     assert metrics.detection_rates(labels, scores, 0.6)["fpr"] == 0.0  # strict ">"
     assert metrics.detection_rates(labels, scores, 1.0)["precision"] is None
+    # Each image against its own threshold (eval.threshold_rule = conformal).
+    own = np.array([0.05, 0.25, 0.35, 0.7, 0.7, 0.4, 0.1])
+    r = metrics.detection_rates(labels, scores, own)
+    assert r == pytest.approx({"fpr": 1 / 4, "recall": 3 / 3, "precision": 3 / 4})
+    with pytest.raises(ValueError, match="6 thresholds for 7 scores"):
+        metrics.detection_rates(labels, scores, own[:6])
 
 
 def test_metrics_ignore_padded_pixels():
