@@ -45,7 +45,8 @@ class Reference(NamedTuple):
     s1: jax.Array  # [H, W] sum of dev over the normals
     s2: jax.Array  # [H, W] sum of dev ** 2
     count: jax.Array  # [H, W] valid normals per pixel
-    g1: jax.Array  # () sum of the raw valid pixels of all normals (the fallback statistics)
+    shift: jax.Array  # () the mean of all normals' valid pixels, taken out of g1 and g2
+    g1: jax.Array  # () sum of all normals' valid pixels minus shift (fallback statistics)
     g2: jax.Array  # () sum of their squares
     gc: jax.Array  # () their number
     mse: jax.Array  # [n] restoration MSE (score fusion)
@@ -65,10 +66,13 @@ def reference(maps: np.ndarray, sizes: np.ndarray, mse: np.ndarray,
     count = v.sum(0)
     centre = (m * v).sum(0) / np.maximum(count, 1)
     dev = (m - centre) * v
+    shift = (m * v).sum() / max(v.sum(), 1.0)
+    mc = m - shift  # float32 sums of squares of raw maps would cancel: shift-free statistics
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
     return Reference(centre=f32(centre), dev=f32(dev), s1=f32(dev.sum(0)),
                      s2=f32((dev * dev).sum(0)), count=f32(count),
-                     g1=f32((m * v).sum()), g2=f32((m * m * v).sum()), gc=f32(v.sum()),
+                     shift=f32(shift), g1=f32((mc * v).sum()), g2=f32((mc * mc * v).sum()),
+                     gc=f32(v.sum()),
                      mse=f32(mse), scores=f32(scores),
                      sizes=jnp.asarray(np.asarray(sizes, np.int32)))
 
@@ -101,10 +105,11 @@ def normal_scores_with(ref: Reference, new_map: jax.Array, new_valid: jax.Array,
     s1 = ref.s1 - ref.dev + d_new
     s2 = ref.s2 - ref.dev * ref.dev + d_new * d_new
     count = ref.count - valid + new_valid
-    raw_new = new_map * new_valid
+    new_c = (new_map - ref.shift) * new_valid
     gc = ref.gc + new_valid.sum()
-    g_mean = (ref.g1 + raw_new.sum()) / gc
-    g_std = jnp.sqrt(jnp.maximum((ref.g2 + (raw_new * new_map).sum()) / gc - g_mean ** 2, 0.0))
+    g_mean_c = (ref.g1 + new_c.sum()) / gc
+    g_std = jnp.sqrt(jnp.maximum((ref.g2 + (new_c * new_c).sum()) / gc - g_mean_c ** 2, 0.0))
+    g_mean = ref.shift + g_mean_c
     c = jnp.maximum(count, 1.0)
     ok = count >= 2
     mean_dev = s1 / c

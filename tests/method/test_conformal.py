@@ -141,3 +141,19 @@ def test_without_statistics_every_image_gets_the_one_threshold():
     assert image_thresholds.per_image(cfg)
     cfg.eval.threshold_rule = "quantile"
     assert not image_thresholds.per_image(cfg)
+
+
+def test_fallback_statistics_where_fewer_than_two_normals_cover_a_pixel():
+    """Normals of several sizes (keep_aspect): where fewer than two others cover a pixel the
+    statistics fall back to those of all valid pixels; exact in float32 for maps far from 0."""
+    rng = np.random.default_rng(3)
+    n, side = 6, 16
+    maps = _maps(rng, n + 1, side, side) + 1000.0
+    sizes = np.array([[8, 8]] * (n - 1) + [[side, side], [side, side]])
+    ref = conformal.reference(maps[:n], sizes[:n], np.zeros(n), np.zeros(n))
+    new, valid = conformal.to_frame(maps[n:], sizes[n:], (side, side))
+    got = np.asarray(conformal.normal_scores_with(ref, jnp.asarray(new[0]),
+                                                  jnp.asarray(valid[0]), "max", 0.0))
+    want = np.asarray(scoring.image_scores(
+        normalization.standardize_leave_one_out(maps, sizes), "max", 0.0, sizes))[:n]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
