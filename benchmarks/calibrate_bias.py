@@ -12,20 +12,29 @@ quantity as the mean rate over random splits (calibrate_splits.py), with each se
 n + 1 held-out tests. Rules (the new image always scored against the statistics of all n
 calibration normals, as ``predict`` scores it):
 
-* ``current``: the threshold from the calibration normals' leave-one-out scores
-  (``calibration.fit_scored``; checked equal on the first set);
-* ``full_conformal``: the exact rule (the calibration normals scored with the new image
-  among their statistics): exactly (n - (n - 1) q) / (n + 1) on every set;
-* ``t_corrected``: the current threshold mapped from the leave-one-out t distribution
-  (statistics of n - 1, population std) to a new image's (statistics of n), per pixel
-  exact for Gaussian pixels: hypothesis (a), the n - 1 versus n count;
+* ``quantile``: the product's rule before ``eval.threshold_rule = conformal`` (the one
+  threshold of ``calibration.fit_scored``: the quantile of the calibration normals'
+  leave-one-out scores);
+* ``conformal``: the product's rule in force (``image_thresholds.from_outputs(...)
+  .thresholds``: the new image's own threshold);
+* ``full_conformal``: the exact rule computed here from its definition (the calibration
+  normals scored with the new image among their statistics): exactly
+  (n - (n - 1) q) / (n + 1) on every set, the reference ``conformal`` must equal;
+* ``t_corrected``: the quantile rule's threshold mapped from the leave-one-out t
+  distribution (statistics of n - 1, population std) to a new image's (statistics of n),
+  per pixel exact for Gaussian pixels: hypothesis (a), the n - 1 versus n count;
 * ``median_iqr``: median and IQR / 1.349 instead of mean and std (bounded influence of
   one image on the statistics), leave-one-out as today;
-* ``nested``: the quantile position lowered by the number of flags the current rule loses
+* ``nested``: the quantile position lowered by the number of flags the quantile rule loses
   against the exact one among the calibration normals themselves (each the new image of
   the other n - 1: leave-two-out scores of the top members).
 
-Diagnostics of the current rule: in the sets where the exact rule's flagged member (the
+Only the members with the largest leave-one-out scores in the set (``TOP``) can be flagged:
+under the exact and conformal rules only the largest (its threshold lies between the
+largest and second largest of the others'), under the others checked on the first
+``--all-member-sets`` sets, where the product's rules decide every member.
+
+Diagnostics of the quantile rule: in the sets where the exact rule's flagged member (the
 largest leave-one-out score) is not flagged, the calibration normal that beats it, its
 score with and without the new image among its statistics, the new image's standardized
 value at that normal's peak pixel, the distance of the two peaks and the correlation of
@@ -37,8 +46,10 @@ log-normal pixels, and normals of a few kinds (a rare kind carries a bump somewh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -49,6 +60,58 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOP = 5  # only the members with the largest leave-one-out scores can be flagged
+RULES = ("quantile", "conformal")  # the product's
+
+
+@contextlib.contextmanager
+def _quiet():
+    """fit_scored warns that 50 normals are few for the quantile, once per call."""
+    log = logging.getLogger("ssm_jax")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class Product:
+    """The product's calibration of n flat square maps and its decision on a new one under
+    both ``eval.threshold_rule`` values, as ``Detector.predict`` decides (the maps are raw:
+    before statistics; ``eval.map_normalization = val_zscore``, ``image_score = max``)."""
+
+    def __init__(self, n: int, fpr: float, side: int):
+        from ssm_jax.config.defaults import base_config
+        from ssm_jax.method.scoring import scoring_config
+
+        cfg = base_config()
+        cfg.eval.map_normalization = "val_zscore"
+        cfg.eval.threshold_quantile = calibrate_quantile(n, fpr)
+        cfg.eval.threshold_rule = "conformal"
+        self.cfg, self.sc, self.side = cfg, scoring_config(cfg), side
+
+    def _outputs(self, maps: np.ndarray) -> dict[str, np.ndarray]:
+        m = maps.reshape(-1, self.side, self.side).astype(np.float32)
+        return {"map": m, "score": m.max((1, 2)), "mse": np.zeros(len(m), np.float32)}
+
+    def threshold(self, cal: np.ndarray) -> float:
+        """``calibration.fit_scored``'s threshold of the maps ``cal`` [n, P]."""
+        from ssm_jax.scoring import calibration
+
+        with _quiet():
+            return float(calibration.fit_scored(self.cfg, self.sc, self._outputs(cal))[0])
+
+    def flags(self, cal: np.ndarray, new: np.ndarray) -> dict[str, bool]:
+        """Whether the new map [P] is flagged under each rule, calibrated on ``cal``."""
+        from ssm_jax.scoring import calibration, image_thresholds
+
+        c, x = self._outputs(cal), self._outputs(new)
+        with _quiet():
+            t, stats, _ = calibration.fit_scored(self.cfg, self.sc, c)
+        s = calibration.apply_map_stats(x, stats, self.sc)["score"]
+        conf = image_thresholds.from_outputs(self.cfg, self.sc, c, None)
+        per_image = conf.thresholds(x["map"], np.array([[self.side, self.side]]), s, x["mse"])
+        return {"quantile": bool(s[0] > t), "conformal": bool(s[0] > per_image[0])}
 
 
 def _mean_std(t1, t2, count):
@@ -125,7 +188,7 @@ def calibrate_quantile(n: int, fpr: float) -> float:
 
 
 def nested_shift(loo: np.ndarray, l2o: dict, fpr: float) -> int:
-    """Flags the exact rule makes minus flags the current rule makes among these normals,
+    """Flags the exact rule makes minus flags the quantile rule makes among these normals,
     each the new image of the others (its threshold from leave-two-out scores)."""
     m = len(loo)
     qm = calibrate_quantile(m - 1, fpr)
@@ -144,12 +207,14 @@ def t_corrected(threshold: float, n: int) -> float:
 
 
 def evaluate_set(d: np.ndarray, n: int, fpr: float, floor: float, nested: bool,
-                 robust: bool) -> dict:
-    """Flag counts of every rule over the n + 1 members of d as the new image."""
+                 robust: bool, product: Product, all_members: bool = False) -> dict:
+    """Flag counts of every rule over the n + 1 members of d as the new image (the
+    product's rules over every member with ``all_members``, and the count over the top
+    members alone beside it)."""
     q = calibrate_quantile(n, fpr)
     pos = (n - 1) * q
     loo, l2o = std_scores(d, floor)
-    out = {"current": 0, "full_conformal": 0, "t_corrected": 0}
+    out = {**dict.fromkeys(RULES, 0), "full_conformal": 0, "t_corrected": 0}
     for k in range(n + 1):
         out["full_conformal"] += int(loo[k] > quantile_at(np.delete(loo, k), pos))
     if nested:
@@ -157,12 +222,16 @@ def evaluate_set(d: np.ndarray, n: int, fpr: float, floor: float, nested: bool,
     for k, z in l2o.items():
         cal = np.delete(z, k)
         t = quantile_at(cal, pos)
-        out["current"] += int(loo[k] > t)
+        for r, flag in product.flags(np.delete(d, k, 0), d[k]).items():
+            out[r] += int(flag)
         out["t_corrected"] += int(loo[k] > t_corrected(t, n))
         if nested:
             c_loo, c_l2o = std_scores(np.delete(d, k, 0), floor)
             shift = nested_shift(c_loo, c_l2o, fpr)
             out["nested"] += int(loo[k] > quantile_at(cal, pos - shift))
+    if all_members:
+        every = [product.flags(np.delete(d, k, 0), d[k]) for k in range(n + 1)]
+        out["all_members"] = {r: sum(int(f[r]) for f in every) for r in RULES}
     if robust:
         rloo, rl2o = robust_scores(d, floor)
         out["median_iqr"] = sum(int(rloo[k] > quantile_at(np.delete(z, k), pos))
@@ -171,7 +240,7 @@ def evaluate_set(d: np.ndarray, n: int, fpr: float, floor: float, nested: bool,
 
 
 def diagnose(d: np.ndarray, n: int, fpr: float, floor: float, side: int) -> dict | None:
-    """When the current rule does not flag the exact rule's flagged member (the largest
+    """When the quantile rule does not flag the exact rule's flagged member (the largest
     leave-one-out score): who beats it, and why."""
     q = calibrate_quantile(n, fpr)
     s1, s2 = d.sum(0), (d * d).sum(0)
@@ -198,14 +267,20 @@ def diagnose(d: np.ndarray, n: int, fpr: float, floor: float, side: int) -> dict
 
 
 def run_sets(maps: np.ndarray, sets: int, nested_sets: int, n: int, fpr: float,
-             floor: float, seed: int, robust: bool = True) -> dict:
+             floor: float, seed: int, robust: bool = True, all_member_sets: int = 2) -> dict:
     rng = np.random.default_rng(seed)
     side = int(round(np.sqrt(maps.shape[1])))
+    product = Product(n, fpr, side)
     counts: dict[str, list[int]] = {}
-    diag = []
+    diag, top_misses = [], 0
     for i in range(sets):
         d = maps[rng.choice(len(maps), n + 1, replace=False)]
-        for key, v in evaluate_set(d, n, fpr, floor, i < nested_sets, robust).items():
+        row = evaluate_set(d, n, fpr, floor, i < nested_sets, robust, product,
+                           i < all_member_sets)
+        every = row.pop("all_members", None)
+        if every is not None:
+            top_misses += sum(abs(every[r] - row[r]) for r in RULES)
+        for key, v in row.items():
             counts.setdefault(key, []).append(v)
         row = diagnose(d, n, fpr, floor, side)
         if row is not None:
@@ -213,7 +288,11 @@ def run_sets(maps: np.ndarray, sets: int, nested_sets: int, n: int, fpr: float,
     rates = {k: {"mean_rate": float(np.mean(v)) / (n + 1),
                  "se": float(np.std(v) / (n + 1) / np.sqrt(len(v))), "sets": len(v)}
              for k, v in counts.items()}
-    out = {"rates": rates, "exact_lost_by_current": len(diag), "sets": sets}
+    out = {"rates": rates, "exact_lost_by_quantile": len(diag), "sets": sets,
+           "conformal_differs_from_exact_sets": int(sum(
+               a != b for a, b in zip(counts["conformal"], counts["full_conformal"]))),
+           "all_member_sets": min(all_member_sets, sets),
+           "flags_beyond_top_members": int(top_misses)}
     if diag:
         out["when_lost_median"] = {k: float(np.median([r[k] for r in diag])) for k in diag[0]}
         out["when_lost_new_z_at_rival_peak_above_3"] = float(
@@ -246,35 +325,36 @@ def synthetic(kind: str, rng: np.random.Generator, num: int, side: int = 64) -> 
     return x.reshape(num, -1)
 
 
-def run_pools(kind: str, pools: int, n: int, fpr: float, floor: float) -> dict:
+def run_pools(kind: str, pools: int, n: int, fpr: float, floor: float,
+              side: int = 64) -> dict:
     rng = np.random.default_rng(11)
-    cur, exact = [], []
+    product = Product(n, fpr, side)
+    counts: dict[str, list[int]] = {r: [] for r in (*RULES, "full_conformal")}
     for _ in range(pools):
-        loo, l2o = std_scores(synthetic(kind, rng, n + 1), floor)
+        d = synthetic(kind, rng, n + 1, side)
+        loo, l2o = std_scores(d, floor)
         pos = (n - 1) * calibrate_quantile(n, fpr)
-        cur.append(sum(int(loo[k] > quantile_at(np.delete(z, k), pos)) for k, z in l2o.items()))
-        exact.append(sum(int(loo[k] > quantile_at(np.delete(loo, k), pos))
-                         for k in range(n + 1)))
-    return {"pools": pools, "current": float(np.mean(cur)) / (n + 1),
-            "current_se": float(np.std(cur) / (n + 1) / np.sqrt(pools)),
-            "full_conformal": float(np.mean(exact)) / (n + 1)}
+        flags = [product.flags(np.delete(d, k, 0), d[k]) for k in l2o]
+        for r in RULES:
+            counts[r].append(sum(int(f[r]) for f in flags))
+        counts["full_conformal"].append(sum(int(loo[k] > quantile_at(np.delete(loo, k), pos))
+                                            for k in range(n + 1)))
+    out = {"pools": pools}
+    for r, v in counts.items():
+        out[r] = float(np.mean(v)) / (n + 1)
+        out[f"{r}_se"] = float(np.std(v) / (n + 1) / np.sqrt(pools))
+    out["conformal_differs_from_exact_pools"] = int(sum(
+        a != b for a, b in zip(counts["conformal"], counts["full_conformal"])))
+    return out
 
 
 def check_against_product(maps: np.ndarray, n: int, fpr: float) -> float:
-    """|threshold here - calibration.fit_scored's| for the first n maps."""
-    from ssm_jax.config.defaults import base_config
-    from ssm_jax.method.scoring import scoring_config
-    from ssm_jax.scoring import calibration
-
-    cfg = base_config()
-    cfg.eval.map_normalization = "val_zscore"
-    cfg.eval.threshold_quantile = calibrate_quantile(n, fpr)
+    """|threshold here (the leave-one-out scores behind t_corrected, nested and the
+    diagnostics) - calibration.fit_scored's| for the first n maps."""
     side = int(round(np.sqrt(maps.shape[1])))
-    c = maps[:n].reshape(n, side, side).astype(np.float32)
-    t, _, _ = calibration.fit_scored(cfg, scoring_config(cfg),
-                                     {"map": c, "score": c.max((1, 2)), "mse": np.zeros(n)})
     mine, _ = std_scores(maps[:n], normalization_floor())
-    return abs(float(t) - quantile_at(mine, (n - 1) * calibrate_quantile(n, fpr)))
+    return abs(Product(n, fpr, side).threshold(maps[:n])
+               - quantile_at(mine, (n - 1) * calibrate_quantile(n, fpr)))
 
 
 def normalization_floor() -> float:
@@ -291,6 +371,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sets", type=int, default=150)
     ap.add_argument("--nested-sets", type=int, default=100)
     ap.add_argument("--pools", type=int, default=200)
+    ap.add_argument("--all-member-sets", type=int, default=2,
+                    help="sets where the product's rules decide every member, not only the "
+                         "top ones")
+    ap.add_argument("--pool-side", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                    "calibrate_bias.json"))
     args = ap.parse_args(argv)
@@ -303,13 +387,14 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         row = {"condition": name, "normals": len(maps),
                "threshold_check_vs_fit_scored": check_against_product(maps, n, fpr),
-               **run_sets(maps, args.sets, args.nested_sets, n, fpr, floor, seed=7),
+               **run_sets(maps, args.sets, args.nested_sets, n, fpr, floor, seed=7,
+                           all_member_sets=args.all_member_sets),
                "seconds": time.time() - t0}
         rows.append(row)
         print(name, json.dumps(row["rates"]), flush=True)
     pools = {}
     for kind in ("gaussian", "lognormal", "kinds"):
-        pools[kind] = run_pools(kind, args.pools, n, fpr, floor)
+        pools[kind] = run_pools(kind, args.pools, n, fpr, floor, args.pool_side)
         print(kind, json.dumps(pools[kind]), flush=True)
     result = {"asked_fpr": fpr, "new_normals": n,
               "expected_rate": (n - (n - 1) * calibrate_quantile(n, fpr)) / (n + 1),

@@ -237,10 +237,11 @@ def test_save_stall_measures_both_modes(tmp_path):
     assert r["background"] == 1.0  # every save returned while its write went on
 
 
-def test_calibrate_bias_evaluates_the_products_rule(tmp_path, monkeypatch):
-    """benchmarks/calibrate_bias.py on a tiny cache of synthetic maps: its current rule's
+def test_calibrate_bias_evaluates_the_products_rules(tmp_path, monkeypatch):
+    """benchmarks/calibrate_bias.py on a tiny cache of synthetic maps: its leave-one-out
     threshold is calibration.fit_scored's, the exact rule flags its expected count in every
-    set, and tools/make_docs.py prints its section."""
+    set, the product's conformal rule (image_thresholds) flags exactly as the exact rule in
+    every set and pool, and tools/make_docs.py prints its section."""
     import json
 
     rng = np.random.default_rng(0)
@@ -249,14 +250,21 @@ def test_calibrate_bias_evaluates_the_products_rule(tmp_path, monkeypatch):
     out = tmp_path / "results" / "calibrate_bias.json"
     result = _script("calibrate_bias").main([
         "--cache", str(tmp_path), "--num-normals", "10", "--fpr", "0.1", "--sets", "4",
-        "--nested-sets", "2", "--pools", "1", "--out", str(out)])
+        "--nested-sets", "2", "--pools", "1", "--pool-side", "16", "--all-member-sets", "1",
+        "--out", str(out)])
     (row,) = result["conditions"]
     assert row["threshold_check_vs_fit_scored"] < 1e-4
-    n, exact = 10, row["rates"]["full_conformal"]
+    n, rates = 10, row["rates"]
+    exact = rates["full_conformal"]
     # q = (n - fpr (n + 1)) / (n - 1) at the interpolated order statistic: 1 or 2 flags a set
     assert 1 / (n + 1) <= exact["mean_rate"] <= 2 / (n + 1) and exact["sets"] == 4
-    assert row["rates"]["nested"]["sets"] == 2 and set(result["synthetic_pools"]) == {
+    assert row["conformal_differs_from_exact_sets"] == 0
+    assert rates["conformal"]["mean_rate"] == exact["mean_rate"] and "quantile" in rates
+    assert row["all_member_sets"] == 1 and row["flags_beyond_top_members"] == 0
+    assert rates["nested"]["sets"] == 2 and set(result["synthetic_pools"]) == {
         "gaussian", "lognormal", "kinds"}
+    assert all(p["conformal_differs_from_exact_pools"] == 0
+               for p in result["synthetic_pools"].values())
     spec = importlib.util.spec_from_file_location("make_docs",
                                                   os.path.join(ROOT, "tools", "make_docs.py"))
     md = importlib.util.module_from_spec(spec)

@@ -409,76 +409,98 @@ def fpr_section(files: list[str]) -> str:
 
 
 def calibrate_splits_section(rel: str) -> str:
-    """benchmarks/calibrate_splits.py: the mean rate a recalibrated threshold flags."""
+    """benchmarks/calibrate_splits.py: the mean rate a recalibrated threshold flags, under
+    the threshold rule in force (conformal) and the one before (quantile)."""
     d = read_json(rel)
     rows = []
     for c in d["conditions"]:
-        bb, chk = c["beta_binomial"], c.get("real_command_check")
+        bb, r, ex = c["beta_binomial"], c["rules"], c.get("exact_reference")
+        chk = c.get("real_command_checks") or []
         rows.append([c["data"], f"x{c['brightness']:g}", str(c["splits"]),
                      f"{c['new_normals']} / {c['held_out_normals']}", f"{c['asked_fpr']:.3f}",
-                     f"{c['mean_rate']:.4f}", f"{bb['expected_rate']:.4f}",
+                     f"{bb['expected_rate']:.4f}",
                      f"[{bb['interval_95'][0]:.4f}, {bb['interval_95'][1]:.4f}]",
-                     "[{:.4f}, {:.4f}]".format(*c["null_interval_95_same_splits"]),
-                     "yes" if c["within_interval"] else "no",
-                     "-" if "full_conformal" not in c else
-                     "{:.4f} / {:.4f} ({})".format(
-                         c["full_conformal"]["mean_rate"],
-                         c["full_conformal"]["mean_rate_calibrate_same_splits"],
-                         c["full_conformal"]["splits"]),
-                     "-" if not chk else
-                     f"{abs(chk['threshold_real'] - chk['threshold_shortcut']):.1e} / "
-                     f"{chk['max_abs_score_difference']:.1e}"])
+                     "[{:.4f}, {:.4f}]".format(*c["null_interval_95_same_splits"])]
+                    + [f"{r[k]['mean_rate']:.4f} ({'in' if r[k]['within_interval'] else 'out'})"
+                       for k in ("conformal", "quantile")]
+                    + ["-" if not ex else "{:.4f} / {:.4f}, {} differ ({})".format(
+                        ex["mean_rate"], ex["conformal_mean_rate_same_splits"],
+                        ex["flags_differ"], ex["splits"]),
+                       "-" if not chk else "{} splits: {} / {} differ, {:.1e} / {:.1e}".format(
+                           len(chk), sum(x["flags_differ"]["conformal"] for x in chk),
+                           sum(x["flags_differ"]["quantile"] for x in chk),
+                           max(max(x["max_abs_threshold_difference"].values()) for x in chk),
+                           max(x["max_abs_score_difference"] for x in chk))])
     return ("## Recalibrated threshold: the rate it flags (calibrate_splits.json)\n\n"
             f"`{private_paths(d['command'])}` (load average {d['load_average']:.1f}): each "
             "data set's test normals (times the brightness factor) scored once by a small "
             "trained run; per split, `ssm-jax calibrate`'s fit on the new normals and "
-            "`predict`'s scoring of the held-out ones (the product's functions), and the "
-            "held-out normals above the threshold counted. Expected: the asked rate; 95% "
+            "`predict`'s decisions on the held-out ones (the product's functions), and the "
+            "held-out normals flagged counted. Rule in force: `eval.threshold_rule = "
+            "conformal` (the default: each new image against its own threshold, the "
+            "calibration normals scored with it among their statistics); for comparison, "
+            "`quantile` (the rule before: every image against the one threshold, the "
+            "quantile of the normals' leave-one-out scores). Expected: the asked rate; 95% "
             "interval of the mean over the splits from the beta-binomial count of one split "
-            "(independent splits) and from exchangeable scores on the same pool and splits. "
-            "Exact rule: the full-conformal rule (each held-out normal compared with the "
-            "calibration normals scored again with it among their statistics), its mean rate "
-            "/ calibrate's on the same first splits (how many). Last column: split 0 through "
-            "the real command, |threshold difference| / largest |score difference|. Trained "
-            f"runs: `{private_paths(d.get('train_command', '-'))}`.\n\n"
+            "(independent splits; in / out: the mean rate within it or not) and from "
+            "exchangeable scores on the same pool and splits. Exact reference: the "
+            "full-conformal rule computed from its definition (n + 1 standardizations per "
+            "image), its mean rate / the conformal rule's on the same first splits, and the "
+            "held-out images the two decide differently (how many splits). Real command: "
+            "the first splits also through `ssm-jax calibrate` (a subprocess) and "
+            "`Detector.predict`'s `anomalous` under each rule: images decided differently "
+            "(conformal / quantile), largest |threshold difference| / |score difference|. "
+            f"Trained runs: `{private_paths(d.get('train_command', '-'))}`.\n\n"
             + table(["data", "brightness", "splits", "new / held-out normals", "asked",
-                     "mean rate", "expected", "95% (beta-binomial)", "95% (same pool)",
-                     "within", "exact rule / calibrate", "real command"], rows) + "\n")
+                     "expected", "95% (beta-binomial)", "95% (same pool)",
+                     "conformal (in force)", "quantile (before)",
+                     "exact reference / conformal", "real command"], rows) + "\n")
 
 
 def calibrate_bias_section(rel: str) -> str:
-    """benchmarks/calibrate_bias.py: why the recalibrated rate falls short, and the rules
-    tried against it."""
+    """benchmarks/calibrate_bias.py: why the quantile rule flags less than asked, and the
+    rules tried against it, the product's conformal rule among them."""
     d = read_json(rel)
-    rules = ("current", "full_conformal", "t_corrected", "median_iqr", "nested")
+    rules = ("quantile", "conformal", "full_conformal", "t_corrected", "median_iqr",
+             "nested")
     rows, lost = [], []
     for c in d["conditions"]:
         r = c["rates"]
         rows.append([c["condition"], str(c["sets"])] + [
             "-" if k not in r else f"{r[k]['mean_rate']:.4f} +- {r[k]['se']:.4f}"
-            + ("" if r[k]["sets"] == c["sets"] else f" ({r[k]['sets']})") for k in rules])
+            + ("" if r[k]["sets"] == c["sets"] else f" ({r[k]['sets']})") for k in rules]
+            + [str(c["conformal_differs_from_exact_sets"]),
+               f"{c['flags_beyond_top_members']} ({c['all_member_sets']})"])
         w = c.get("when_lost_median")
-        lost.append([c["condition"], f"{c['exact_lost_by_current']} / {c['sets']}"] + (
+        lost.append([c["condition"], f"{c['exact_lost_by_quantile']} / {c['sets']}"] + (
             ["-"] * 6 if not w else
             [f"{w['new_score']:.2f}", f"{w['rival_without_new']:.2f}",
              f"{w['rival_with_new']:.2f}", f"{w['new_z_at_rival_peak']:.2f}",
              f"{w['peak_distance_px']:.0f}", f"{w['map_correlation']:.2f}"]))
-    pools = [[k, str(v["pools"]), f"{v['current']:.4f} +- {v['current_se']:.4f}",
-              f"{v['full_conformal']:.4f}"] for k, v in d["synthetic_pools"].items()]
-    return ("## Recalibrated threshold: why it flags less than asked (calibrate_bias.json)\n\n"
+    pools = [[k, str(v["pools"])] + [f"{v[r]:.4f} +- {v[f'{r}_se']:.4f}"
+                                     for r in ("quantile", "conformal", "full_conformal")]
+             + [str(v["conformal_differs_from_exact_pools"])]
+             for k, v in d["synthetic_pools"].items()]
+    return ("## Recalibrated threshold: why the quantile rule flags less than asked "
+            "(calibrate_bias.json)\n\n"
             f"`{private_paths(d['command'])}` (load average {d['load_average']:.1f}), on the "
             "maps that calibrate_splits.json scored: every member of a random set of "
             f"{d['new_normals'] + 1} test normals in turn the new image, the others the "
             f"calibration normals, asked {d['asked_fpr']:g} (expected "
             f"{d['expected_rate']:.4f}); mean flagged rate +- its standard error over the sets "
-            "(sets in brackets where fewer). Rules: current (`calibrate`: leave-one-out "
-            "scores), full conformal (exact, not exportable), t-corrected (n - 1 against n "
-            "normals in the statistics, exact for Gaussian pixels), median / IQR statistics "
-            "(one image's influence bounded), nested (the quantile lowered by the flags the "
-            "current rule loses among the calibration normals themselves).\n\n"
-            + table(["maps", "sets", "current", "full conformal", "t-corrected",
-                     "median / IQR", "nested"], rows)
-            + "\n\nWhere the current rule misses the exact rule's flag (medians): the new "
+            "(sets in brackets where fewer). Rules: quantile (the product's rule before, "
+            "`eval.threshold_rule = quantile`: the one threshold of the calibration normals' "
+            "leave-one-out scores), conformal (the product's rule in force: each new image's "
+            "own threshold, `image_thresholds`), exact (full conformal computed here from its "
+            "definition), t-corrected (n - 1 against n normals in the statistics, exact for "
+            "Gaussian pixels), median / IQR statistics (one image's influence bounded), nested "
+            "(the quantile lowered by the flags the quantile rule loses among the calibration "
+            "normals themselves). Sets where the conformal rule's count differs from the exact "
+            "one's; flags the product's rules make beyond the top members (how many sets "
+            "decided in full).\n\n"
+            + table(["maps", "sets", "quantile", "conformal", "exact", "t-corrected",
+                     "median / IQR", "nested", "conformal != exact", "beyond top"], rows)
+            + "\n\nWhere the quantile rule misses the exact rule's flag (medians): the new "
             "image's score, the calibration normal that beats it without and with the new "
             "image among its statistics, the new image's standardized value at that normal's "
             "peak pixel, the distance of the two peaks, the correlation of the two raw maps."
@@ -488,7 +510,8 @@ def calibrate_bias_section(rel: str) -> str:
             + "\n\nFresh pools of known distributions (every set a new pool): Gaussian "
             "pixels, log-normal (heavy-tailed, independent) pixels, and normals of a few "
             "kinds (a rare kind carries a bump somewhere).\n\n"
-            + table(["pools of", "pools", "current", "full conformal"], pools) + "\n")
+            + table(["pools of", "pools", "quantile", "conformal", "exact",
+                     "conformal != exact"], pools) + "\n")
 
 
 def results_page() -> str:
