@@ -27,9 +27,10 @@ and scores are compared with the ones above.
 Expected: for exchangeable normal scores the mean rate is the asked ``--fpr``. One split's
 count of m held-out normals is beta-binomial (the threshold's true rate is
 Beta(n + 1 - j, j), j = 1 + (n - 1) q the interpolated order statistic); its 95% interval
-for the mean of S splits (independent splits: conservative, since the splits here share
-one pool of normals) is printed beside a Monte-Carlo one that draws exchangeable scores for
-the same pool and the same splits (``--null-draws`` pools). ``--conformal-splits K``: the
+for the mean of S independent splits is printed beside a Monte-Carlo one that draws
+exchangeable scores for a pool of the same size and the same splits (``--null-draws``
+pools): the splits here share one pool of normals, which widens the spread of their mean
+(most where the held-out part is small: kolektor). ``--conformal-splits K``: the
 exact full-conformal reference (all n + 1 standardized leave-one-out together, by
 ``normalization.standardize_leave_one_out``) on the first K splits, its flags compared
 image by image with the conformal rule's.
