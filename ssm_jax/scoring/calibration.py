@@ -99,17 +99,18 @@ def needs_stats(cfg: ml_collections.ConfigDict) -> bool:
             or cfg.eval.image_score_fusion != "none")
 
 
-def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str,
-                   name: str = MAP_STATS_FILE) -> None:
-    """Writes ``workdir/map_stats.npz`` (or ``workdir/name``) atomically."""
+def save_arrays(workdir: str, name: str, arrays: dict[str, np.ndarray],
+                fingerprint: str) -> None:
+    """Writes ``workdir/name`` (an .npz of ``arrays`` under ``fingerprint``) atomically."""
     with rundir.atomic_open(rundir.path(workdir, name), "wb") as f:
-        np.savez(f, fingerprint=np.asarray(fingerprint), **stats)
+        np.savez(f, fingerprint=np.asarray(fingerprint), **arrays)
 
 
-def load_map_stats(workdir: str, fingerprint: str,
-                   name: str = MAP_STATS_FILE) -> dict[str, np.ndarray] | None:
-    """The saved map statistics (``workdir/name``) if they were computed under
-    ``fingerprint``, else None."""
+def load_arrays(workdir: str, name: str, fingerprint: str, keys: tuple[str, ...],
+                required: bool = False) -> dict[str, np.ndarray] | None:
+    """The arrays ``keys`` of ``workdir/name`` if they were saved under ``fingerprint``
+    (those present; with ``required``, all of them), else None (missing, another
+    fingerprint, or unreadable: calibrated again where needed)."""
     path = rundir.path(workdir, name)
     if not storage.isfile(path):
         return None
@@ -117,10 +118,23 @@ def load_map_stats(workdir: str, fingerprint: str,
         with storage.open_read(path) as f, np.load(f) as z:
             if str(z["fingerprint"]) != fingerprint:
                 return None
-            return {k: z[k] for k in ("mean", "scale", "fusion") if k in z}
-    except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable: recalibrate
+            return {k: z[k] for k in keys if required or k in z}
+    except (OSError, ValueError, KeyError, EOFError) as e:
         log.warning("ignoring unreadable %s (%s); recalibrating", path, e)
         return None
+
+
+def save_map_stats(workdir: str, stats: dict[str, np.ndarray], fingerprint: str,
+                   name: str = MAP_STATS_FILE) -> None:
+    """Writes ``workdir/map_stats.npz`` (or ``workdir/name``) atomically."""
+    save_arrays(workdir, name, stats, fingerprint)
+
+
+def load_map_stats(workdir: str, fingerprint: str,
+                   name: str = MAP_STATS_FILE) -> dict[str, np.ndarray] | None:
+    """The saved map statistics (``workdir/name``) if they were computed under
+    ``fingerprint``, else None."""
+    return load_arrays(workdir, name, fingerprint, ("mean", "scale", "fusion"))
 
 
 def _utc_now() -> datetime.datetime:
@@ -161,7 +175,7 @@ def save(workdir: str, cfg: ml_collections.ConfigDict, step: int, threshold: flo
         from ssm_jax.scoring import image_thresholds
 
         record["conformal_maps"] = f"{entry}/{image_thresholds.CONFORMAL_FILE}"
-        image_thresholds.save(workdir, record["conformal_maps"], conformal, fingerprint)
+        save_arrays(workdir, record["conformal_maps"], conformal.arrays(), fingerprint)
     if stats is not None:  # the top-level copy, for readers of earlier versions
         save_map_stats(workdir, stats, fingerprint)
     rundir.write_json(rundir.path(workdir, THRESHOLD_FILE), record)  # now in force
@@ -252,8 +266,12 @@ def load_conformal(workdir: str, record: dict, cfg: ml_collections.ConfigDict,
 
     if not record.get("conformal_maps"):
         return None
-    return image_thresholds.load(workdir, record["conformal_maps"], record["scoring"], cfg, sc,
-                                 float(record.get("quantile", cfg.eval.threshold_quantile)))
+    kept = load_arrays(workdir, record["conformal_maps"], record["scoring"],
+                       image_thresholds.ARRAYS, required=True)
+    if kept is None:
+        return None
+    return image_thresholds.from_arrays(
+        cfg, sc, kept, float(record.get("quantile", cfg.eval.threshold_quantile)))
 
 
 def load(workdir: str, cfg: ml_collections.ConfigDict,

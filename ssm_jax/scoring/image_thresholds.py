@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssm_jax.core import storage
 from ssm_jax.method import conformal, scoring
-from ssm_jax.runs import rundir
-
-log = logging.getLogger("ssm_jax")
 
 CONFORMAL_FILE = "conformal_maps.npz"
+ARRAYS = ("maps", "sizes", "mse", "scores")  # what a calibration keeps (Conformal.arrays)
 
 
 def per_image(cfg: ml_collections.ConfigDict) -> bool:
@@ -107,25 +103,9 @@ def from_outputs(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig,
                      fused=cfg.eval.image_score_fusion == "mse")
 
 
-def save(workdir: str, name: str, conf: Conformal, fingerprint: str) -> None:
-    """Writes the kept normals to ``workdir/name`` atomically."""
-    with rundir.atomic_open(rundir.path(workdir, name), "wb") as f:
-        np.savez(f, fingerprint=np.asarray(fingerprint), **conf.arrays())
-
-
-def load(workdir: str, name: str, fingerprint: str, cfg: ml_collections.ConfigDict,
-         sc: scoring.ScoringConfig, quantile: float) -> Conformal | None:
-    """The kept normals at ``workdir/name`` if saved under ``fingerprint``, else None."""
-    path = rundir.path(workdir, name)
-    if not storage.isfile(path):
-        return None
-    try:
-        with storage.open_read(path) as f, np.load(f) as z:
-            if str(z["fingerprint"]) != fingerprint:
-                return None
-            out = {k: z[k] for k in ("maps", "sizes", "mse", "scores")}
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        log.warning("ignoring unreadable %s (%s)", path, e)
-        return None
-    return from_outputs(cfg, sc, {"map": out["maps"], "mse": out["mse"],
-                                  "score": out["scores"]}, out["sizes"], quantile)
+def from_arrays(cfg: ml_collections.ConfigDict, sc: scoring.ScoringConfig,
+                arrays: dict[str, np.ndarray], quantile: float) -> Conformal | None:
+    """The :class:`Conformal` of arrays kept with a calibration (:meth:`Conformal.arrays`,
+    read back by ``calibration.load_conformal``)."""
+    return from_outputs(cfg, sc, {"map": arrays["maps"], "mse": arrays["mse"],
+                                  "score": arrays["scores"]}, arrays["sizes"], quantile)
