@@ -50,7 +50,8 @@ README_SWEEPS = ("sweep_masklen_kolektor", "sweep_masklen_magnetic_tile", "sweep
 # Files printed by a known section; every other JSON file goes to "Other result files".
 KNOWN = {"accuracy.csv", "accuracy_seeds.csv", "vs_reference_2devices.json", "quickstart.json",
          "kolektor_duplicates.json", "calibrate_splits.json", "host_overhead.json",
-         "save_stall.json", "save_stall_2proc.json", "calibrate_bias.json"}
+         "save_stall.json", "save_stall_2proc.json", "calibrate_bias.json",
+         "conformal_cost.json"}
 # The kolektor results scored before its test split lost its 8 duplicated images
 # (benchmarks/kolektor_duplicates.py): their rows carry this mark.
 DUPLICATES = f"{RESULTS}/kolektor_duplicates.json"
@@ -714,6 +715,27 @@ def save_stall_section(rel: str) -> str:
                      "loop s, waiting", "loop s, background"], rows) + "\n")
 
 
+def conformal_cost_section(rel: str) -> str:
+    d = read_json(rel)
+    sides = sorted({r["side"] for r in d["rows"]})
+    by = {(r["normals"], r["side"]): r["threshold_ms_per_image"] for r in d["rows"]}
+    rows = [[str(n)] + [f"{by[(n, s)]:.2f}" if (n, s) in by else "-" for s in sides]
+            for n in sorted({r["normals"] for r in d["rows"]})]
+    text = (f"## Per-image (conformal) thresholds ({os.path.basename(rel)})\n\n"
+            "`benchmarks/conformal_cost.py`: the time per image of each image's own threshold "
+            "(`eval.threshold_rule=conformal` under `val_zscore`: the calibration normals "
+            "scored again with it among their statistics), by number of normals and map side; "
+            f"batch {d['batch']}, best of 3, {d['device']}, load average "
+            f"{d['load_average']:.1f}.\n\n"
+            + table(["normals"] + [f"ms per image, {s} px" for s in sides], rows) + "\n")
+    if "scorer" in d:
+        sc = d["scorer"]
+        text += (f"On a trained run ({sc['image_size']} px, {sc['normals']} normals) the "
+                 f"scorer takes {1e3 * sc['score_s_per_image']:.0f} ms per image, thresholds "
+                 f"included; the thresholds are {100 * sc['threshold_share']:.2f}% of it.\n\n")
+    return text
+
+
 def speed_page() -> str:
     out = [HEADER, "# Speed\n\n",
            "Measured on a 2-core CPU (no accelerator). How each figure is taken: "
@@ -724,7 +746,8 @@ def speed_page() -> str:
         out.append(large_eval_section(os.path.relpath(rel, ROOT)))
     for name, section in (("host_overhead.json", host_overhead_section),
                           ("save_stall.json", save_stall_section),
-                          ("save_stall_2proc.json", save_stall_section)):
+                          ("save_stall_2proc.json", save_stall_section),
+                          ("conformal_cost.json", conformal_cost_section)):
         if exists(f"{RESULTS}/{name}"):
             out.append(section(f"{RESULTS}/{name}"))
     out.append(other_files("speed"))
