@@ -9,14 +9,16 @@ they depend on; :func:`load` reads them back only when the fingerprint matches.
 
 **History.** Every calibration is also kept in ``calibrations/<id>/`` (its threshold.json
 record, with the source of its normal images, the UTC date, the normals' own scores for the
-drift check, and its map_stats.npz); the top-level files are the newest one, and
-threshold.json names its id, so its statistics are read from its own copy. Writes go
-statistics first, then top-level threshold.json (atomic: the moment the calibration takes
-effect), then the record's copy: a calibration killed before threshold.json leaves the
-previous one in force and no record in the history. A calibration on site (``ssm-jax
-calibrate``: source is a folder) stays in force for every later evaluate, predict and
-export whatever ``eval.threshold_quantile`` says (its own rate is in the record); one on
-the run's held-out split (source ``VALIDATION``) is redone by evaluate as before.
+drift check, its map_stats.npz and, for per-image thresholds, the normals' raw maps in
+conformal_maps.npz: :mod:`ssm_jax.scoring.image_thresholds`); the top-level files are the
+newest one, and threshold.json names its id, so its statistics are read from its own copy.
+Writes go statistics (and kept normals) first, then top-level threshold.json (atomic: the
+moment the calibration takes effect), then the record's copy: a calibration killed before
+threshold.json leaves the previous one in force and no record in the history. A calibration
+on site (``ssm-jax calibrate``: source is a folder) stays in force for every later
+evaluate, predict and export whatever ``eval.threshold_quantile`` says (its own rate is in
+the record); one on the run's held-out split (source ``VALIDATION``) is redone by evaluate
+as before.
 
 **Writers exclude each other.** Every write of a calibration (``calibrate``, and
 ``evaluate``'s validation-split one) holds the run's ``calibration.lock``

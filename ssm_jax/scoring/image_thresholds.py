@@ -5,9 +5,9 @@ maps kept with a calibration, and the threshold each new image is decided agains
 The rule only matters where a normal's score depends on the other normals: with
 ``eval.map_normalization = val_zscore`` (and the score fusion). Without statistics every
 new image gets the one quantile threshold, exactly as under ``quantile``, and nothing is
-kept. The kept maps (``conformal_maps.npz``: raw maps, valid sizes, restoration MSEs,
-under the calibration's fingerprint) sit beside the calibration's map statistics in its
-history entry, and go into exported graphs as constants.
+kept. The kept normals (``conformal_maps.npz``: raw maps, valid sizes, restoration MSEs
+and raw image scores, under the calibration's fingerprint) sit beside the calibration's map
+statistics in its history entry, and go into exported graphs as constants.
 """
 
 from __future__ import annotations
