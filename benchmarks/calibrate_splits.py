@@ -110,18 +110,12 @@ def decide(cfg, sc, cal: dict, cal_sizes: np.ndarray, held: dict,
     from ssm_jax.scoring import calibration, image_thresholds
 
     threshold, stats, _ = calibration.fit_scored(cfg, sc, cal, cal_sizes)
-    out = held
-    if stats and "mean" in stats:
-        out = calibration.apply_map_stats(held, {k: v for k, v in stats.items()
-                                                 if k != "fusion"}, sc, held_sizes)
-    before_fusion = out["score"]
-    if stats and "fusion" in stats:
-        out = calibration.apply_map_stats(out, {"fusion": stats["fusion"]}, sc, held_sizes)
+    out = calibration.apply_map_stats(held, stats or {}, sc, held_sizes)
     scores = np.asarray(out["score"], np.float64)
     one = np.full(len(scores), float(threshold))
     conf = image_thresholds.from_outputs(cfg, sc, cal, cal_sizes)
     per_image = one if conf is None else conf.thresholds(held["map"], held_sizes,
-                                                         before_fusion, held["mse"])
+                                                         out["unfused"], held["mse"])
     return {"threshold": float(threshold), "scores": scores,
             "thresholds": {"conformal": per_image, "quantile": one},
             "flags": {"conformal": scores > per_image, "quantile": scores > one}}

@@ -176,7 +176,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         "num_images": n, "seconds": test_seconds, "total_seconds": time.time() - t0,
         "images_per_second": n / max(test_seconds, 1e-9),
         "checkpoint_step": det.step, "refine_passes": det.sc.refine_passes,
-        "threshold": threshold, "threshold_rule": "conformal" if per_image else "quantile",
+        "threshold": threshold, "threshold_rule": det.threshold_rule,
         "map_normalization": cfg.eval.map_normalization,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count()})
     check = None

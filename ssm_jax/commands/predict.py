@@ -77,12 +77,6 @@ def _input_paths(path: str) -> list[str]:
     return paths
 
 
-def _threshold_rule(det: Detector) -> str:
-    """The rule that decides the images: ``conformal`` (each image its own threshold) when
-    the detector holds the calibration normals for it, else ``quantile`` (one threshold)."""
-    return "conformal" if det.conformal is not None else "quantile"
-
-
 def _run_key(det: Detector, paths: list[str], every: bool) -> dict:
     """What the partial rows depend on: checkpoint, scoring settings, threshold and the
     rule in force (the rows' thresholds come from it), inputs, and whether each batch's
@@ -91,7 +85,7 @@ def _run_key(det: Detector, paths: list[str], every: bool) -> dict:
 
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return {"scoring": calibration.scoring_fingerprint(det.cfg, det.step),
-            "threshold": det.threshold, "threshold_rule": _threshold_rule(det),
+            "threshold": det.threshold, "threshold_rule": det.threshold_rule,
             "inputs": digest, "num_inputs": len(paths), "overlays_with_rows": every}
 
 

@@ -290,12 +290,14 @@ def apply_map_stats(out: dict[str, np.ndarray], stats: dict[str, np.ndarray],
                     sc: scoring.ScoringConfig,
                     sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Standardized maps and the image scores recomputed from them; fused with the
-    standardized restoration MSE when the statistics hold a fusion."""
+    standardized restoration MSE when the statistics hold a fusion. ``unfused``: the score
+    before the fusion (what the per-image thresholds take: ``Detector.thresholds_of``)."""
     out = dict(out)
     if "mean" in stats:
         out["map"] = normalization.standardize(out["map"], stats)
         out["score"] = np.asarray(scoring.image_scores(out["map"], sc.image_score,
                                                        sc.topk_fraction, sizes))
+    out["unfused"] = out["score"]
     if "fusion" in stats:
         out["score"] = normalization.fuse(out["score"], out["mse"], stats["fusion"])
     return out

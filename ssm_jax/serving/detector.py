@@ -265,20 +265,15 @@ class Detector:
             if calibration.needs_stats(self.cfg):
                 o = self._decide({"map": b.map, "score": b.score, "mse": b.mse}, b.sizes)
                 b.map, b.score, b.threshold = o["map"], o["score"], o["thresholds"]
-            elif self.threshold is not None:
-                b.threshold = np.full(len(b.score), self.threshold, np.float64)
+            else:
+                b.threshold = self.thresholds_of(b.map, b.sizes, b.score, b.mse)
             yield b
 
     def _decide(self, raw: dict[str, np.ndarray], sizes: np.ndarray) -> dict[str, np.ndarray]:
         """The map statistics applied to raw outputs, and each image's threshold
         (``thresholds`` [B]: per image under the conformal rule, else ``threshold``)."""
-        out = calibration.apply_map_stats(raw, {k: v for k, v in self.stats.items()
-                                                if k != "fusion"}, self.sc, sizes)
-        before_fusion = out["score"]
-        if "fusion" in self.stats:
-            out = calibration.apply_map_stats(out, {"fusion": self.stats["fusion"]}, self.sc,
-                                              sizes)
-        out["thresholds"] = self.thresholds_of(raw["map"], sizes, before_fusion, raw["mse"])
+        out = calibration.apply_map_stats(raw, self.stats, self.sc, sizes)
+        out["thresholds"] = self.thresholds_of(raw["map"], sizes, out["unfused"], raw["mse"])
         return out
 
     def thresholds_of(self, raw_maps: np.ndarray, sizes: np.ndarray, scores: np.ndarray,
@@ -362,6 +357,12 @@ class Detector:
             self.workdir, self.cfg, self.step, self.threshold, self.stats,
             self.num_calibration_images, source=source, normal_scores=self.calibration_scores,
             fpr=fpr, conformal=self.conformal)
+
+    @property
+    def threshold_rule(self) -> str:
+        """The rule deciding images now: ``conformal`` (each image its own threshold) when
+        the calibration normals for it are held, else ``quantile`` (one threshold)."""
+        return "conformal" if self.conformal is not None else "quantile"
 
     @property
     def expected_rate(self) -> float:

@@ -65,12 +65,6 @@ def export_shape(det: Detector, image_shape: Sequence[int] | None) -> tuple[int,
     return h, w
 
 
-def threshold_rule(det: Detector) -> str:
-    """The rule an export applies: ``conformal`` where each image gets its own threshold
-    (``Detector.conformal``), else ``quantile`` (the one threshold for every image)."""
-    return "conformal" if det.conformal is not None else "quantile"
-
-
 def num_calibration_images(det: Detector) -> int | None:
     """How many normals the threshold was calibrated on (those baked in, under conformal)."""
     if det.conformal is not None:
@@ -185,7 +179,7 @@ def export_detector(det: Detector, output: str,
         "refine_passes": det.sc.refine_passes, "image_score": det.sc.image_score,
         "threshold": float(det.threshold), "threshold_quantile":
             float(det.cfg.eval.threshold_quantile),
-        "threshold_rule": threshold_rule(det),
+        "threshold_rule": det.threshold_rule,
         "num_calibration_images": num_calibration_images(det),
         "map_normalization": det.cfg.eval.map_normalization,
         "image_score_fusion": det.cfg.eval.image_score_fusion,

@@ -231,7 +231,7 @@ def export_onnx(det: Detector, output: str, image_shape: Sequence[int] | None = 
             jax.random.key_data(jax.random.PRNGKey(det.cfg.eval.seed)))],
         "threshold": float(det.threshold),
         "threshold_quantile": float(det.cfg.eval.threshold_quantile),
-        "threshold_rule": export.threshold_rule(det),
+        "threshold_rule": det.threshold_rule,
         "num_calibration_images": export.num_calibration_images(det),
         "map_normalization": det.cfg.eval.map_normalization,
         "image_score_fusion": det.cfg.eval.image_score_fusion,
